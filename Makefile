@@ -1,0 +1,46 @@
+# costserve: two set-up commands on a fresh machine, `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= models/digits
+
+.PHONY: serve test install install-test train proto bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+## serve: install, train the default model if absent, serve on 127.0.0.1:50051
+serve: install
+	$(BIN)/costserve-server serve --model-dir $(MODEL_DIR)
+
+## train: (re)train the default model into MODEL_DIR as a new version
+train: install
+	$(BIN)/costserve-server train --model-dir $(MODEL_DIR)
+
+## test: install the test extras and run the whole suite
+test: install-test
+	$(BIN)/python -m pytest
+
+## proto: regenerate the committed gRPC modules from protos/
+proto: install-test
+	$(BIN)/python protos/generate.py
+
+## bench: throughput and latency against the gRPC ceiling; writes benchmarks/RESULTS.md
+bench: install-test
+	$(BIN)/python -m benchmarks.serving
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/*.egg-info

@@ -1,0 +1,142 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Precision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRECISION_AUTO: _ClassVar[Precision]
+    PRECISION_FP32: _ClassVar[Precision]
+    PRECISION_INT8: _ClassVar[Precision]
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UINT8: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+PRECISION_AUTO: Precision
+PRECISION_FP32: Precision
+PRECISION_INT8: Precision
+DTYPE_UINT8: DType
+DTYPE_FLOAT32: DType
+
+class Pixels(_message.Message):
+    __slots__ = ("shape", "dtype", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DType
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("encoded", "pixels")
+    ENCODED_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    encoded: bytes
+    pixels: Pixels
+    def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Pixels, _Mapping]] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("images", "precision", "skip_cache")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    precision: Precision
+    skip_cache: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., precision: _Optional[_Union[Precision, str]] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("label", "score", "probabilities", "cache_hit", "precision", "batch_size", "label_name")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    label: int
+    score: float
+    probabilities: _containers.RepeatedScalarFieldContainer[float]
+    cache_hit: bool
+    precision: Precision
+    batch_size: int
+    label_name: str
+    def __init__(self, label: _Optional[int] = ..., score: _Optional[float] = ..., probabilities: _Optional[_Iterable[float]] = ..., cache_hit: _Optional[bool] = ..., precision: _Optional[_Union[Precision, str]] = ..., batch_size: _Optional[int] = ..., label_name: _Optional[str] = ...) -> None: ...
+
+class Cost(_message.Message):
+    __slots__ = ("usd", "cpu_usd", "memory_usd", "network_usd", "cpu_seconds", "memory_gb_seconds", "network_bytes", "utilization")
+    USD_FIELD_NUMBER: _ClassVar[int]
+    CPU_USD_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USD_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_USD_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_GB_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    usd: float
+    cpu_usd: float
+    memory_usd: float
+    network_usd: float
+    cpu_seconds: float
+    memory_gb_seconds: float
+    network_bytes: int
+    utilization: float
+    def __init__(self, usd: _Optional[float] = ..., cpu_usd: _Optional[float] = ..., memory_usd: _Optional[float] = ..., network_usd: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., memory_gb_seconds: _Optional[float] = ..., network_bytes: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "model_version", "cost", "server_seconds")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    model_version: str
+    cost: Cost
+    server_seconds: float
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., server_seconds: _Optional[float] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Variant(_message.Message):
+    __slots__ = ("precision", "accuracy", "size_bytes", "format", "path")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    precision: Precision
+    accuracy: float
+    size_bytes: int
+    format: str
+    path: str
+    def __init__(self, precision: _Optional[_Union[Precision, str]] = ..., accuracy: _Optional[float] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "version", "input_shape", "labels", "variants", "holdout_examples", "training_data", "created_at", "max_images_per_request")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_DATA_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    variants: _containers.RepeatedCompositeFieldContainer[Variant]
+    holdout_examples: int
+    training_data: str
+    created_at: str
+    max_images_per_request: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., holdout_examples: _Optional[int] = ..., training_data: _Optional[str] = ..., created_at: _Optional[str] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
