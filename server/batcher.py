@@ -1,0 +1,241 @@
+"""Dynamic batching for one runtime.
+
+Images wait in a queue bounded by ``max_queue``; one dispatcher task forms batches
+and runs them on a dedicated inference thread, so the event loop keeps serving:
+
+* an image that arrives while the runtime is idle goes at once (no timeout wait at
+  low load);
+* images that arrive while the runtime is busy accumulate; when it frees up they
+  go together, up to ``max_batch_size``, and a batch that is not full waits for
+  more at most until ``batch_timeout`` after its first image arrived;
+* an image whose deadline passed, or whose caller went away, is dropped before
+  inference and never computed;
+* a failed batch fails each of its callers and the next batch is served normally;
+  the runtime must return one row per image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from costserve.server.metrics import ServiceMetrics
+from costserve.server.runtimes import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchAnswer:
+    """One image's probabilities and the batch that computed them."""
+
+    probabilities: np.ndarray
+    batch_size: int
+    #: Wall time of the runtime call, in seconds.
+    inference_seconds: float
+
+
+@dataclass
+class _Waiting:
+    pixels: np.ndarray
+    future: asyncio.Future
+    #: Event-loop time after which the caller no longer wants an answer, or None.
+    deadline: float | None
+    enqueued_at: float
+    #: The runtime was busy (or others were waiting) when the image arrived.
+    arrived_busy: bool
+
+
+_STOP = object()
+
+
+class Batcher:
+    """Batches images for ``runtime``; create with :meth:`start` inside the running loop.
+
+    Example::
+
+        batcher = Batcher(runtime, max_batch_size=32, batch_timeout_s=0.002, max_queue=1024)
+        await batcher.start()
+        answers = await asyncio.gather(*batcher.submit([pixels_a, pixels_b], deadline=None))
+        await batcher.stop()
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        max_batch_size: int,
+        batch_timeout_s: float,
+        max_queue: int,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.max_batch_size = max_batch_size
+        self.batch_timeout_s = batch_timeout_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.label = runtime.precision.value
+        #: Images dropped before inference because their deadline had passed.
+        self.expired_dropped = 0
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._busy = False
+        self._waiting = 0
+
+    @property
+    def queue_depth(self) -> int:
+        """Images accepted and not yet taken into a batch."""
+        return self._waiting
+
+    async def start(self) -> None:
+        """Create the queue, the inference thread and the dispatcher in the running loop."""
+        self._queue = asyncio.Queue()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.label}")
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
+        if self.metrics is not None:
+            self.metrics.track_queue_depth(self.label, lambda: self._waiting)
+
+    def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
+        """Queue ``images`` (all or none); return one future of :class:`BatchAnswer` per image.
+
+        ``deadline`` is an event-loop time (``loop.time()``). Raises
+        :class:`Overloaded` when the images do not fit in the queue.
+        """
+        if self._queue is None or self._task is None or self._task.done():
+            raise RuntimeError("batcher is not running")
+        if self._waiting + len(images) > self.max_queue:
+            raise Overloaded(
+                f"the {self.label} queue is full ({self._waiting} of {self.max_queue} images waiting, "
+                f"this request adds {len(images)}); retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        arrived_busy = self._busy or self._waiting > 0
+        futures = []
+        for pixels in images:
+            future = loop.create_future()
+            self._queue.put_nowait(_Waiting(pixels, future, deadline, now, arrived_busy))
+            futures.append(future)
+        self._waiting += len(images)
+        return futures
+
+    async def stop(self) -> None:
+        """Answer everything already queued, then end the dispatcher and the inference thread."""
+        if self._queue is None or self._task is None:
+            return
+        self._queue.put_nowait(_STOP)
+        await self._task
+        assert self._executor is not None
+        self._executor.shutdown(wait=True)
+
+    async def _dispatch(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            stopping = self._take_ready(batch)
+            if not stopping and first.arrived_busy and len(batch) < self.max_batch_size:
+                stopping = await self._fill(batch, first.enqueued_at + self.batch_timeout_s)
+            self._waiting -= len(batch)
+            live = self._drop_unwanted(batch, loop.time())
+            if live:
+                await self._run_batch(live)
+
+    def _take_ready(self, batch: list[_Waiting]) -> bool:
+        """Add images already queued, up to the batch limit; True when the stop marker was met."""
+        assert self._queue is not None
+        while len(batch) < self.max_batch_size and not self._queue.empty():
+            waiting = self._queue.get_nowait()
+            if waiting is _STOP:
+                return True
+            batch.append(waiting)
+        return False
+
+    async def _fill(self, batch: list[_Waiting], until: float) -> bool:
+        """Wait for more images until ``until`` or a full batch; True when the stop marker was met."""
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while len(batch) < self.max_batch_size:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                waiting = await asyncio.wait_for(self._queue.get(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            if waiting is _STOP:
+                return True
+            batch.append(waiting)
+            if self._take_ready(batch):
+                return True
+        return False
+
+    def _drop_unwanted(self, batch: list[_Waiting], now: float) -> list[_Waiting]:
+        live = []
+        for waiting in batch:
+            if waiting.future.done():  # cancelled: the caller went away
+                self._count_rejected("cancelled")
+            elif waiting.deadline is not None and waiting.deadline <= now:
+                self.expired_dropped += 1
+                self._count_rejected("deadline_exceeded")
+                waiting.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - waiting.enqueued_at:.3f} s in the {self.label} queue; "
+                        "the image was not computed"
+                    )
+                )
+            else:
+                live.append(waiting)
+        return live
+
+    async def _run_batch(self, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        pixels = np.stack([waiting.pixels for waiting in batch])
+        self._busy = True
+        try:
+            probabilities, seconds = await loop.run_in_executor(self._executor, self._predict, pixels)
+            if len(probabilities) != len(batch):
+                raise InferenceFailed(
+                    f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(batch)}"
+                )
+        except Exception as exc:  # the runtime failed: fail this batch only
+            log.exception("%s batch of %d failed", self.label, len(batch))
+            error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(
+                f"{self.label} inference failed on a batch of {len(batch)}: {type(exc).__name__}: {exc}"
+            )
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
+            return
+        finally:
+            self._busy = False
+        if self.metrics is not None:
+            self.metrics.inference_duration.labels(self.label).observe(seconds)
+            self.metrics.batch_size.labels(self.label).observe(len(batch))
+            queue_duration = self.metrics.queue_duration.labels(self.label)
+            for waiting in batch:
+                queue_duration.observe(started - waiting.enqueued_at)
+        for row, waiting in zip(probabilities, batch):
+            if not waiting.future.done():
+                waiting.future.set_result(BatchAnswer(row, len(batch), seconds))
+
+    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        probabilities = self.runtime.predict(pixels)
+        return probabilities, time.perf_counter() - started
+
+    def _count_rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()

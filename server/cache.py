@@ -1,0 +1,103 @@
+"""The LRU prediction cache.
+
+Keys are (model version, variant, digest of the decoded pixels): a PNG and the
+same raw pixels share an entry, fp32 and int8 answers never mix, and a new model
+version never sees the old entries. ``cachetools.LRUCache`` is not thread-safe,
+so every access holds a lock (the metrics endpoint reads sizes from its own
+thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Callable, NamedTuple
+
+import numpy as np
+from cachetools import LRUCache
+
+from costserve.server.domain import Precision
+
+
+class CacheKey(NamedTuple):
+    """Identity of a cached prediction."""
+
+    model_version: str
+    precision: Precision
+    pixels_digest: bytes
+
+
+def pixels_digest(pixels: np.ndarray) -> bytes:
+    """A 128-bit BLAKE2b digest of decoded float32 pixels and their shape."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(pixels.shape).encode())
+    digest.update(np.ascontiguousarray(pixels, dtype=np.float32).data)
+    return digest.digest()
+
+
+class _CountingLRU(LRUCache):
+    """An LRUCache that reports each eviction (``popitem`` is how cachetools evicts)."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[], None]) -> None:
+        super().__init__(maxsize)
+        self._on_evict = on_evict
+
+    def popitem(self):  # type: ignore[no-untyped-def]
+        item = super().popitem()
+        self._on_evict()
+        return item
+
+
+class PredictionCache:
+    """Thread-safe LRU of class probabilities, bounded to ``max_entries`` (0 = off).
+
+    Example::
+
+        cache = PredictionCache(max_entries=10_000)
+        key = CacheKey("1", Precision.FP32, pixels_digest(pixels))
+        if (probabilities := cache.get(key)) is None:
+            probabilities = runtime.predict(pixels[None])[0]
+            cache.put(key, probabilities)
+    """
+
+    def __init__(self, max_entries: int, on_evict: Callable[[], None] | None = None) -> None:
+        self.max_entries = max_entries
+        self.evictions = 0
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._entries: _CountingLRU | None = _CountingLRU(max_entries, self._count_eviction) if max_entries else None
+
+    @property
+    def enabled(self) -> bool:
+        """False when the cache was configured with 0 entries."""
+        return self._entries is not None
+
+    def _count_eviction(self) -> None:
+        self.evictions += 1
+        if self._on_evict is not None:
+            self._on_evict()
+
+    def get(self, key: CacheKey) -> np.ndarray | None:
+        """The cached probabilities for ``key`` (marking it most recently used), or None on a miss."""
+        if self._entries is None:
+            return None
+        with self._lock:
+            try:
+                return self._entries[key]
+            except KeyError:
+                return None
+
+    def put(self, key: CacheKey, probabilities: np.ndarray) -> None:
+        """Store probabilities (read-only copy), evicting the least recently used entry when full."""
+        if self._entries is None:
+            return
+        stored = np.array(probabilities, dtype=np.float32)
+        stored.flags.writeable = False
+        with self._lock:
+            self._entries[key] = stored
+
+    def __len__(self) -> int:
+        if self._entries is None:
+            return 0
+        with self._lock:
+            return len(self._entries)

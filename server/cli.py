@@ -1,0 +1,76 @@
+"""``costserve-server``: serve the model, or train one.
+
+::
+
+    costserve-server serve [--host H] [--port P] [--model-dir DIR] ...   # every flag: --help
+    costserve-server train [--model-dir DIR] [--data mnist.npz] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from costserve.server.settings import Settings, add_settings_arguments, env_var, settings_from_args
+
+
+def _configure_logging(level: str) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``costserve-server``."""
+    parser = argparse.ArgumentParser(prog="costserve-server", description="costserve: the inference server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the newest model version (training the default model when there is none)",
+        description="Serve costserve.v1.Classifier. Every flag can also be set as COSTSERVE_<FLAG>.",
+    )
+    add_settings_arguments(serve)
+    train = commands.add_parser(
+        "train",
+        help="train the default CNN and export fp32 + int8 as a new model version",
+        description="Train on scikit-learn's bundled digits (default) or a local Keras-layout mnist.npz. "
+        "Nothing is downloaded.",
+    )
+    train.add_argument(
+        "--model-dir",
+        type=Path,
+        default=Path(os.environ.get(env_var("model_dir"), Settings.model_dir)),
+        help=f"model base directory; the new version is written under it [env {env_var('model_dir')}]",
+    )
+    train.add_argument("--data", type=Path, default=None, help="a local mnist.npz (x_train, y_train, x_test, y_test)")
+    train.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping); default 40 for digits, 6 for MNIST")
+    train.add_argument("--log-level", default=os.environ.get(env_var("log_level"), "INFO"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``costserve-server``."""
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        _configure_logging(args.log_level)
+        if args.data is not None and not args.data.is_file():
+            print(f"costserve-server: --data {args.data} does not exist", file=sys.stderr)
+            return 2
+        from costserve.server.training import train_and_export
+
+        version_dir = train_and_export(args.model_dir, data_path=args.data, epochs=args.epochs)
+        print(f"exported {version_dir}")
+        return 0
+    settings = settings_from_args(args)
+    _configure_logging(settings.log_level)
+    from costserve.server.app import serve
+
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

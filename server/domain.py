@@ -1,0 +1,101 @@
+"""Domain types of the request flow, free of protobuf and gRPC.
+
+The servicer converts ``costserve.v1`` messages to these and back; the core and
+everything below it speak only these.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+
+class Precision(enum.Enum):
+    """Which variant answers. Values are the metric label values."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    INT8 = "int8"
+
+
+class PixelType(enum.Enum):
+    """Element type of raw pixels: UINT8 is 0..255, FLOAT32 is 0..1."""
+
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    """Row-major pixels as sent by a client; validated by :mod:`costserve.server.inputs`."""
+
+    shape: tuple[int, ...]
+    dtype: PixelType
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image of a request: an encoded file (PNG/JPEG) or raw pixels, exactly one set."""
+
+    encoded: bytes | None = None
+    pixels: RawPixels | None = None
+
+
+@dataclass(frozen=True)
+class PredictionRequest:
+    """A request to classify one or more images."""
+
+    images: Sequence[ImageInput]
+    precision: Precision = Precision.AUTO
+    skip_cache: bool = False
+    #: Seconds left before the caller's deadline, or None when it set none.
+    time_remaining_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """The answer for one image."""
+
+    probabilities: np.ndarray
+    precision: Precision
+    cache_hit: bool
+    #: Images in the runtime batch that computed it (0 for a cache hit).
+    batch_size: int
+
+    @property
+    def label(self) -> int:
+        """Index of the most probable class."""
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def score(self) -> float:
+        """Probability of :attr:`label`."""
+        return float(self.probabilities[self.label])
+
+
+@dataclass(frozen=True)
+class CostBreakdown:
+    """What a request cost, in US dollars, and the resources behind it."""
+
+    usd: float = 0.0
+    cpu_usd: float = 0.0
+    memory_usd: float = 0.0
+    network_usd: float = 0.0
+    cpu_seconds: float = 0.0
+    memory_gb_seconds: float = 0.0
+    network_bytes: int = 0
+    utilization: float = 0.0
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """The answer to a :class:`PredictionRequest`: one prediction per image, in order."""
+
+    predictions: list[ImagePrediction]
+    model_version: str
+    server_seconds: float
+    cost: CostBreakdown = field(default_factory=CostBreakdown)

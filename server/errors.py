@@ -1,0 +1,46 @@
+"""Errors the service raises, each carrying the gRPC status it maps to.
+
+The core raises these; the servicer turns them into ``context.abort(status, message)``
+in one place (:func:`costserve.server.servicer.abort_on_error`). Anything else that
+escapes is a bug and becomes ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CostserveError(Exception):
+    """Base class: a failure with a status code and a message a person can act on."""
+
+    status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(CostserveError):
+    """The request itself is wrong (shape, encoding, values, counts)."""
+
+    status = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Overloaded(CostserveError):
+    """A bounded resource is full (the batch queue); retry later."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(CostserveError):
+    """The request's deadline passed before it could be computed."""
+
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(CostserveError):
+    """The service cannot take requests now (starting, or draining for shutdown)."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+
+
+class InferenceFailed(CostserveError):
+    """The runtime failed on a batch; every request in that batch gets this."""
+
+    status = grpc.StatusCode.INTERNAL

@@ -1,0 +1,134 @@
+"""Validate and decode request images into the model's input.
+
+Every image, encoded or raw, ends as a float32 array of the model's input shape
+``(height, width, channels)`` with values in [0, 1]; a PNG and the same raw pixels
+decode to the same array (and so share a cache entry). Every rejection is an
+:class:`~costserve.server.errors.InvalidInput` whose message names what was wrong
+and what was expected.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from costserve.server.errors import InvalidInput
+from costserve.server.domain import ImageInput, PixelType, RawPixels
+
+#: Largest decoded image accepted, in pixels (width x height); larger files are
+#: refused before they are decompressed (decompression-bomb guard).
+MAX_ENCODED_PIXELS = 40_000_000
+
+_ITEMSIZE = {PixelType.UINT8: 1, PixelType.FLOAT32: 4}
+_NUMPY_DTYPE = {PixelType.UINT8: np.dtype(np.uint8), PixelType.FLOAT32: np.dtype("<f4")}
+# ITU-R 601-2 luma, the weights PIL uses for mode "L", so raw RGB and PNG RGB agree.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def decode_image(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> np.ndarray:
+    """Decode one image to float32 ``input_shape`` in [0, 1]; ``index`` names it in errors."""
+    if (image.encoded is None) == (image.pixels is None):
+        raise InvalidInput(f"images[{index}]: set exactly one of `encoded` (PNG/JPEG bytes) or `pixels`")
+    if image.encoded is not None:
+        return _decode_encoded(image.encoded, input_shape, index)
+    assert image.pixels is not None
+    return _decode_pixels(image.pixels, input_shape, index)
+
+
+def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) -> np.ndarray:
+    height, width, channels = input_shape
+    if not data:
+        raise InvalidInput(f"images[{index}].encoded is empty; expected the bytes of a PNG or JPEG file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as opened:
+                if opened.width * opened.height > MAX_ENCODED_PIXELS:
+                    raise InvalidInput(
+                        f"images[{index}] is {opened.width}x{opened.height} pixels; "
+                        f"at most {MAX_ENCODED_PIXELS} pixels are accepted"
+                    )
+                opened.load()
+                picture = _to_mode(opened, channels)
+    except InvalidInput:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            f"images[{index}].encoded ({len(data)} bytes) is not a PNG or JPEG file"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise InvalidInput(
+            f"images[{index}].encoded could not be decoded as PNG/JPEG ({exc}); the file may be truncated or corrupt"
+        ) from None
+    if picture.size != (width, height):
+        picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(picture, dtype=np.float32) / 255.0
+    return array.reshape(input_shape)
+
+
+def _to_mode(picture: Image.Image, channels: int) -> Image.Image:
+    if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
+        # Transparent pixels take black, the background the digit models were trained on.
+        rgba = picture.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        picture = Image.alpha_composite(background, rgba)
+    if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        picture = Image.fromarray((np.asarray(picture, dtype=np.float64) / 257.0).round().astype(np.uint8))
+    return picture.convert("L" if channels == 1 else "RGB")
+
+
+def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: int) -> np.ndarray:
+    height, width, channels = input_shape
+    shape = pixels.shape
+    where = f"images[{index}].pixels"
+    if len(shape) not in (2, 3):
+        raise InvalidInput(
+            f"{where}.shape {list(shape)} has rank {len(shape)}; expected [{height}, {width}] "
+            f"or [{height}, {width}, channels] with channels 1, 3 or 4"
+        )
+    if any(dim <= 0 for dim in shape):
+        raise InvalidInput(f"{where}.shape {list(shape)} has a dimension below 1")
+    if tuple(shape[:2]) != (height, width):
+        raise InvalidInput(
+            f"{where}.shape {list(shape)} does not fit the model: expected height x width "
+            f"{height} x {width} (send an encoded PNG/JPEG to have it resized)"
+        )
+    given_channels = shape[2] if len(shape) == 3 else 1
+    if given_channels not in (1, 3, 4):
+        raise InvalidInput(f"{where}.shape {list(shape)} has {given_channels} channels; expected 1, 3 or 4")
+    expected_bytes = math.prod(shape) * _ITEMSIZE[pixels.dtype]
+    if len(pixels.data) != expected_bytes:
+        raise InvalidInput(
+            f"{where}.data has {len(pixels.data)} bytes; shape {list(shape)} of {pixels.dtype.value} "
+            f"needs {expected_bytes}"
+        )
+    array = np.frombuffer(pixels.data, dtype=_NUMPY_DTYPE[pixels.dtype]).reshape(height, width, given_channels)
+    if pixels.dtype is PixelType.UINT8:
+        array = array.astype(np.float32) / 255.0
+    else:
+        if not np.isfinite(array).all():
+            raise InvalidInput(f"{where}.data holds NaN or infinite values; expected floats in [0, 1]")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise InvalidInput(
+                f"{where}.data holds values in [{low:g}, {high:g}]; FLOAT32 pixels must lie in [0, 1] "
+                "(send UINT8 for 0..255)"
+            )
+        array = array.astype(np.float32)
+    return _match_channels(array, channels)
+
+
+def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    given = array.shape[2]
+    if given == 4:
+        # Composite on black, as an encoded RGBA image is (see _to_mode).
+        array, given = array[:, :, :3] * array[:, :, 3:], 3
+    if given == channels:
+        return np.ascontiguousarray(array)
+    if channels == 1:
+        return np.ascontiguousarray((array @ _LUMA)[:, :, None])
+    return np.ascontiguousarray(np.repeat(array, channels, axis=2))

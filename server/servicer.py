@@ -1,0 +1,224 @@
+"""The costserve.v1 gRPC front end: protobuf <-> domain types, and status codes.
+
+Thin by design: no request logic lives here. Errors are mapped in one place,
+:func:`abort_on_error`: a :class:`CostserveError` aborts with its own status and
+message; anything else is a bug and aborts with ``INTERNAL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+
+from costserve.server.core import InferenceCore
+from costserve.server.domain import (
+    ImageInput,
+    ImagePrediction,
+    PixelType,
+    Precision,
+    PredictionRequest,
+    PredictionResult,
+    RawPixels,
+)
+from costserve.server.errors import CostserveError, InvalidInput, Unavailable
+from costserve.v1 import classifier_pb2 as pb
+from costserve.v1 import classifier_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+PRECISION_FROM_PROTO = {
+    pb.PRECISION_AUTO: Precision.AUTO,
+    pb.PRECISION_FP32: Precision.FP32,
+    pb.PRECISION_INT8: Precision.INT8,
+}
+PRECISION_TO_PROTO = {precision: value for value, precision in PRECISION_FROM_PROTO.items()}
+PIXEL_TYPE_FROM_PROTO = {pb.DTYPE_UINT8: PixelType.UINT8, pb.DTYPE_FLOAT32: PixelType.FLOAT32}
+#: Responses a PredictStream computes ahead of the one it is sending.
+STREAM_WINDOW = 64
+
+Response = TypeVar("Response")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
+    if isinstance(error, CostserveError):
+        await context.abort(error.status, str(error))
+    log.exception("unexpected error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
+
+
+def abort_on_error(
+    handler: Callable[..., Awaitable[Response]],
+) -> Callable[..., Awaitable[Response]]:
+    """Turn errors escaping a unary handler into ``context.abort(status, message)``."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: "ClassifierServicer", request: object, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await handler(self, request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def request_from_proto(message: pb.PredictRequest, time_remaining_s: float | None) -> PredictionRequest:
+    """Convert a PredictRequest message; unknown enum values are InvalidInput."""
+    if message.precision not in PRECISION_FROM_PROTO:
+        raise InvalidInput(
+            f"precision {message.precision} is not a known value; expected PRECISION_AUTO (0), "
+            "PRECISION_FP32 (1) or PRECISION_INT8 (2)"
+        )
+    images = []
+    for index, image in enumerate(message.images):
+        kind = image.WhichOneof("data")
+        if kind == "encoded":
+            images.append(ImageInput(encoded=image.encoded))
+        elif kind == "pixels":
+            if image.pixels.dtype not in PIXEL_TYPE_FROM_PROTO:
+                raise InvalidInput(
+                    f"images[{index}].pixels.dtype {image.pixels.dtype} is not a known value; "
+                    "expected DTYPE_UINT8 (0) or DTYPE_FLOAT32 (1)"
+                )
+            images.append(
+                ImageInput(
+                    pixels=RawPixels(
+                        shape=tuple(image.pixels.shape),
+                        dtype=PIXEL_TYPE_FROM_PROTO[image.pixels.dtype],
+                        data=image.pixels.data,
+                    )
+                )
+            )
+        else:
+            raise InvalidInput(f"images[{index}] is empty; set `encoded` (PNG/JPEG bytes) or `pixels`")
+    return PredictionRequest(
+        images=images,
+        precision=PRECISION_FROM_PROTO[message.precision],
+        skip_cache=message.skip_cache,
+        time_remaining_s=time_remaining_s,
+    )
+
+
+def _prediction_to_proto(prediction: ImagePrediction, labels: list[str]) -> pb.Prediction:
+    return pb.Prediction(
+        label=prediction.label,
+        score=prediction.score,
+        probabilities=prediction.probabilities.tolist(),
+        cache_hit=prediction.cache_hit,
+        precision=PRECISION_TO_PROTO[prediction.precision],
+        batch_size=prediction.batch_size,
+        label_name=labels[prediction.label],
+    )
+
+
+def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.PredictResponse:
+    """Convert a PredictionResult to a PredictResponse message."""
+    cost = result.cost
+    return pb.PredictResponse(
+        predictions=[_prediction_to_proto(prediction, labels) for prediction in result.predictions],
+        model_version=result.model_version,
+        server_seconds=result.server_seconds,
+        cost=pb.Cost(
+            usd=cost.usd,
+            cpu_usd=cost.cpu_usd,
+            memory_usd=cost.memory_usd,
+            network_usd=cost.network_usd,
+            cpu_seconds=cost.cpu_seconds,
+            memory_gb_seconds=cost.memory_gb_seconds,
+            network_bytes=cost.network_bytes,
+            utilization=cost.utilization,
+        ),
+    )
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """costserve.v1.Classifier over an :class:`InferenceCore` (None until the model is loaded)."""
+
+    def __init__(self, core: InferenceCore | None = None) -> None:
+        self.core = core
+
+    def _ready_core(self) -> InferenceCore:
+        if self.core is None:
+            raise Unavailable("the model is still loading; retry shortly (the health service says when it is SERVING)")
+        return self.core
+
+    def _convert(self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str) -> PredictionRequest:
+        try:
+            return request_from_proto(message, context.time_remaining())
+        except InvalidInput as error:
+            core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
+            raise
+
+    @abort_on_error
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        core = self._ready_core()
+        result = await core.predict(self._convert(core, request, context, "Predict"), method="Predict")
+        return response_to_proto(result, core.model.metadata.labels)
+
+    async def PredictStream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
+        """Answers each request in order; requests are computed up to STREAM_WINDOW ahead."""
+        window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
+
+        async def read_requests() -> None:
+            try:
+                core = self._ready_core()
+                async for message in request_iterator:
+                    request = self._convert(core, message, context, "PredictStream")
+                    await window.put(asyncio.ensure_future(core.predict(request, method="PredictStream")))
+            except Exception as error:  # surfaced in order, after the answers before it
+                failed: asyncio.Future = asyncio.get_running_loop().create_future()
+                failed.set_exception(error)
+                await window.put(failed)
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read_requests())
+        try:
+            while (pending := await window.get()) is not None:
+                try:
+                    result = await pending
+                except (grpc.aio.AbortError, asyncio.CancelledError):
+                    raise
+                except Exception as error:
+                    await _abort(context, error)
+                yield response_to_proto(result, self._ready_core().model.metadata.labels)
+        finally:
+            reader.cancel()
+            while not window.empty():
+                leftover = window.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    @abort_on_error
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        core = self._ready_core()
+        metadata = core.model.metadata
+        return pb.ModelInfo(
+            name=metadata.name,
+            version=metadata.version,
+            input_shape=list(core.model.input_shape),
+            labels=metadata.labels,
+            variants=[
+                pb.Variant(
+                    precision=PRECISION_TO_PROTO[precision],
+                    accuracy=metadata.variant(precision).accuracy,
+                    size_bytes=metadata.variant(precision).size_bytes,
+                    format=metadata.variant(precision).format,
+                    path=metadata.variant(precision).path,
+                )
+                for precision in core.model.runtimes
+            ],
+            holdout_examples=metadata.holdout_examples,
+            training_data=metadata.training_data,
+            created_at=metadata.created_at,
+            max_images_per_request=core.settings.max_images_per_request,
+        )

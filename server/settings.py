@@ -1,0 +1,142 @@
+"""One settings object for the server: every option declared once, with its unit.
+
+Each field becomes a command-line flag (``max_batch_size`` -> ``--max-batch-size``)
+and an environment variable (``COSTSERVE_MAX_BATCH_SIZE``). Precedence: flag, then
+environment, then the default below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "COSTSERVE_"
+
+
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server configuration. Times carry their unit in the name; sizes say theirs in the help."""
+
+    host: str = _option("127.0.0.1", "Address to bind gRPC and metrics to; 0.0.0.0 opens them to the network.")
+    port: int = _option(50051, "gRPC port; 0 picks a free port (printed at start-up).")
+    metrics_port: int = _option(8000, "Prometheus /metrics HTTP port; 0 picks a free port, -1 turns it off.")
+    model_dir: Path = _option(
+        Path("models/digits"),
+        "Model base directory in TensorFlow Serving layout (<model_dir>/<version>/). "
+        "The highest version is served; with none, the default model is trained first.",
+    )
+    max_images_per_request: int = _option(64, "Most images one PredictRequest may carry.")
+    max_message_bytes: int = _option(
+        16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes (default 16 MiB)."
+    )
+    max_batch_size: int = _option(32, "Most images in one runtime call; 1 turns batching off.")
+    batch_timeout_ms: float = _option(
+        2.0,
+        "Under load, how long a batch may wait for more images, counted from its first "
+        "image's arrival, in milliseconds. An image arriving at an idle runtime never waits.",
+    )
+    max_queue: int = _option(
+        1024, "Images that may wait per variant; past it requests get RESOURCE_EXHAUSTED."
+    )
+    cache_size: int = _option(
+        100_000,
+        "Prediction cache capacity in entries (about 250 bytes each for 10 classes); 0 turns the cache off.",
+    )
+    inference_threads: int = _option(
+        0, "Threads each runtime may use inside one call; 0 lets the runtime choose (one per core)."
+    )
+    drain_seconds: float = _option(
+        30.0, "On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds."
+    )
+    log_level: str = _option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+
+    @property
+    def batch_timeout_s(self) -> float:
+        """``batch_timeout_ms`` in seconds."""
+        return self.batch_timeout_ms / 1000.0
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    """Environment variable of a settings field: ``max_queue`` -> ``COSTSERVE_MAX_QUEUE``."""
+    return ENV_PREFIX + name.upper()
+
+
+def _field_type(settings_field: dataclasses.Field) -> type:
+    return {"str": str, "int": int, "float": float, "Path": Path}[str(settings_field.type)]
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Settings field; defaults come from the environment or the field."""
+    for settings_field in dataclasses.fields(Settings):
+        parser.add_argument(
+            _flag(settings_field.name),
+            dest=settings_field.name,
+            type=_field_type(settings_field),
+            default=None,
+            help=f"{settings_field.metadata['help']} [env {env_var(settings_field.name)}, "
+            f"default {settings_field.default}]",
+        )
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Build Settings from parsed flags, falling back to ``COSTSERVE_*`` variables, then defaults."""
+    values: dict[str, Any] = {}
+    for settings_field in dataclasses.fields(Settings):
+        value = getattr(args, settings_field.name, None)
+        if value is None and env_var(settings_field.name) in environ:
+            raw = environ[env_var(settings_field.name)]
+            try:
+                value = _field_type(settings_field)(raw)
+            except ValueError:
+                raise SystemExit(
+                    f"{env_var(settings_field.name)}={raw!r} is not a valid {_field_type(settings_field).__name__}"
+                ) from None
+        if value is not None:
+            values[settings_field.name] = value
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Refuse settings that cannot work, with a message naming the option."""
+    problems = []
+    if settings.max_batch_size < 1:
+        problems.append("--max-batch-size must be at least 1")
+    if settings.max_queue < 1:
+        problems.append("--max-queue must be at least 1")
+    if settings.max_images_per_request < 1:
+        problems.append("--max-images-per-request must be at least 1")
+    if settings.max_images_per_request > settings.max_queue:
+        problems.append("--max-images-per-request must not exceed --max-queue")
+    if settings.cache_size < 0:
+        problems.append("--cache-size must be 0 (off) or more")
+    if not 0 <= settings.batch_timeout_ms < math.inf:
+        problems.append("--batch-timeout-ms must be a finite number, 0 or more")
+    if not 0 <= settings.drain_seconds < math.inf:
+        problems.append("--drain-seconds must be a finite number, 0 or more")
+    if not 0 <= settings.port <= 65535:
+        problems.append("--port must be 0 (any free port) to 65535")
+    if not -1 <= settings.metrics_port <= 65535:
+        problems.append("--metrics-port must be -1 (off), 0 (any free port) or up to 65535")
+    if settings.inference_threads < 0:
+        problems.append("--inference-threads must be 0 (runtime default) or more")
+    if not str(settings.model_dir).strip() or settings.model_dir == Path("."):
+        problems.append("--model-dir must name a directory (not empty and not the working directory itself)")
+    if settings.max_message_bytes < 1024:
+        problems.append("--max-message-bytes must be at least 1024")
+    if problems:
+        raise SystemExit("invalid settings: " + "; ".join(problems))

@@ -1,0 +1,235 @@
+"""Train the default digit classifier and export both variants.
+
+The seed's CNN (Conv2D 32 3x3 relu -> MaxPool 2 -> Conv2D 64 3x3 relu -> MaxPool 2
+-> Flatten -> Dense 128 relu -> Dense 10 softmax, Adam) is trained on
+scikit-learn's bundled handwritten digits (8x8, resized to 28x28) or on a local
+Keras-layout ``mnist.npz``. A stratified held-out split is never trained on; both
+exported variants are scored on it through the same runtimes that serve them.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from costserve.server.domain import Precision
+from costserve.server.model_store import (
+    INT8_FILE,
+    METADATA_FILE,
+    SAVED_MODEL_DIR,
+    ModelMetadata,
+    VariantInfo,
+    next_version,
+)
+from costserve.server.runtimes import LiteRTRuntime, Runtime, SavedModelRuntime
+
+log = logging.getLogger(__name__)
+
+#: Side of the square images the default model takes, in pixels.
+IMAGE_SIDE = 28
+#: Share of the data kept out of training to measure accuracy.
+HOLDOUT_FRACTION = 0.2
+#: Share of the training data used to pick the epoch (early stopping).
+VALIDATION_FRACTION = 0.1
+#: Seed for the split, weight initialization and shuffling.
+SEED = 1234
+#: Examples fed to the int8 converter to calibrate activation ranges.
+CALIBRATION_EXAMPLES = 500
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images as float32 (n, h, w, 1) in [0, 1] with integer labels, split for training and held out."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    holdout_images: np.ndarray
+    holdout_labels: np.ndarray
+    labels: list[str]
+
+
+def load_sklearn_digits(side: int = IMAGE_SIDE, seed: int = SEED) -> Dataset:
+    """scikit-learn's 1,797 bundled 8x8 digits, resized to ``side`` x ``side``, split stratified."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    small = (digits.images / 16.0 * 255.0).round().astype(np.uint8)
+    images = np.stack(
+        [np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR)) for image in small]
+    )
+    # Stored as uint8 levels, as a PNG of it would be, so that held-out files decode to the same input.
+    images = (images.astype(np.float32) / 255.0)[..., None]
+    train_x, holdout_x, train_y, holdout_y = train_test_split(
+        images, digits.target, test_size=HOLDOUT_FRACTION, random_state=seed, stratify=digits.target
+    )
+    return Dataset(
+        name=f"sklearn-digits ({len(images)} 8x8 images resized to {side}x{side})",
+        train_images=train_x,
+        train_labels=train_y,
+        holdout_images=holdout_x,
+        holdout_labels=holdout_y,
+        labels=[str(label) for label in range(10)],
+    )
+
+
+def load_mnist_npz(path: Path) -> Dataset:
+    """A local Keras-layout ``mnist.npz`` (x_train, y_train, x_test, y_test; uint8 28x28)."""
+    with np.load(path) as data:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)}; expected the Keras mnist.npz layout")
+        train_x, train_y = data["x_train"], data["y_train"]
+        test_x, test_y = data["x_test"], data["y_test"]
+    to_float = lambda images: (images.astype(np.float32) / 255.0)[..., None]  # noqa: E731
+    return Dataset(
+        name=f"mnist.npz ({len(train_x)} training, {len(test_x)} test images)",
+        train_images=to_float(train_x),
+        train_labels=train_y.astype(np.int64),
+        holdout_images=to_float(test_x),
+        holdout_labels=test_y.astype(np.int64),
+        labels=[str(label) for label in range(10)],
+    )
+
+
+def build_model(input_shape: tuple[int, int, int], num_classes: int):  # -> keras.Model
+    """The seed's CNN, compiled with Adam and sparse categorical cross-entropy."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=input_shape, name="image"),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(64, 3, activation="relu"),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(128, activation="relu"),
+            layers.Dense(num_classes, activation="softmax"),
+        ],
+        name="digits_cnn",
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def accuracy(runtime: Runtime, images: np.ndarray, labels: np.ndarray, batch_size: int = 32) -> float:
+    """Share of ``images`` the runtime labels correctly."""
+    predicted = np.concatenate(
+        [runtime.predict(images[start : start + batch_size]).argmax(axis=1) for start in range(0, len(images), batch_size)]
+    )
+    return float((predicted == labels).mean())
+
+
+def train_and_export(
+    model_dir: Path,
+    data_path: Path | None = None,
+    epochs: int | None = None,
+    seed: int = SEED,
+    name: str = "digits",
+) -> Path:
+    """Train, export fp32 and int8 as the next version under ``model_dir``, return its directory."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    dataset = load_mnist_npz(data_path) if data_path else load_sklearn_digits(seed=seed)
+    epochs = epochs if epochs is not None else (6 if data_path else 40)
+    log.info("training on %s for up to %d epochs", dataset.name, epochs)
+    tf.keras.utils.set_random_seed(seed)
+    input_shape = tuple(dataset.train_images.shape[1:])
+    model = build_model(input_shape, len(dataset.labels))  # type: ignore[arg-type]
+    model.fit(
+        dataset.train_images,
+        dataset.train_labels,
+        epochs=epochs,
+        batch_size=32,
+        verbose=2,
+        # Model selection uses a slice of the training data; the held-out split stays unseen.
+        validation_split=VALIDATION_FRACTION,
+        callbacks=[
+            tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)
+        ],
+    )
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    version = next_version(model_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+    try:
+        saved_model = staging / SAVED_MODEL_DIR
+        model.export(str(saved_model), verbose=False)
+        (staging / INT8_FILE).write_bytes(_quantize_int8(saved_model, dataset.train_images, seed))
+
+        fp32 = SavedModelRuntime(saved_model)
+        int8 = LiteRTRuntime(staging / INT8_FILE, max_batch_size=32)
+        variants = {
+            Precision.FP32.value: VariantInfo(
+                path=SAVED_MODEL_DIR,
+                format="saved_model",
+                accuracy=accuracy(fp32, dataset.holdout_images, dataset.holdout_labels),
+                size_bytes=sum(path.stat().st_size for path in saved_model.rglob("*") if path.is_file()),
+            ),
+            Precision.INT8.value: VariantInfo(
+                path=INT8_FILE,
+                format="tflite",
+                accuracy=accuracy(int8, dataset.holdout_images, dataset.holdout_labels),
+                size_bytes=(staging / INT8_FILE).stat().st_size,
+            ),
+        }
+        metadata = ModelMetadata(
+            name=name,
+            version=version,
+            input_shape=input_shape,  # type: ignore[arg-type]
+            labels=dataset.labels,
+            variants=variants,
+            holdout_examples=len(dataset.holdout_labels),
+            training_data=dataset.name,
+            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            training={
+                "architecture": "Conv2D32-MaxPool-Conv2D64-MaxPool-Dense128-Dense10",
+                "optimizer": "adam",
+                "max_epochs": epochs,
+                "early_stopping": "val_loss, patience 5, best weights restored",
+                "seed": seed,
+                "tensorflow": tf.__version__,
+                "quantization": f"post-training full-integer, {CALIBRATION_EXAMPLES} calibration images",
+            },
+        )
+        (staging / METADATA_FILE).write_text(metadata.to_json())
+        target = model_dir / version
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for precision, info in variants.items():
+        log.info("version %s %s: held-out accuracy %.4f, %d bytes", version, precision, info.accuracy, info.size_bytes)
+    return target
+
+
+def _quantize_int8(saved_model: Path, calibration_pool: np.ndarray, seed: int) -> bytes:
+    """Post-training full-integer quantization (uint8 in and out) calibrated on training images."""
+    import tensorflow as tf
+
+    chosen = np.random.default_rng(seed).choice(len(calibration_pool), size=min(CALIBRATION_EXAMPLES, len(calibration_pool)), replace=False)
+
+    def representative_dataset():
+        for index in chosen:
+            yield [calibration_pool[index : index + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative_dataset
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.uint8
+    converter.inference_output_type = tf.uint8
+    return converter.convert()
