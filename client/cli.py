@@ -1,0 +1,123 @@
+"""``costserve``: the command-line client.
+
+::
+
+    costserve predict examples/digits/*.png [--precision auto|fp32|int8] [--json]
+    costserve info
+    costserve health        # exit 0 only when the server is SERVING
+
+``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``costserve``."""
+    parser = argparse.ArgumentParser(prog="costserve", description="Client of a costserve server.")
+    parser.add_argument(
+        "--target",
+        default=os.environ.get("COSTSERVE_TARGET", "127.0.0.1:50051"),
+        help="server address HOST:PORT [env COSTSERVE_TARGET, default 127.0.0.1:50051]",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds per call (default {DEFAULT_TIMEOUT_S:g})"
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    predict = commands.add_parser("predict", help="classify image files (PNG or JPEG)")
+    predict.add_argument("files", nargs="+", type=Path)
+    predict.add_argument("--precision", choices=sorted(PRECISIONS), default="auto")
+    predict.add_argument("--skip-cache", action="store_true", help="compute even if the server has the answer cached")
+    predict.add_argument("--json", action="store_true", help="print one JSON document")
+    info = commands.add_parser("info", help="describe the served model and its variants")
+    info.add_argument("--json", action="store_true")
+    commands.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
+    return parser
+
+
+def _predict(client: Client, args: argparse.Namespace) -> int:
+    missing = [str(path) for path in args.files if not path.is_file()]
+    if missing:
+        print(f"costserve: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    response = client.predict(args.files, precision=args.precision, skip_cache=args.skip_cache)
+    rows = [
+        {
+            "file": str(path),
+            "label": prediction.label_name or str(prediction.label),
+            "score": round(prediction.score, 4),
+            "precision": PRECISION_NAMES.get(prediction.precision, str(prediction.precision)),
+            "cache_hit": prediction.cache_hit,
+        }
+        for path, prediction in zip(args.files, response.predictions)
+    ]
+    cost_per_image = response.cost.usd / max(len(rows), 1)
+    if args.json:
+        print(
+            json.dumps(
+                {"model_version": response.model_version, "cost_usd": response.cost.usd, "predictions": rows},
+                indent=2,
+            )
+        )
+        return 0
+    width = max(len(row["file"]) for row in rows)
+    print(f"{'file':<{width}}  label  score   variant  cache  cost_usd")
+    for row in rows:
+        print(
+            f"{row['file']:<{width}}  {row['label']:<5}  {row['score']:.4f}  {row['precision']:<7}  "
+            f"{'hit' if row['cache_hit'] else 'miss':<5}  {cost_per_image:.3e}"
+        )
+    print(f"model version {response.model_version}, request cost ${response.cost.usd:.3e}")
+    return 0
+
+
+def _info(client: Client, args: argparse.Namespace) -> int:
+    info = client.model_info()
+    if args.json:
+        print(json_format.MessageToJson(info, always_print_fields_with_no_presence=True))
+        return 0
+    print(f"model {info.name} version {info.version}, input {'x'.join(map(str, info.input_shape))}")
+    print(f"labels: {' '.join(info.labels)}")
+    print(f"trained on {info.training_data}, created {info.created_at}")
+    print(f"{'variant':<8} {'format':<12} {'accuracy':>9} {'size':>12}")
+    for variant in info.variants:
+        print(
+            f"{PRECISION_NAMES.get(variant.precision, '?'):<8} {variant.format:<12} "
+            f"{variant.accuracy * 100:>8.2f}% {variant.size_bytes:>12,d} B"
+        )
+    print(f"accuracy measured on {info.holdout_examples} held-out images; "
+          f"up to {info.max_images_per_request} images per request")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``costserve``."""
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            if args.command == "health":
+                status = client.health()
+                print(status)
+                return 0 if status == "SERVING" else 1
+            if args.command == "info":
+                return _info(client, args)
+            return _predict(client, args)
+    except grpc.RpcError as error:
+        print(f"costserve: {error.code().name}: {error.details()} (server {args.target})", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
