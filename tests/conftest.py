@@ -1,0 +1,119 @@
+"""Shared fixtures: one trained model per test run, and real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Coroutine, Iterator, TypeVar
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO_ROOT / "examples" / "digits").glob("digit_*.png"))
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, trained once per test run exactly as `costserve-server train` does."""
+    from costserve.server.training import train_and_export
+
+    base = tmp_path_factory.mktemp("models") / "digits"
+    train_and_export(base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def loaded_model(model_dir: Path):  # -> LoadedModel
+    """Both variants of the trained model, loaded once (servers in tests run one at a time)."""
+    from costserve.server.model_store import latest_version_dir, load_model
+
+    version_dir = latest_version_dir(model_dir)
+    assert version_dir is not None
+    return load_model(version_dir, max_batch_size=32)
+
+
+class RunningServer:
+    """A CostserveServer on 127.0.0.1 port 0, run by an event loop in a background thread."""
+
+    def __init__(self, settings: Any, model: Any) -> None:
+        from costserve.server.app import CostserveServer
+
+        self.registry = CollectorRegistry()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+        self.thread.start()
+        self.server = CostserveServer(settings, registry=self.registry, model=model)
+        self.run(self.server.start())
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def core(self) -> Any:
+        return self.server.core
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample value from the server's registry (0 when absent)."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def stop(self) -> None:
+        try:
+            self.run(self.server.stop(grace_s=5))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            self.loop.close()
+
+
+@pytest.fixture
+def start_server(loaded_model: Any, model_dir: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Factory: start a server with settings overrides; every server is stopped after the test."""
+    from costserve.server.settings import Settings, validate
+
+    started: list[RunningServer] = []
+
+    def start(model: Any = None, **overrides: Any) -> RunningServer:
+        settings = dataclasses.replace(
+            Settings(host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5), **overrides
+        )
+        validate(settings)
+        server = RunningServer(settings, model or loaded_model)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    """A server with default settings."""
+    return start_server()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Any]:
+    """A costserve Client connected to ``server``."""
+    from costserve import Client
+
+    with Client(server.target, timeout=30) as connected:
+        yield connected
+
+
+@pytest.fixture(scope="session")
+def holdout(model_dir: Path) -> Any:
+    """The held-out split the model was never trained on."""
+    from costserve.server.training import load_sklearn_digits
+
+    return load_sklearn_digits()
