@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from costserve.server.settings import Settings
 from costserve.v1 import classifier_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: During a drain, how long no new call may start before new calls are refused, in seconds.
+DRAIN_QUIET_S = 0.25
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -138,8 +142,20 @@ class CostserveServer:
         grace_s = self.settings.drain_seconds if grace_s is None else grace_s
         log.info("draining: answering requests in flight (up to %.0f s)", grace_s)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        # Calls clients sent before they saw the drain are still answered: keep serving until
+        # nothing is in flight and no call has started for a moment. Stopping the transport
+        # earlier would cancel the calls it holds but has not handed to a handler yet.
+        while loop.time() < deadline and (
+            self.servicer.in_flight > 0 or time.monotonic() - self.servicer.last_call_at < DRAIN_QUIET_S
+        ):
+            await asyncio.sleep(0.02)
+        # Then refuse with UNAVAILABLE (a status clients retry) before closing the transport.
+        self.servicer.accepting = False
+        await asyncio.sleep(min(DRAIN_QUIET_S, max(0.0, deadline - loop.time())))
         if self._grpc is not None:
-            await self._grpc.stop(grace_s)
+            await self._grpc.stop(max(0.0, deadline - loop.time()))
         if self.core is not None:
             await self.core.stop()
         if self._metrics_http is not None:

@@ -8,9 +8,11 @@ message; anything else is a bug and aborts with ``INTERNAL``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+import time
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 
@@ -144,6 +146,23 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def __init__(self, core: InferenceCore | None = None) -> None:
         self.core = core
+        #: False once the drain refuses new calls (they get UNAVAILABLE).
+        self.accepting = True
+        #: Prediction calls being handled now.
+        self.in_flight = 0
+        #: time.monotonic() when the last prediction call started.
+        self.last_call_at = 0.0
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry on another replica or after it restarts")
+        self.in_flight += 1
+        self.last_call_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def _ready_core(self) -> InferenceCore:
         if self.core is None:
@@ -159,14 +178,25 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        core = self._ready_core()
-        result = await core.predict(self._convert(core, request, context, "Predict"), method="Predict")
-        return response_to_proto(result, core.model.metadata.labels)
+        with self._tracked():
+            core = self._ready_core()
+            result = await core.predict(self._convert(core, request, context, "Predict"), method="Predict")
+            return response_to_proto(result, core.model.metadata.labels)
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
         """Answers each request in order; requests are computed up to STREAM_WINDOW ahead."""
+        try:
+            with self._tracked():
+                async for response in self._predict_stream(request_iterator, context):
+                    yield response
+        except Unavailable as error:
+            await _abort(context, error)
+
+    async def _predict_stream(
+        self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
         window: asyncio.Queue = asyncio.Queue(maxsize=STREAM_WINDOW)
 
         async def read_requests() -> None:

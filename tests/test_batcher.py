@@ -1,0 +1,201 @@
+"""The batcher on its own: forming batches, bounds, deadlines and failures, on the real int8 runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Awaitable, Callable, TypeVar
+
+import numpy as np
+import pytest
+
+from helpers import SpyRuntime
+from costserve.server.batcher import Batcher
+from costserve.server.domain import Precision
+from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
+
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+@pytest.fixture
+def spy(loaded_model: Any) -> SpyRuntime:
+    return SpyRuntime(loaded_model.runtimes[Precision.INT8], poison_value=1.0)
+
+
+async def _wait_until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.001)
+
+
+async def _hold_runtime(batcher: Batcher, spy: SpyRuntime, image: np.ndarray) -> asyncio.Future:
+    """Start one image and keep the runtime busy with it until ``spy.gate`` opens."""
+    spy.gate.clear()
+    spy.entered.clear()
+    (running,) = batcher.submit([image], deadline=None)
+    await asyncio.get_running_loop().run_in_executor(None, spy.entered.wait, 30)
+    return running
+
+
+def test_an_image_at_an_idle_runtime_does_not_wait_for_the_timeout(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=32, batch_timeout_s=3600, max_queue=64)
+        await batcher.start()
+        (future,) = batcher.submit([holdout.holdout_images[0]], deadline=None)
+        answer = await asyncio.wait_for(future, timeout=30)  # an hour-long timeout was not waited for
+        assert answer.batch_size == 1
+        assert int(np.argmax(answer.probabilities)) == holdout.holdout_labels[0]
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_images_arriving_while_busy_go_together_in_order(spy: SpyRuntime, holdout: Any) -> None:
+    images = holdout.holdout_images[:6]
+
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, images[0])
+        waiting = batcher.submit(list(images[1:]), deadline=None)
+        assert batcher.queue_depth == 5
+        spy.gate.set()
+        answers = await asyncio.gather(running, *waiting)
+        assert spy.batches == [1, 4, 1]  # full batch at once, then the rest
+        assert [answer.batch_size for answer in answers] == [1, 4, 4, 4, 4, 1]
+        expected = spy.inner.predict(images)
+        np.testing.assert_array_equal(np.array([answer.probabilities for answer in answers]), expected)
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_under_load_a_batch_waits_up_to_the_timeout_for_more(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=8, batch_timeout_s=3600, max_queue=64)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        first = batcher.submit(list(holdout.holdout_images[1:3]), deadline=None)
+        spy.gate.set()
+        await running
+        await asyncio.sleep(0.05)  # the runtime is free, but the batch of 2 keeps waiting to fill
+        assert spy.batches == [1] and not any(future.done() for future in first)
+        rest = batcher.submit(list(holdout.holdout_images[3:9]), deadline=None)  # fills it to 8
+        await asyncio.gather(*first, *rest)
+        assert spy.batches == [1, 8]
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_queue_bound_is_all_or_nothing(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=2, batch_timeout_s=0, max_queue=3)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        accepted = batcher.submit(list(holdout.holdout_images[1:3]), deadline=None)
+        with pytest.raises(Overloaded, match="2 of 3 images waiting, this request adds 2"):
+            batcher.submit(list(holdout.holdout_images[3:5]), deadline=None)
+        assert batcher.queue_depth == 2
+        spy.gate.set()
+        await asyncio.gather(running, *accepted)
+        assert spy.images_computed == 3
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_expired_and_cancelled_images_are_never_computed(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=8, batch_timeout_s=0, max_queue=64)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        (expired,) = batcher.submit([holdout.holdout_images[1]], deadline=loop.time() + 0.01)
+        (cancelled,) = batcher.submit([holdout.holdout_images[2]], deadline=None)
+        (kept,) = batcher.submit([holdout.holdout_images[3]], deadline=loop.time() + 600)
+        cancelled.cancel()
+        await asyncio.sleep(0.05)  # past the first deadline
+        spy.gate.set()
+        await running
+        with pytest.raises(DeadlineExceeded, match="not computed"):
+            await expired
+        assert (await kept).batch_size == 1
+        assert spy.batches == [1, 1] and batcher.expired_dropped == 1
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_a_failed_batch_fails_its_callers_and_the_next_batch_is_served(spy: SpyRuntime, holdout: Any) -> None:
+    poison = np.ones((28, 28, 1), dtype=np.float32)
+
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        doomed = batcher.submit([holdout.holdout_images[1], poison], deadline=None)
+        spy.gate.set()
+        await running
+        for future in doomed:
+            with pytest.raises(InferenceFailed, match="batch of 2: RuntimeError: poisoned batch"):
+                await future
+        (after,) = batcher.submit([holdout.holdout_images[2]], deadline=None)
+        assert int(np.argmax((await after).probabilities)) == holdout.holdout_labels[2]
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_a_runtime_returning_the_wrong_row_count_fails_the_batch(loaded_model: Any, holdout: Any) -> None:
+    class Truncating(SpyRuntime):
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            return self.inner.predict(batch)[:-1]
+
+    async def scenario() -> None:
+        batcher = Batcher(Truncating(loaded_model.runtimes[Precision.INT8]), max_batch_size=4, batch_timeout_s=0, max_queue=8)
+        await batcher.start()
+        (future,) = batcher.submit([holdout.holdout_images[0]], deadline=None)
+        with pytest.raises(InferenceFailed, match="returned 0 rows for a batch of 1"):
+            await future
+        await batcher.stop()
+
+    run(scenario)
+
+
+def test_stop_answers_everything_queued(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        queued = batcher.submit(list(holdout.holdout_images[1:11]), deadline=None)
+        stopping = asyncio.ensure_future(batcher.stop())
+        spy.gate.set()
+        await stopping
+        answers = await asyncio.gather(running, *queued)
+        assert [int(np.argmax(a.probabilities)) for a in answers] == list(holdout.holdout_labels[:11])
+        with pytest.raises(RuntimeError, match="not running"):
+            batcher.submit([holdout.holdout_images[0]], deadline=None)
+
+    run(scenario)
+
+
+def test_inference_runs_off_the_event_loop(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=8)
+        await batcher.start()
+        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
+        ticks = 0
+        for _ in range(5):  # the loop keeps turning while the runtime is held
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and not running.done()
+        assert threading.current_thread() is threading.main_thread()
+        spy.gate.set()
+        await running
+        await batcher.stop()
+
+    run(scenario)

@@ -1,0 +1,149 @@
+"""The real `costserve-server serve` process: start-up, health, and a SIGTERM drain under load."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+import grpc
+import pytest
+
+from conftest import EXAMPLES
+from costserve import Client, image_message
+from costserve.v1 import classifier_pb2 as pb
+from costserve.v1 import classifier_pb2_grpc as pb_grpc
+
+SERVER = [sys.executable, "-m", "costserve.server.cli", "serve"]
+
+
+class ServerProcess:
+    """`costserve-server serve` on port 0, its log collected from stderr."""
+
+    def __init__(self, model_dir: Path, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [*SERVER, "--model-dir", str(model_dir), "--port", "0", "--metrics-port", "-1", *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        self.lines: list[str] = []
+        self.serving = threading.Event()
+        self.bound = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        assert self.bound.wait(120), "server never bound:\n" + self.log
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if match := re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(match.group(1))
+                self.bound.set()
+            if "SERVING" in line and "NOT_SERVING" not in line:
+                self.serving.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def served(model_dir: Path) -> Iterator[ServerProcess]:
+    server = ServerProcess(model_dir)
+    try:
+        assert server.serving.wait(120), server.log
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(served: ServerProcess) -> None:
+    channel = grpc.insecure_channel(served.target)
+    stub = pb_grpc.ClassifierStub(channel)
+    request = pb.PredictRequest(images=[image_message(EXAMPLES[8])], precision=pb.PRECISION_FP32, skip_cache=True)
+    streams = 32
+    per_stream = 40
+    first_answers = threading.Barrier(streams + 1)
+    signal_sent = threading.Event()
+    results: list[list[int]] = [[] for _ in range(streams)]
+    errors: list[BaseException] = []
+
+    def stream_requests(index: int) -> None:
+        def messages() -> Iterator[pb.PredictRequest]:
+            yield request
+            signal_sent.wait(timeout=60)  # the rest are sent on accepted streams, during the drain
+            for _ in range(per_stream - 1):
+                yield request
+
+        try:
+            for response in stub.PredictStream(messages(), timeout=120):
+                results[index].append(response.predictions[0].label)
+                if len(results[index]) == 1:
+                    first_answers.wait(timeout=60)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    workers = [threading.Thread(target=stream_requests, args=(index,)) for index in range(streams)]
+    for worker in workers:
+        worker.start()
+    # Also in flight: unary calls started before the signal.
+    unary = [stub.Predict.future(request, timeout=120) for _ in range(100)]
+    first_answers.wait(timeout=60)
+    served.process.send_signal(signal.SIGTERM)
+    signal_sent.set()
+    for worker in workers:
+        worker.join(timeout=120)
+    exit_code = served.process.wait(timeout=120)
+    outcomes = [future.exception(timeout=60) for future in unary]
+    channel.close()
+
+    assert not errors, f"accepted streams lost answers: {errors[:3]}\n{served.log}"
+    assert [len(answers) for answers in results] == [per_stream] * streams
+    assert {label for answers in results for label in answers} == {8}
+    assert outcomes == [None] * len(unary), "unary calls sent before SIGTERM were not all answered"
+    assert {future.result().predictions[0].label for future in unary} == {8}
+    assert exit_code == 0, served.log
+    assert "draining" in served.log and "stopped" in served.log
+
+
+def test_new_calls_are_refused_after_the_drain(served: ServerProcess) -> None:
+    with Client(served.target, timeout=10) as client:
+        assert client.health() == "SERVING"
+        served.process.send_signal(signal.SIGINT)
+        assert served.process.wait(timeout=60) == 0
+        with pytest.raises(grpc.RpcError) as error:
+            client.predict(EXAMPLES[:1], timeout=5)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_serve_trains_the_default_model_when_none_exists(tmp_path: Path) -> None:
+    model_dir = tmp_path / "fresh"
+    server = ServerProcess(model_dir)
+    try:
+        with Client(server.target, timeout=10) as client:
+            assert client.health() == "NOT_SERVING"  # bound, model not ready yet
+        assert server.serving.wait(300), server.log
+        assert (model_dir / "1" / "metadata.json").is_file()
+        with Client(server.target, timeout=10) as client:
+            assert client.health() == "SERVING"
+            assert client.predict(EXAMPLES[6:7]).predictions[0].label == 6
+    finally:
+        server.stop()
