@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from costserve.server.core import InferenceCore
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.model_store import LoadedModel, latest_version_dir, load_model
+from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer
 from costserve.server.settings import Settings
 from costserve.v1 import classifier_pb2_grpc
@@ -111,6 +112,7 @@ class CostserveServer:
         )
         loop = asyncio.get_running_loop()
         if self.model is None:
+            configure_tensorflow_threads(self.settings.inference_threads)
             version_dir = await loop.run_in_executor(None, ensure_model, self.settings.model_dir)
             self.model = await loop.run_in_executor(
                 None, load_model, version_dir, self.settings.max_batch_size, self.settings.inference_threads

@@ -57,11 +57,12 @@ class Runtime(abc.ABC):
 
 def configure_tensorflow_threads(threads: int) -> None:
     """Limit TensorFlow's intra-op threads (0 = its default); call before the first TF op."""
+    if threads <= 0:
+        return
     import tensorflow as tf
 
-    if threads > 0:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
 class SavedModelRuntime(Runtime):
