@@ -48,6 +48,17 @@ def _stub(target: str) -> tuple[grpc.Channel, pb_grpc.ClassifierStub]:
     return channel, pb_grpc.ClassifierStub(channel)
 
 
+def _holdout_request(holdout: Any) -> Callable[[int], pb.PredictRequest]:
+    """Builds the fp32 request for held-out image ``index``."""
+
+    def request(index: int) -> pb.PredictRequest:
+        return pb.PredictRequest(
+            images=[image_message(_uint8(holdout.holdout_images[index]))], precision=pb.PRECISION_FP32
+        )
+
+    return request
+
+
 def _spy_model(model: LoadedModel, **spy_options: Any) -> tuple[LoadedModel, dict[Precision, SpyRuntime]]:
     spies = {precision: SpyRuntime(runtime, **spy_options) for precision, runtime in model.runtimes.items()}
     return dataclasses.replace(model, runtimes=dict(spies)), spies
@@ -300,9 +311,7 @@ def test_queue_overflow_is_resource_exhausted_and_the_server_recovers(
     spy.entered.clear()
     channel, stub = _stub(server.target)
     with channel:
-        request = lambda index: pb.PredictRequest(  # noqa: E731
-            images=[image_message(_uint8(holdout.holdout_images[index]))], precision=pb.PRECISION_FP32
-        )
+        request = _holdout_request(holdout)
         running = stub.Predict.future(request(0), timeout=60)
         assert spy.entered.wait(30)  # the runtime holds image 0; the queue is empty
         queued = [stub.Predict.future(request(index), timeout=60) for index in range(1, 5)]
@@ -330,9 +339,7 @@ def test_an_expired_deadline_is_never_computed(
     spy.gate.clear()
     channel, stub = _stub(server.target)
     with channel:
-        request = lambda index: pb.PredictRequest(  # noqa: E731
-            images=[image_message(_uint8(holdout.holdout_images[index]))], precision=pb.PRECISION_FP32
-        )
+        request = _holdout_request(holdout)
         running = stub.Predict.future(request(0), timeout=60)
         assert spy.entered.wait(30)
         with pytest.raises(grpc.RpcError) as error:
