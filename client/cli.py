@@ -5,6 +5,7 @@
     costserve predict examples/digits/*.png [--precision auto|fp32|int8] [--json]
     costserve info
     costserve health        # exit 0 only when the server is SERVING
+    costserve loadtest --sweep-concurrency 1,4,16 --requests 1000 [--json] [--plot sweep.png]
 
 ``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051.
 """
@@ -21,6 +22,7 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
+from costserve import loadtest
 from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client
 
 
@@ -44,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="describe the served model and its variants")
     info.add_argument("--json", action="store_true")
     commands.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
+    loadtest.add_arguments(
+        commands.add_parser(
+            "loadtest",
+            help="load the server; report throughput, latency percentiles, errors, hit ratio, accuracy and cost",
+            description="Closed-loop (--concurrency) or open-loop (--rate) load with held-out digits, "
+            "one report row per step.",
+        )
+    )
     return parser
 
 
@@ -106,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``costserve``."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "loadtest":
+            return loadtest.main(args)
         with Client(args.target, timeout=args.timeout) as client:
             if args.command == "health":
                 status = client.health()
