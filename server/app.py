@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from costserve.server.core import InferenceCore
+from costserve.server.cost import CostMeter, load_prices
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.model_store import LoadedModel, latest_version_dir, load_model
 from costserve.server.runtimes import configure_tensorflow_threads
@@ -78,6 +79,7 @@ class CostserveServer:
     core: InferenceCore | None = None
 
     def __post_init__(self) -> None:
+        self.meter = CostMeter(load_prices(self.settings.prices))
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
@@ -117,7 +119,7 @@ class CostserveServer:
             self.model = await loop.run_in_executor(
                 None, load_model, version_dir, self.settings.max_batch_size, self.settings.inference_threads
             )
-        self.core = InferenceCore(self.model, self.settings, self.metrics)
+        self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter)
         await self.core.start()
         self.servicer.core = self.core
         if not self._stopping:

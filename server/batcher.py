@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.runtimes import Runtime
@@ -40,6 +41,8 @@ class BatchAnswer:
     batch_size: int
     #: Wall time of the runtime call, in seconds.
     inference_seconds: float
+    #: This image's equal share of the CPU-seconds the runtime call used.
+    cpu_seconds: float
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._busy = False
         self._waiting = 0
+        self._loop_cpu: LoopCpuClock | None = None
 
     @property
     def queue_depth(self) -> int:
@@ -97,6 +101,7 @@ class Batcher:
     async def start(self) -> None:
         """Create the queue, the inference thread and the dispatcher in the running loop."""
         self._queue = asyncio.Queue()
+        self._loop_cpu = LoopCpuClock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.label}")
         self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
         if self.metrics is not None:
@@ -185,10 +190,9 @@ class Batcher:
         live = []
         for waiting in batch:
             if waiting.future.done():  # cancelled: the caller went away
-                self._count_rejected("cancelled")
-            elif waiting.deadline is not None and waiting.deadline <= now:
+                continue
+            if waiting.deadline is not None and waiting.deadline <= now:
                 self.expired_dropped += 1
-                self._count_rejected("deadline_exceeded")
                 waiting.future.set_exception(
                     DeadlineExceeded(
                         f"deadline passed after {now - waiting.enqueued_at:.3f} s in the {self.label} queue; "
@@ -205,7 +209,7 @@ class Batcher:
         pixels = np.stack([waiting.pixels for waiting in batch])
         self._busy = True
         try:
-            probabilities, seconds = await loop.run_in_executor(self._executor, self._predict, pixels)
+            probabilities, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, pixels)
             if len(probabilities) != len(batch):
                 raise InferenceFailed(
                     f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(batch)}"
@@ -227,15 +231,20 @@ class Batcher:
             queue_duration = self.metrics.queue_duration.labels(self.label)
             for waiting in batch:
                 queue_duration.observe(started - waiting.enqueued_at)
+        share = cpu_seconds / len(batch)
         for row, waiting in zip(probabilities, batch):
             if not waiting.future.done():
-                waiting.future.set_result(BatchAnswer(row, len(batch), seconds))
+                waiting.future.set_result(BatchAnswer(row, len(batch), seconds, share))
 
-    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float]:
-        started = time.perf_counter()
+    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """Run the runtime; return probabilities, wall seconds and the CPU-seconds it used.
+
+        The runtime's own threads are not ours to clock, so its CPU is the process's CPU
+        over the call less what the event loop used meanwhile (that is the handling of
+        other requests, which they are charged for).
+        """
+        assert self._loop_cpu is not None
+        started, process_started, loop_started = time.perf_counter(), time.process_time(), self._loop_cpu.seconds()
         probabilities = self.runtime.predict(pixels)
-        return probabilities, time.perf_counter() - started
-
-    def _count_rejected(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected.labels(reason).inc()
+        cpu_seconds = (time.process_time() - process_started) - (self._loop_cpu.seconds() - loop_started)
+        return probabilities, time.perf_counter() - started, max(cpu_seconds, 0.0)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from costserve.server.cost import PriceFileError, load_prices
 from costserve.server.settings import Settings, add_settings_arguments, env_var, settings_from_args
 
 
@@ -66,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exported {version_dir}")
         return 0
     settings = settings_from_args(args)
+    try:
+        load_prices(settings.prices)
+    except PriceFileError as error:
+        raise SystemExit(f"costserve-server: {error}") from None
     _configure_logging(settings.log_level)
     from costserve.server.app import serve
 

@@ -98,4 +98,13 @@ class PredictionResult:
     predictions: list[ImagePrediction]
     model_version: str
     server_seconds: float
+    #: CPU-seconds spent handling the request on the event loop (decode, cache, bookkeeping).
+    handling_cpu_seconds: float = 0.0
+    #: The request's share of the CPU-seconds of the inference batches its images were in.
+    inference_cpu_seconds: float = 0.0
     cost: CostBreakdown = field(default_factory=CostBreakdown)
+
+    @property
+    def precision(self) -> Precision:
+        """The variant that answered (every image of a request gets the same one)."""
+        return self.predictions[0].precision

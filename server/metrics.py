@@ -10,12 +10,31 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 #: Request latency buckets, in seconds (0.5 ms .. 10 s).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
 #: Batch size buckets, in images.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: Request cost buckets, in USD (1e-10 .. 1e-4: a millionth of a cent to a hundredth).
+COST_BUCKETS = tuple(10.0**exponent * mantissa for exponent in range(-10, -4) for mantissa in (1, 2.5, 5)) + (1e-4,)
+
+
+class _ProvisionedCost(Collector):
+    """``costserve_provisioned_cost_usd_total``, read from a function at scrape time."""
+
+    def __init__(self, read: Callable[[], float]) -> None:
+        self._read = read
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        family = CounterMetricFamily(
+            "costserve_provisioned_cost_usd",
+            "What the provisioned CPU and memory have cost since the server started, in USD.",
+        )
+        family.add_metric([], self._read())
+        yield family
 
 
 class ServiceMetrics:
@@ -78,7 +97,7 @@ class ServiceMetrics:
         self.cache_entries = Gauge("costserve_cache_entries", "Entries in the prediction cache.", registry=registry)
         self.rejected = Counter(
             "costserve_rejected_total",
-            "Images or requests refused or dropped before inference, by reason "
+            "Requests that got no answer, by reason "
             "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable).",
             ["reason"],
             registry=registry,
@@ -89,6 +108,54 @@ class ServiceMetrics:
             ["name", "version", "precision", "format", "accuracy"],
             registry=registry,
         )
+
+        self.request_cost = Histogram(
+            "costserve_request_cost_usd",
+            "Cost of one answered request, in USD.",
+            ["precision"],
+            buckets=COST_BUCKETS,
+            registry=registry,
+        )
+        self.cost = Counter(
+            "costserve_cost_usd_total",
+            "Cost charged to answered requests, in USD, by resource (cpu, memory, network) and precision.",
+            ["resource", "precision"],
+            registry=registry,
+        )
+        self.cpu_seconds = Counter(
+            "costserve_cpu_seconds_total",
+            "CPU-seconds attributed to answered requests, by precision and phase (inference, handling).",
+            ["precision", "phase"],
+            registry=registry,
+        )
+        self.network_bytes = Counter(
+            "costserve_network_bytes_total",
+            "Bytes of answered requests and their responses, by precision.",
+            ["precision"],
+            registry=registry,
+        )
+        self.utilization = Gauge(
+            "costserve_utilization",
+            "Measured utilization of the provisioned CPU over the pricing window (0..1, before the clamp).",
+            registry=registry,
+        )
+        self.price = Gauge(
+            "costserve_price_usd",
+            "Prices in force: cpu per vCPU-hour, memory per GB-hour, network per GB, in USD.",
+            ["resource"],
+            registry=registry,
+        )
+        self.provisioned = Gauge(
+            "costserve_provisioned",
+            "Provisioned resources: vcpus, memory_gb.",
+            ["resource"],
+            registry=registry,
+        )
+
+    def track_cost(self, provisioned_usd: Callable[[], float], utilization: Callable[[], float]) -> None:
+        """Read the provisioned cost and the utilization at scrape time."""
+        self.registry.register(_ProvisionedCost(provisioned_usd))
+        self.utilization.set_function(utilization)
 
     def track_queue_depth(self, precision: str, depth: Callable[[], int]) -> None:
         """Read a batcher's queue depth at scrape time."""

@@ -18,6 +18,7 @@ import grpc
 
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
+    CostBreakdown,
     ImageInput,
     ImagePrediction,
     PixelType,
@@ -43,6 +44,16 @@ PRECISION_TO_PROTO = {precision: value for value, precision in PRECISION_FROM_PR
 PIXEL_TYPE_FROM_PROTO = {pb.DTYPE_UINT8: PixelType.UINT8, pb.DTYPE_FLOAT32: PixelType.FLOAT32}
 #: Responses a PredictStream computes ahead of the one it is sending.
 STREAM_WINDOW = 64
+#: Trailing metadata key holding the call's cost in USD (the sum over a stream's responses).
+COST_METADATA_KEY = "x-costserve-cost-usd"
+#: Bytes a filled Cost field adds to a response (seven doubles, a varint of a typical
+#: byte count, the field's tag and length): the response is sized before its cost is known.
+COST_FIELD_BYTES = (
+    pb.Cost(
+        usd=1, cpu_usd=1, memory_usd=1, network_usd=1, cpu_seconds=1, memory_gb_seconds=1, utilization=1, network_bytes=1000
+    ).ByteSize()
+    + 2
+)
 
 Response = TypeVar("Response")
 
@@ -121,23 +132,32 @@ def _prediction_to_proto(prediction: ImagePrediction, labels: list[str]) -> pb.P
     )
 
 
+def cost_to_proto(cost: CostBreakdown) -> pb.Cost:
+    """Convert a CostBreakdown to a Cost message."""
+    return pb.Cost(
+        usd=cost.usd,
+        cpu_usd=cost.cpu_usd,
+        memory_usd=cost.memory_usd,
+        network_usd=cost.network_usd,
+        cpu_seconds=cost.cpu_seconds,
+        memory_gb_seconds=cost.memory_gb_seconds,
+        network_bytes=cost.network_bytes,
+        utilization=cost.utilization,
+    )
+
+
+def cost_metadata(usd: float) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata carrying a call's total cost."""
+    return ((COST_METADATA_KEY, repr(usd)),)
+
+
 def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.PredictResponse:
-    """Convert a PredictionResult to a PredictResponse message."""
-    cost = result.cost
+    """Convert a PredictionResult to a PredictResponse message (cost included)."""
     return pb.PredictResponse(
         predictions=[_prediction_to_proto(prediction, labels) for prediction in result.predictions],
         model_version=result.model_version,
         server_seconds=result.server_seconds,
-        cost=pb.Cost(
-            usd=cost.usd,
-            cpu_usd=cost.cpu_usd,
-            memory_usd=cost.memory_usd,
-            network_usd=cost.network_usd,
-            cpu_seconds=cost.cpu_seconds,
-            memory_gb_seconds=cost.memory_gb_seconds,
-            network_bytes=cost.network_bytes,
-            utilization=cost.utilization,
-        ),
+        cost=cost_to_proto(result.cost),
     )
 
 
@@ -169,19 +189,32 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             raise Unavailable("the model is still loading; retry shortly (the health service says when it is SERVING)")
         return self.core
 
-    def _convert(self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str) -> PredictionRequest:
+    async def _answer(
+        self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str
+    ) -> pb.PredictResponse:
+        """Convert, predict, convert back, and charge the request for what it used."""
+        cpu_mark = time.thread_time()
         try:
-            return request_from_proto(message, context.time_remaining())
+            request = request_from_proto(message, context.time_remaining())
         except InvalidInput as error:
             core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
             raise
+        adapter_cpu = time.thread_time() - cpu_mark
+        result = await core.predict(request, method=method)
+        cpu_mark = time.thread_time()
+        response = response_to_proto(result, core.model.metadata.labels)
+        network_bytes = message.ByteSize() + response.ByteSize() + COST_FIELD_BYTES
+        adapter_cpu += time.thread_time() - cpu_mark
+        cost = core.charge(result, network_bytes, adapter_cpu).cost
+        response.cost.CopyFrom(cost_to_proto(cost))
+        return response
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         with self._tracked():
-            core = self._ready_core()
-            result = await core.predict(self._convert(core, request, context, "Predict"), method="Predict")
-            return response_to_proto(result, core.model.metadata.labels)
+            response = await self._answer(self._ready_core(), request, context, "Predict")
+            context.set_trailing_metadata(cost_metadata(response.cost.usd))
+            return response
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
@@ -203,8 +236,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             try:
                 core = self._ready_core()
                 async for message in request_iterator:
-                    request = self._convert(core, message, context, "PredictStream")
-                    await window.put(asyncio.ensure_future(core.predict(request, method="PredictStream")))
+                    await window.put(asyncio.ensure_future(self._answer(core, message, context, "PredictStream")))
             except Exception as error:  # surfaced in order, after the answers before it
                 failed: asyncio.Future = asyncio.get_running_loop().create_future()
                 failed.set_exception(error)
@@ -212,15 +244,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             await window.put(None)
 
         reader = asyncio.ensure_future(read_requests())
+        total_usd = 0.0
         try:
             while (pending := await window.get()) is not None:
                 try:
-                    result = await pending
+                    response = await pending
                 except (grpc.aio.AbortError, asyncio.CancelledError):
                     raise
                 except Exception as error:
                     await _abort(context, error)
-                yield response_to_proto(result, self._ready_core().model.metadata.labels)
+                total_usd += response.cost.usd
+                yield response
+            context.set_trailing_metadata(cost_metadata(total_usd))
         finally:
             reader.cancel()
             while not window.empty():

@@ -57,6 +57,11 @@ class Settings:
     drain_seconds: float = _option(
         30.0, "On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds."
     )
+    prices: Path | None = _option(
+        None,
+        "TOML price file: prices per vCPU-hour, GB-hour and GB moved, the provisioned vCPUs and memory, "
+        "and the utilization window (see deploy/prices.toml); unset uses the built-in defaults.",
+    )
     log_level: str = _option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     @property
@@ -75,7 +80,7 @@ def env_var(name: str) -> str:
 
 
 def _field_type(settings_field: dataclasses.Field) -> type:
-    return {"str": str, "int": int, "float": float, "Path": Path}[str(settings_field.type)]
+    return {"str": str, "int": int, "float": float, "Path": Path, "Path | None": Path}[str(settings_field.type)]
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import IO, Any, Callable, Coroutine, Iterator, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -117,3 +120,50 @@ def holdout(model_dir: Path) -> Any:
     from costserve.server.training import load_sklearn_digits
 
     return load_sklearn_digits()
+
+
+SERVER = [sys.executable, "-m", "costserve.server.cli", "serve"]
+
+
+class ServerProcess:
+    """`costserve-server serve` on port 0, its log collected from stderr."""
+
+    def __init__(self, model_dir: Path, *flags: str) -> None:
+        self.process = subprocess.Popen(
+            [*SERVER, "--model-dir", str(model_dir), "--port", "0", "--metrics-port", "-1", *flags],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+        self.lines: list[str] = []
+        self.serving = threading.Event()
+        self.bound = threading.Event()
+        self.port = 0
+        self.metrics_port = -1
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        assert self.bound.wait(120), "server never bound:\n" + self.log
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if match := re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
+                if metrics := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line):
+                    self.metrics_port = int(metrics.group(1))
+                self.port = int(match.group(1))
+                self.bound.set()
+            if "SERVING" in line and "NOT_SERVING" not in line:
+                self.serving.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=30)

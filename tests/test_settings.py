@@ -28,6 +28,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "cache_size": ("0", 0),
     "inference_threads": ("2", 2),
     "drain_seconds": ("1.5", 1.5),
+    "prices": ("/etc/costserve/prices.toml", Path("/etc/costserve/prices.toml")),
     "log_level": ("DEBUG", "DEBUG"),
 }
 
