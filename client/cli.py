@@ -6,6 +6,7 @@
     costserve info
     costserve health        # exit 0 only when the server is SERVING
     costserve loadtest --sweep-concurrency 1,4,16 --requests 1000 [--json] [--plot sweep.png]
+    costserve cost [--metrics-url URL | --prometheus URL [--window 1h]] [--json]
 
 ``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051.
 """
@@ -22,7 +23,7 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
-from costserve import loadtest
+from costserve import cost_report, loadtest
 from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             "one report row per step.",
         )
     )
+    cost_report.add_parser(commands)
     return parser
 
 
@@ -115,6 +117,8 @@ def _info(client: Client, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``costserve``."""
     args = build_parser().parse_args(argv)
+    if args.command == "cost":
+        return cost_report.run(args)
     try:
         if args.command == "loadtest":
             return loadtest.main(args)
