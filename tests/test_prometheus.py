@@ -1,0 +1,862 @@
+"""deploy/: Prometheus config, recording rules, Grafana dashboard and docker-compose.
+
+The integration test starts the real Prometheus server (Debian package `prometheus`)
+against a real costserve, loads deploy/prometheus/rules.yml into it, drives traffic
+and evaluates every PromQL expression of the dashboard and of the recording rules
+through Prometheus' HTTP API. Each result is compared with the same figure computed
+in Python from the server's own registry.
+
+How the comparison is made exact. Phase 1 of the traffic creates every series, then
+Prometheus scrapes the idle server: sample at t1, values S1. Phase 2 adds traffic,
+then Prometheus scrapes the idle server again: sample at t2, values S2. Every
+expression is evaluated at t2 with its range set to t2 - t1 + 1 ms, so each series'
+first sample in the range is at t1 and its last at t2. rate() and increase() then
+scale S2 - S1 by a factor that `Window` reproduces from Prometheus' extrapolatedRate,
+and histogram_quantile() is reproduced from promql/quantile.go.
+
+Without the prometheus binary (or promtool, or PyYAML) a test skips, and fails when
+CI=true.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+
+import grpc
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = REPO_ROOT / "deploy"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+RULES = DEPLOY / "prometheus" / "rules.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "costserve.json"
+GRAFANA_DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+GRAFANA_DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "costserve.yml"
+COMPOSE = DEPLOY / "docker-compose.yml"
+PRICES = DEPLOY / "prices.toml"
+EXAMPLES = sorted((REPO_ROOT / "examples" / "digits").glob("digit_*.png"))
+
+JOB = "costserve"
+#: The only range selector rules.yml may use; the test substitutes its own window.
+RULE_RANGE = "[1m]"
+#: The only range selectors the dashboard may use (Grafana variables); substituted alike.
+DASHBOARD_RANGES = ("[$__rate_interval]", "[$__range]")
+#: Limit of every wait on Prometheus, in seconds.
+WAIT_S = 30.0
+#: Relative tolerance of a figure computed from the same counter values (float rounding only).
+EXACT = 1e-9
+#: histogram_quantile() interpolates, and newer Prometheus versions ignore relative bucket
+#: differences below 1e-12: a little more room.
+QUANTILE = 1e-6
+#: Shortest window between the two scrapes, in seconds (see the provisioned-cost check).
+MIN_WINDOW_S = 3.0
+
+Key = tuple[str, frozenset]  # (sample name, labels)
+Vector = dict[frozenset, float]  # labels -> value, as an instant vector
+#: Series that change while the server idles. Their samples come from Prometheus, checked
+#: to lie between the server's own readings taken just before and after the scrape.
+DRIFTING = ("costserve_provisioned_cost_usd_total", "costserve_utilization")
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def _missing(what: str) -> None:
+    """Fail under CI (CI=true), skip elsewhere."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} (CI=true: failing instead of skipping)")
+    pytest.skip(what)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name)
+    if not found:
+        _missing(f"`{name}` is not on PATH: install the Debian package `prometheus` (.ci/run does)")
+    return found  # type: ignore[return-value]
+
+
+def _yaml() -> Any:
+    try:
+        import yaml
+    except ImportError:
+        _missing("PyYAML is not installed: `pip install pyyaml` (it belongs in the test extras)")
+    return yaml
+
+
+def _promtool(*args: str) -> str:
+    result = subprocess.run([_tool("promtool"), *args], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"promtool {' '.join(args)} failed:\n{output}"
+    return output
+
+
+def _rule_count() -> int:
+    """Recording rules in rules.yml, as promtool counts them."""
+    output = _promtool("check", "rules", str(RULES))
+    match = re.search(r"SUCCESS: (\d+) rules found", output)
+    assert match, output
+    return int(match.group(1))
+
+
+def _rules_text() -> str:
+    """rules.yml without its comments."""
+    return "\n".join(line for line in RULES.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+def _ranges(expr: str) -> set[str]:
+    return set(re.findall(r"\[[^\]]*\]", expr))
+
+
+def _with_window(expr: str, window_ms: int, selectors: Iterable[str]) -> str:
+    for selector in selectors:
+        expr = expr.replace(selector, f"[{window_ms}ms]")
+    return expr
+
+
+def _dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def _panels(panels: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in (collapsed) rows."""
+    for panel in panels:
+        yield panel
+        yield from _panels(panel.get("panels", []))
+
+
+def _dashboard_targets() -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) of every query in the dashboard."""
+    return [
+        (panel["title"], target)
+        for panel in _panels(_dashboard()["panels"])
+        for target in panel.get("targets", [])
+        if "expr" in target
+    ]
+
+
+# ----------------------------------------------------------- the expected figures
+
+
+def _bucket_quantile(q: float, buckets: dict[float, float]) -> float:
+    """Prometheus' bucketQuantile (promql/quantile.go) over {upper bound: cumulative count}."""
+    ordered = sorted(buckets.items())
+    if len(ordered) < 2 or not math.isinf(ordered[-1][0]):
+        return math.nan
+    counts: list[float] = []
+    for _, count in ordered:  # ensureMonotonic
+        counts.append(max(count, counts[-1]) if counts else count)
+    if counts[-1] == 0:
+        return math.nan
+    rank = q * counts[-1]
+    b = next((i for i in range(len(ordered) - 1) if counts[i] >= rank), len(ordered) - 1)
+    if b == len(ordered) - 1:
+        return ordered[-2][0]
+    if b == 0 and ordered[0][0] <= 0:
+        return ordered[0][0]
+    start, end, count = 0.0, ordered[b][0], counts[b]
+    if b > 0:
+        start = ordered[b - 1][0]
+        count -= counts[b - 1]
+        rank -= counts[b - 1]
+    return start + (end - start) * (rank / count)
+
+
+class Window:
+    """What PromQL evaluates to at t2 over [t2 - (t2 - t1 + 1 ms), t2], from the series' values.
+
+    ``before`` holds every series' value at t1 (its first sample in the range), ``after``
+    its value at t2 (its last sample, at the evaluation time). Methods return vectors
+    keyed by the ``by`` labels, like ``sum by (...)``.
+    """
+
+    def __init__(self, before: dict[Key, float], after: dict[Key, float], t1_ms: int, t2_ms: int) -> None:
+        self.before, self.after = before, after
+        self.t1_ms, self.t2_ms = t1_ms, t2_ms
+        self.range_ms = t2_ms - t1_ms + 1
+
+    def _series(self, name: str, match: Mapping[str, Any]) -> Iterator[tuple[dict[str, str], float, float]]:
+        for (sample, labels), last in self.after.items():
+            labelled = dict(labels)
+            if sample == name and all(
+                test(labelled.get(label, "")) if callable(test) else labelled.get(label, "") == test
+                for label, test in match.items()
+            ):
+                yield labelled, self.before[(sample, labels)], last
+
+    def _increase(self, first: float, last: float) -> float:
+        """increase() of one counter series: Prometheus' extrapolatedRate, isRate=false.
+
+        The range starts 1 ms before the first sample (below the extrapolation threshold
+        of 1.1 average scrape intervals, so extrapolated), unless the counter would reach
+        zero sooner; it ends at the last sample.
+        """
+        delta = last - first
+        sampled = (self.t2_ms - self.t1_ms) / 1000
+        to_start = (self.range_ms - (self.t2_ms - self.t1_ms)) / 1000
+        if delta > 0 and first >= 0:
+            to_start = min(to_start, sampled * (first / delta))
+        return delta * ((sampled + to_start) / sampled)
+
+    @staticmethod
+    def _group(labels: dict[str, str], by: Iterable[str]) -> frozenset:
+        return frozenset((label, labels[label]) for label in by if label in labels)
+
+    def increase(self, name: str, by: Iterable[str] = (), **match: Any) -> Vector:
+        out: Vector = {}
+        for labels, first, last in self._series(name, match):
+            key = self._group(labels, by)
+            out[key] = out.get(key, 0.0) + self._increase(first, last)
+        return out
+
+    def rate(self, name: str, by: Iterable[str] = (), **match: Any) -> Vector:
+        return {key: value / (self.range_ms / 1000) for key, value in self.increase(name, by, **match).items()}
+
+    def gauge(
+        self, name: str, by: Iterable[str] = (), how: Callable[[list[float]], float] = sum, **match: Any
+    ) -> Vector:
+        groups: dict[frozenset, list[float]] = {}
+        for labels, _, last in self._series(name, match):
+            groups.setdefault(self._group(labels, by), []).append(last)
+        return {key: how(values) for key, values in groups.items()}
+
+    def quantile(self, q: float, histogram: str, by: Iterable[str] = ()) -> Vector:
+        """histogram_quantile(q, sum by (<by>, le) (rate(<histogram>_bucket[...])))."""
+        buckets: dict[frozenset, dict[float, float]] = {}
+        for labels, first, last in self._series(histogram + "_bucket", {}):
+            group = buckets.setdefault(self._group(labels, by), {})
+            bound = float(labels["le"])
+            group[bound] = group.get(bound, 0.0) + self._increase(first, last) / (self.range_ms / 1000)
+        return {key: _bucket_quantile(q, group) for key, group in buckets.items()}
+
+
+def _div(a: Vector, b: Vector) -> Vector:
+    """a / b, matching one-to-one on all labels as PromQL does."""
+    out: Vector = {}
+    for key in a.keys() & b.keys():
+        if b[key]:
+            out[key] = a[key] / b[key]
+        else:
+            out[key] = math.copysign(math.inf, a[key]) if a[key] else math.nan
+    return out
+
+
+def _add(a: Vector, b: Vector) -> Vector:
+    return {key: a[key] + b[key] for key in a.keys() & b.keys()}
+
+
+def _scale(factor: float, a: Vector) -> Vector:
+    return {key: factor * value for key, value in a.items()}
+
+
+def _not(value: str) -> Callable[[str], bool]:
+    return lambda label: label != value
+
+
+def _one_of(*values: str) -> Callable[[str], bool]:
+    return lambda label: label in values
+
+
+def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, float]]:
+    """(panel title, refId) -> (what the query must return, relative tolerance)."""
+    cost, images = "costserve_cost_usd_total", "costserve_images_total"
+    charged = w.rate(cost, resource=_one_of("cpu", "memory"))
+    provisioned = w.rate("costserve_provisioned_cost_usd_total")
+    vcpus = sum(w.gauge("costserve_provisioned", resource="vcpus").values()) or math.nan
+    latency = "costserve_request_duration_seconds"
+    return {
+        ("Throughput", "A"): (w.rate("costserve_requests_total", ["precision"], code="OK"), EXACT),
+        ("Throughput", "B"): (w.rate(images, ["precision"]), EXACT),
+        ("Latency (p50 / p95 / p99)", "A"): (w.quantile(0.5, latency), QUANTILE),
+        ("Latency (p50 / p95 / p99)", "B"): (w.quantile(0.95, latency), QUANTILE),
+        ("Latency (p50 / p95 / p99)", "C"): (w.quantile(0.99, latency), QUANTILE),
+        ("Batch size (avg, p95)", "A"): (
+            _div(
+                w.rate("costserve_batch_size_sum", ["precision"]),
+                w.rate("costserve_batch_size_count", ["precision"]),
+            ),
+            EXACT,
+        ),
+        ("Batch size (avg, p95)", "B"): (w.quantile(0.95, "costserve_batch_size", ["precision"]), QUANTILE),
+        ("Queue depth", "A"): (w.gauge("costserve_queue_depth", ["precision"]), EXACT),
+        ("Queue wait and inference time (p95)", "A"): (
+            w.quantile(0.95, "costserve_queue_duration_seconds", ["precision"]),
+            QUANTILE,
+        ),
+        ("Queue wait and inference time (p95)", "B"): (
+            w.quantile(0.95, "costserve_inference_duration_seconds", ["precision"]),
+            QUANTILE,
+        ),
+        ("Cache hit ratio", "A"): (
+            _div(
+                w.rate("costserve_cache_hits_total"),
+                _add(w.rate("costserve_cache_hits_total"), w.rate("costserve_cache_misses_total")),
+            ),
+            EXACT,
+        ),
+        ("Cache hit ratio", "B"): (
+            _div(w.rate(images, ["precision"], cache="hit"), w.rate(images, ["precision"])),
+            EXACT,
+        ),
+        ("Cache entries and evictions", "A"): (w.gauge("costserve_cache_entries"), EXACT),
+        ("Cache entries and evictions", "B"): (w.rate("costserve_cache_evictions_total"), EXACT),
+        ("Rejections and errors", "A"): (w.rate("costserve_rejected_total", ["reason"]), EXACT),
+        ("Rejections and errors", "B"): (w.rate("costserve_requests_total", ["code"], code=_not("OK")), EXACT),
+        ("Cost per 1,000 predictions", "A"): (
+            _scale(1000, _div(w.rate(cost, ["precision"]), w.rate(images, ["precision"]))),
+            EXACT,
+        ),
+        ("Cost per 1,000 predictions", "B"): (_scale(1000, _div(w.rate(cost), w.rate(images))), EXACT),
+        ("Cost per request (mean, p95)", "A"): (
+            _div(
+                w.rate("costserve_request_cost_usd_sum", ["precision"]),
+                w.rate("costserve_request_cost_usd_count", ["precision"]),
+            ),
+            EXACT,
+        ),
+        ("Cost per request (mean, p95)", "B"): (
+            w.quantile(0.95, "costserve_request_cost_usd", ["precision"]),
+            QUANTILE,
+        ),
+        ("Cost rate by resource (USD/hour)", "A"): (_scale(3600, w.rate(cost, ["resource"])), EXACT),
+        ("Cost split by resource (time range)", "A"): (w.increase(cost, ["resource"]), EXACT),
+        ("Prices in force", "A"): (w.gauge("costserve_price_usd", ["resource"], how=max), EXACT),
+        ("Utilization", "A"): (w.gauge("costserve_utilization", ["instance"], how=max), EXACT),
+        ("Utilization", "B"): (_scale(1 / vcpus, w.rate("costserve_cpu_seconds_total", ["phase"])), EXACT),
+        ("Provisioned vs charged cost (USD/hour)", "A"): (_scale(3600, provisioned), EXACT),
+        ("Provisioned vs charged cost (USD/hour)", "B"): (_scale(3600, charged), EXACT),
+        ("Share of provisioned cost charged", "A"): (_div(charged, provisioned), EXACT),
+        ("Network moved", "A"): (w.rate("costserve_network_bytes_total", ["precision"]), EXACT),
+        ("Model", "A"): (
+            w.gauge("costserve_model_info", ["name", "version", "precision", "format", "accuracy"], how=max),
+            EXACT,
+        ),
+    }
+
+
+def _rule_expectations(w: Window) -> dict[str, tuple[Vector, float]]:
+    """Recording rule -> (what its expression must return, relative tolerance)."""
+    cost, images = "costserve_cost_usd_total", "costserve_images_total"
+    provisioned = "costserve_provisioned_cost_usd_total"
+    job, job_precision = ["job"], ["job", "precision"]
+    return {
+        "job_precision:costserve_predictions:rate1m": (w.rate(images, job_precision), EXACT),
+        "job_precision:costserve_cost_usd:rate1m": (w.rate(cost, job_precision), EXACT),
+        "job_resource:costserve_cost_usd:rate1m": (w.rate(cost, ["job", "resource"]), EXACT),
+        "job_precision:costserve_cost_per_1k_predictions_usd:ratio_rate1m": (
+            _scale(1000, _div(w.rate(cost, job_precision), w.rate(images, job_precision))),
+            EXACT,
+        ),
+        "job:costserve_cost_per_1k_predictions_usd:ratio_rate1m": (
+            _scale(1000, _div(w.rate(cost, job), w.rate(images, job))),
+            EXACT,
+        ),
+        "job_precision:costserve_request_cost_usd:mean_rate1m": (
+            _div(
+                w.rate("costserve_request_cost_usd_sum", job_precision),
+                w.rate("costserve_request_cost_usd_count", job_precision),
+            ),
+            EXACT,
+        ),
+        "job:costserve_provisioned_cost_usd:rate1m": (w.rate(provisioned, job), EXACT),
+        "job:costserve_cost_recovered:ratio_rate1m": (
+            _div(w.rate(cost, job, resource=_one_of("cpu", "memory")), w.rate(provisioned, job)),
+            EXACT,
+        ),
+        "job:costserve_cpu_utilization:ratio_rate1m": (
+            _div(w.rate("costserve_cpu_seconds_total", job), w.gauge("costserve_provisioned", job, resource="vcpus")),
+            EXACT,
+        ),
+    }
+
+
+def _an_empty_window() -> Window:
+    return Window({}, {}, 0, 1)
+
+
+def _assert_matches(what: str, got: Vector, expected: Vector, rel: float) -> None:
+    assert got, f"{what}: empty result"
+    assert got.keys() == expected.keys(), (
+        f"{what}: series {sorted(str(dict(k)) for k in got)}, expected {sorted(str(dict(k)) for k in expected)}"
+    )
+    for key, value in expected.items():
+        assert math.isfinite(got[key]), f"{what} {dict(key)}: {got[key]} is not a finite number"
+        assert got[key] == pytest.approx(value, rel=rel, abs=0.0), (
+            f"{what} {dict(key)}: Prometheus says {got[key]!r}, the server's figures {value!r}"
+        )
+
+
+# ---------------------------------------------------------------------- prometheus
+
+
+class Prometheus:
+    """/usr/bin/prometheus on 127.0.0.1 port 0.
+
+    Prometheus accepts port 0; the port it bound is read from its log line
+    `msg="Listening on" address=127.0.0.1:NNNNN`, so no port is probed or reserved.
+    """
+
+    def __init__(self, binary: str, config: Path, data: Path) -> None:
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={data}",
+                "--web.listen-address=127.0.0.1:0",
+                "--log.level=info",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.port = 0
+        self.bound = threading.Event()
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            if match := re.search(r'msg="Listening on".*\baddress=\S*:(\d+)', line):
+                self.port = int(match.group(1))
+                self.bound.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines[-60:])
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not self.bound.wait(0.1):
+            assert self.process.poll() is None, f"prometheus exited ({self.process.returncode}):\n{self.log}"
+            assert time.monotonic() < deadline, f"prometheus never logged its address:\n{self.log}"
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:  # URLError included
+                pass
+            assert self.process.poll() is None, f"prometheus exited ({self.process.returncode}):\n{self.log}"
+            assert time.monotonic() < deadline, f"prometheus never became ready:\n{self.log}"
+            time.sleep(0.1)
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path>: its `data`; an error or a warning fails the test."""
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        try:
+            with urllib.request.urlopen(url, timeout=10) as reply:
+                body = json.load(reply)
+        except urllib.error.HTTPError as error:
+            body = json.load(error)
+        assert body.get("status") == "success", f"{path} {params}: {body.get('errorType')}: {body.get('error')}"
+        assert not body.get("warnings"), f"{path} {params}: warnings {body['warnings']}"
+        return body["data"]
+
+    def query(self, expr: str, at_ms: int | None = None) -> list[dict[str, Any]]:
+        """An instant query (at ``at_ms``, or now): a list of {metric, value}."""
+        params = {"query": expr}
+        if at_ms is not None:
+            params["time"] = f"{at_ms / 1000:.3f}"
+        data = self.api("query", **params)
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": data["result"]}]
+        assert data["resultType"] == "vector", f"{expr}: a {data['resultType']} result"
+        return data["result"]
+
+    def values(self, expr: str, at_ms: int | None = None) -> Vector:
+        """An instant query as {labels without __name__: value}."""
+        return {
+            frozenset((k, v) for k, v in item["metric"].items() if k != "__name__"): float(item["value"][1])
+            for item in self.query(expr, at_ms)
+        }
+
+    def wait(self, condition: Callable[[], Any], what: str) -> Any:
+        """Poll ``condition`` until it returns something true, for at most WAIT_S."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            result = condition()
+            if result:
+                return result
+            assert self.process.poll() is None, f"prometheus exited while waiting for {what}:\n{self.log}"
+            assert time.monotonic() < deadline, f"gave up after {WAIT_S:.0f} s waiting for {what}"
+            time.sleep(0.2)
+
+    def scrape_after(self, expected: dict[Key, float], not_before_s: float) -> int:
+        """Timestamp (ms) of a scrape that started after ``not_before_s`` and saw exactly ``expected``."""
+        not_before_ms = math.ceil(not_before_s * 1000)
+        differences: list[str] = []
+
+        def scraped() -> int | None:
+            (up,) = self.query(f'timestamp(up{{job="{JOB}"}})')
+            at = round(float(up["value"][1]) * 1000)
+            if at < not_before_ms:
+                return None
+            seen: dict[Key, float] = {}
+            for item in self.query('{__name__=~"costserve_.+"}', at):
+                labels = dict(item["metric"])
+                seen[(labels.pop("__name__"), frozenset(labels.items()))] = float(item["value"][1])
+            differences[:] = [
+                f"{key[0]}{dict(key[1])}: {seen.get(key)} != {value}"
+                for key, value in expected.items()
+                if seen.get(key) != value
+            ]
+            return None if differences else at
+
+        try:
+            return self.wait(scraped, "a scrape showing the server's values")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; differences: {differences[:10]}") from None
+
+    def recording_rules(self) -> list[dict[str, Any]]:
+        groups = self.api("rules", type="record")["groups"]
+        assert all(Path(group["file"]).resolve() == RULES.resolve() for group in groups), groups
+        return [rule for group in groups for rule in group["rules"]]
+
+    def rules_recorded(self, after_ms: int, count: int) -> bool:
+        """All ``count`` rules loaded, healthy, and each recorded a finite value after ``after_ms``."""
+        rules = self.recording_rules()
+        if len(rules) != count or any(rule["health"] != "ok" for rule in rules):
+            return False
+        for rule in rules:
+            stamps = self.query(f"timestamp({rule['name']})")
+            if not stamps or any(float(s["value"][1]) * 1000 < after_ms for s in stamps):
+                return False
+            if not all(math.isfinite(value) for value in self.values(rule["name"]).values()):
+                return False
+        return True
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+# ---------------------------------------------------------------- server, traffic
+
+
+def _snapshot(server: Any, target_labels: Mapping[str, str]) -> dict[Key, float]:
+    """Every costserve_ sample of the server's registry (but DRIFTING), with the target's labels."""
+    samples: dict[Key, float] = {}
+    for family in server.registry.collect():
+        for sample in family.samples:
+            name = sample.name
+            if name.startswith("costserve_") and not name.endswith("_created") and name not in DRIFTING:
+                samples[(name, frozenset({**sample.labels, **target_labels}.items()))] = sample.value
+    return samples
+
+
+def _random_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+    return [rng.integers(0, 256, size=(28, 28), dtype=np.uint8) for _ in range(count)]
+
+
+def _every_series(client: Any, rng: np.random.Generator) -> None:
+    """Traffic that touches every label set the test uses (run in both phases)."""
+    for precision in ("fp32", "int8"):
+        client.predict(EXAMPLES[:3], precision=precision)  # cache misses the first time, hits after
+        client.predict(EXAMPLES[:3], precision=precision)  # cache hits
+        client.predict(_random_images(rng, 2), precision=precision)  # new pixels: misses
+        client.predict(_random_images(rng, 8), precision=precision, skip_cache=True)  # computed, batched
+        list(client.predict_stream([[EXAMPLES[3]], _random_images(rng, 1)], precision=precision))
+        with pytest.raises(grpc.RpcError) as refused:
+            client.predict([b"not an image"], precision=precision)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    client.predict([EXAMPLES[4]])  # precision auto: the server chooses
+
+
+def _load(client: Any, rng: np.random.Generator) -> None:
+    """Concurrent multi-image requests on both precisions, so that batches form."""
+    work = [(_random_images(rng, 4), ("fp32", "int8")[i % 2]) for i in range(32)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(client.predict, images, precision=p, skip_cache=True) for images, p in work]
+        for future in futures:
+            future.result(timeout=60)
+
+
+# -------------------------------------------------------------------- static tests
+
+
+def test_prometheus_config_and_rules_pass_promtool() -> None:
+    output = _promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert "is valid prometheus config file syntax" in output
+    assert "SUCCESS: 1 rule files found" in output, "prometheus.yml must load rules.yml"
+    assert _rule_count() == len(_rule_expectations(_an_empty_window())), "a rule was added: add its expectation"
+    assert _ranges(_rules_text()) == {RULE_RANGE}, f"every range selector in rules.yml must be {RULE_RANGE}"
+
+
+def test_dashboard_and_rules_query_only_exported_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from costserve.server.metrics import ServiceMetrics
+
+    registry = CollectorRegistry()
+    ServiceMetrics(registry, process_collector=False).track_cost(lambda: 0.0, lambda: 0.0)
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    families = {family.name: {family.name + s for s in suffixes[family.type]} for family in registry.collect()}
+    exported = set().union(*families.values())
+
+    targets = _dashboard_targets()
+    used: set[str] = set()
+    for expr in [target["expr"] for _, target in targets] + [_rules_text()]:
+        names = set(re.findall(r"(?<![\w:])costserve_\w+", expr))  # not the recorded job...:costserve_... names
+        assert names <= exported, f"{expr}: {sorted(names - exported)} are not exported by the server"
+        used |= names
+    unused = sorted(family for family, names in families.items() if not names & used)
+    assert not unused, f"exported, but on no panel and in no rule: {unused}"
+
+    for title, target in targets:
+        assert _ranges(target["expr"]) <= set(DASHBOARD_RANGES), f"{title}: use [$__rate_interval] or [$__range]"
+        leftover = target["expr"].replace("$__rate_interval", "").replace("$__range", "")
+        assert "$" not in leftover, f"{title}: {target['expr']} uses a variable the test does not substitute"
+
+
+def test_dashboard_model() -> None:
+    dashboard = _dashboard()
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource" and variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    datasource = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    ids = [panel["id"] for panel in _panels(dashboard["panels"])]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    cells: set[tuple[int, int]] = set()
+    for panel in _panels(dashboard["panels"]):
+        grid = panel["gridPos"]
+        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        columns, rows = range(grid["x"], grid["x"] + grid["w"]), range(grid["y"], grid["y"] + grid["h"])
+        mine = {(x, y) for x in columns for y in rows}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+        if panel["type"] != "row":
+            assert panel["datasource"] == datasource, panel["title"]
+            assert panel["targets"], panel["title"]
+            assert all(t["datasource"] == datasource and t["expr"] for t in panel["targets"]), panel["title"]
+
+    # What the issue asks the dashboard to show.
+    exprs = " ".join(target["expr"] for _, target in _dashboard_targets())
+    for needle in [
+        'rate(costserve_requests_total{code="OK"}',  # throughput
+        "rate(costserve_images_total",
+        "histogram_quantile(0.5, sum by (le) (rate(costserve_request_duration_seconds_bucket",
+        "histogram_quantile(0.95, sum by (le) (rate(costserve_request_duration_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le) (rate(costserve_request_duration_seconds_bucket",
+        "rate(costserve_batch_size_sum",
+        "rate(costserve_batch_size_bucket",
+        "costserve_queue_depth",
+        "rate(costserve_cache_hits_total",
+        "rate(costserve_rejected_total",
+        "1000 * sum by (precision) (rate(costserve_cost_usd_total",  # cost per 1,000 predictions
+        "sum by (resource) (rate(costserve_cost_usd_total",  # split by resource
+        "costserve_utilization",
+        "rate(costserve_provisioned_cost_usd_total",  # provisioned vs charged
+    ]:
+        assert needle in exprs, f"no panel queries {needle}"
+
+    queries = [(title, target["refId"]) for title, target in _dashboard_targets()]
+    assert len(queries) == len(set(queries)), "two queries of a panel share a refId"
+    assert set(queries) == set(_dashboard_expectations(_an_empty_window())), (
+        "a query was added, removed or renamed: update _dashboard_expectations"
+    )
+
+
+def test_compose_and_grafana_provisioning_fit_together() -> None:
+    yaml = _yaml()
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"costserve", "prometheus", "grafana"}
+
+    # costserve is built from the repository's Dockerfile.
+    build = services["costserve"]["build"]
+    assert (COMPOSE.parent / build["context"]).resolve() == REPO_ROOT
+    assert (REPO_ROOT / build.get("dockerfile", "Dockerfile")).is_file()
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+
+    # Pinned images, ports on the loopback interface only, mounted files that exist.
+    mounts: dict[str, dict[str, Path]] = {}
+    for name, service in services.items():
+        if "build" not in service:
+            tag = service["image"].rpartition(":")[2]
+            assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin an exact version, not {service['image']}"
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: publish {port} on 127.0.0.1 only"
+        mounts[name] = {}
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (COMPOSE.parent / source).exists(), f"{name}: {source} does not exist"
+                mounts[name][target] = (COMPOSE.parent / source).resolve()
+            else:
+                assert source in (compose.get("volumes") or {}), f"{name}: undeclared volume {source}"
+
+    def mounted(service: str, path: str) -> Path:
+        assert path in mounts[service], f"{service}: nothing is mounted at {path} ({sorted(mounts[service])})"
+        return mounts[service][path]
+
+    # costserve reads deploy/prices.toml.
+    assert mounted("costserve", services["costserve"]["environment"]["COSTSERVE_PRICES"]) == PRICES.resolve()
+
+    # Prometheus: this config and its rules side by side (rule_files is relative to the config).
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert mounted("prometheus", "/etc/prometheus/prometheus.yml") == PROMETHEUS_CONFIG.resolve()
+    assert config["rule_files"] == ["rules.yml"]
+    assert mounted("prometheus", "/etc/prometheus/rules.yml") == RULES.resolve()
+    (job,) = config["scrape_configs"]
+    assert job["job_name"] == JOB
+    (static,) = job["static_configs"]
+    assert static["targets"] == ["costserve:8000"], "scrape the compose service on the image's metrics port"
+    assert "127.0.0.1:8000:8000" in services["costserve"]["ports"]
+
+    # Grafana: the data source is the compose Prometheus, at its scrape interval ...
+    (datasource,) = yaml.safe_load(GRAFANA_DATASOURCES.read_text())["datasources"]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    assert datasource["isDefault"] is True
+    assert datasource["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+    assert mounted("grafana", "/etc/grafana/provisioning/datasources") == GRAFANA_DATASOURCES.parent.resolve()
+    assert mounted("grafana", "/etc/grafana/provisioning/dashboards") == GRAFANA_DASHBOARD_PROVIDERS.parent.resolve()
+    # ... and the dashboard provider reads the directory the dashboard JSON is mounted at.
+    (provider,) = yaml.safe_load(GRAFANA_DASHBOARD_PROVIDERS.read_text())["providers"]
+    assert provider["type"] == "file"
+    assert mounted("grafana", provider["options"]["path"]) == DASHBOARD.parent.resolve()
+    home = Path(services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert mounted("grafana", str(home.parent)) / home.name == DASHBOARD.resolve()
+
+
+# --------------------------------------------------------------- integration test
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    """The prometheus executable; looked up before the (session) model is trained."""
+    return _tool("prometheus")
+
+
+@pytest.mark.slow
+def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figures(
+    prometheus_binary: str, start_server: Callable[..., Any], tmp_path: Path
+) -> None:
+    from costserve import Client
+
+    rule_count = _rule_count()
+    server = start_server(prices=PRICES)
+    target = {"job": JOB, "instance": f"127.0.0.1:{server.server.metrics_port}"}
+    config = tmp_path / "prometheus.yml"
+    # JSON is YAML. The very rules file of deploy/, evaluated every second.
+    config.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(RULES)],
+                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target["instance"]]}]}],
+            }
+        )
+    )
+    prometheus = Prometheus(prometheus_binary, config, tmp_path / "data")
+    try:
+        prometheus.wait_ready()
+        prometheus.wait(
+            lambda: prometheus.values(f'up{{job="{JOB}"}}') == {frozenset(target.items()): 1.0}, "the target to be up"
+        )
+        rng = np.random.default_rng(7)
+        with Client(server.target, timeout=30) as client:
+            _every_series(client, rng)  # phase 1
+            before = _snapshot(server, target)
+            t1 = prometheus.scrape_after(before, time.time())
+
+            _every_series(client, rng)  # phase 2
+            _load(client, rng)
+            after = _snapshot(server, target)
+            assert after.keys() == before.keys(), "phase 2 made series phase 1 did not: extend _every_series"
+            # Idle from here on: the provisioned cost only grows, the utilization only falls.
+            provisioned_low = server.metric("costserve_provisioned_cost_usd_total")
+            utilization_high = server.metric("costserve_utilization")
+            t2 = prometheus.scrape_after(after, max(time.time(), t1 / 1000 + MIN_WINDOW_S))
+            provisioned_high = server.metric("costserve_provisioned_cost_usd_total")
+            utilization_low = server.metric("costserve_utilization")
+
+        # The drifting series: Prometheus' samples, bracketed by the server's readings.
+        for name, low, high in [
+            ("costserve_provisioned_cost_usd_total", provisioned_low, provisioned_high),
+            ("costserve_utilization", utilization_low, utilization_high),
+        ]:
+            for snapshot, at in ((before, t1), (after, t2)):
+                ((labels, value),) = prometheus.values(name, at).items()
+                snapshot[(name, labels)] = value
+            value = after[(name, frozenset(target.items()))]
+            assert low <= value <= high, f"{name} at t2: Prometheus {value}, the server between {low} and {high}"
+        # The provisioned cost grows at the rate of the prices and resources the server reports.
+        # Each scrape stamps its start but reads the value a few ms later; 5% covers that jitter.
+        key = ("costserve_provisioned_cost_usd_total", frozenset(target.items()))
+        per_second = (
+            server.metric("costserve_provisioned", {"resource": "vcpus"})
+            * server.metric("costserve_price_usd", {"resource": "cpu"})
+            + server.metric("costserve_provisioned", {"resource": "memory_gb"})
+            * server.metric("costserve_price_usd", {"resource": "memory"})
+        ) / 3600
+        assert (after[key] - before[key]) / ((t2 - t1) / 1000) == pytest.approx(per_second, rel=0.05)
+
+        window = Window(before, after, t1, t2)
+
+        # Every dashboard query, at t2, over the window [t1 - 1 ms, t2].
+        expectations = _dashboard_expectations(window)
+        for title, query in _dashboard_targets():
+            expr = _with_window(query["expr"], window.range_ms, DASHBOARD_RANGES)
+            got = prometheus.values(expr, t2)
+            expected, rel = expectations[(title, query["refId"])]
+            _assert_matches(f"{title} {query['refId']}: {expr}", got, expected, rel)
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", query.get("legendFormat", "")):
+                assert all(label in dict(key) for key in got), f"{title}: legend {{{{{label}}}}} is not in {expr}"
+
+        # The recording rules: loaded from deploy/prometheus/rules.yml, healthy, recording; each
+        # expression, with the test's window for [1m], equal to the server's figure.
+        prometheus.wait(lambda: prometheus.rules_recorded(t2, rule_count), "every rule to record a value after t2")
+        rules = prometheus.recording_rules()
+        rule_expectations = _rule_expectations(window)
+        assert {rule["name"] for rule in rules} == rule_expectations.keys()
+        for rule in rules:
+            assert rule["health"] == "ok" and not rule.get("lastError"), rule
+            assert _ranges(rule["query"]) <= {RULE_RANGE}, rule["query"]
+            expr = _with_window(rule["query"], window.range_ms, [RULE_RANGE])
+            expected, rel = rule_expectations[rule["name"]]
+            _assert_matches(f"rule {rule['name']}: {expr}", prometheus.values(expr, t2), expected, rel)
+
+        # The headline figure once more, straight from the server's counters: USD per 1,000
+        # predictions by precision is 1000 * (cost charged) / (images answered) in the window.
+        per_1k = {
+            "dashboard": next(t for p, t in _dashboard_targets() if p == "Cost per 1,000 predictions")["expr"],
+            "rule": next(r for r in rules if r["name"].startswith("job_precision:costserve_cost_per_1k"))["query"],
+        }
+        for precision in ("fp32", "int8"):
+
+            def served(name: str) -> float:
+                return sum(
+                    after[key] - before[key] for key in after if key[0] == name and ("precision", precision) in key[1]
+                )
+
+            cost, images = served("costserve_cost_usd_total"), served("costserve_images_total")
+            assert cost > 0 and images > 0
+            for source, expr in per_1k.items():
+                got = prometheus.values(_with_window(expr, window.range_ms, [*DASHBOARD_RANGES, RULE_RANGE]), t2)
+                (value,) = [v for labels, v in got.items() if ("precision", precision) in labels]
+                assert value == pytest.approx(1000 * cost / images, rel=EXACT), (source, precision)
+    except BaseException:
+        print("prometheus log (last lines):\n" + prometheus.log)
+        raise
+    finally:
+        prometheus.stop()
