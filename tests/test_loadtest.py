@@ -90,7 +90,10 @@ def test_closed_loop_reports_what_the_server_counted(server: RunningServer) -> N
     assert row["cache_hit_ratio"] == 0.0 and counted(server, "costserve_cache_misses_total") == 200
     assert row["accuracy"] > 0.9
     assert row["precision_mix"] == {"fp32": 1.0}
-    assert row["cost_usd_per_prediction"] == 0.0 and row["cost_usd_per_million"] == 0.0  # no cost metering yet
+    charged = counted(server, "costserve_cost_usd_total")  # what the server charged these 200 predictions
+    assert row["cost_usd_per_prediction"] == pytest.approx(charged / 200, rel=1e-6)
+    assert row["cost_usd_per_million"] == pytest.approx(charged / 200 * 1e6, rel=1e-6)
+    assert charged > 0
     latency = row["latency_ms"]
     assert row["throughput_rps"] > 0 and 0 < latency["p50"] <= latency["p90"] <= latency["p99"] <= latency["max"]
 
