@@ -1,0 +1,1 @@
+"""Reproducible performance runs of costserve (``make bench`` runs :mod:`benchmarks.serving`)."""

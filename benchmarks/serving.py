@@ -1,0 +1,1299 @@
+"""Serving benchmark: costserve against a gRPC ceiling, in one run, with one client.
+
+``make bench`` runs ``python -m benchmarks.serving`` from the repository root. It
+
+1. starts, each as its own subprocess on 127.0.0.1 and port 0: costserve with the
+   default settings, costserve with ``--max-batch-size 1`` (batching off), and the
+   ceiling (:mod:`benchmarks.ceiling`: a minimal ``grpc.aio`` server answering the
+   same ``Predict`` with a fixed response of the same size as costserve's);
+2. drives them at saturation with one client, one connection and 64 concurrent
+   streams: ``h2load`` when it is installed (Debian ``nghttp2-client``), a
+   ``grpc.aio`` client otherwise. Ceiling and costserve runs alternate, in rounds,
+   so that a drift of the shared 2-core machine hits both; each throughput is
+   reported as a percentage of the ceiling measured in the same round, and the
+   median over rounds is kept. Rows: fp32 with the cache bypassed, int8 with the
+   cache bypassed, cache hits, and fp32 with batching off;
+3. measures one-stream latency (sequential calls with the sync Python client)
+   against the ceiling and costserve (fp32, cache bypassed), and the runtime's own
+   batch-of-1 fp32 inference time, loaded in this process;
+4. fills the cache of a fresh server (default size) with distinct images and reads
+   its peak memory (``VmHWM``), and checks that a 1,000-entry cache stays at 1,000
+   under 5,000 distinct inputs;
+5. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
+
+Every server is stopped in ``finally``; every load loop is bounded in time (and,
+with ``--requests``, in requests). h2load only sees HTTP/2 status 200, so every
+h2load figure is checked against the answer itself: a sanity call sends the very
+same bytes through a Python gRPC channel, and costserve's own request counter (from
+its ``/metrics``) must have counted as many ``OK`` answers as h2load received, and no
+failure.
+
+::
+
+    python -m benchmarks.serving [--quick] [--output PATH] [--duration S | --requests N]
+                                 [--rounds N] [--tool auto|h2load|python] [--model-dir DIR]
+                                 [--json PATH] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import grpc
+import numpy as np
+
+from costserve import image_message
+from costserve.v1 import classifier_pb2 as pb
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
+DEFAULT_MODEL_DIR = Path(os.environ.get("COSTSERVE_MODEL_DIR", REPO_ROOT / "models" / "digits"))
+DIGIT = REPO_ROOT / "examples" / "digits" / "digit_7.png"
+PREDICT = "/costserve.v1.Classifier/Predict"
+#: Everything after this line of an existing RESULTS.md is kept when the file is rewritten.
+NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the benchmark rewrites this file. -->"
+
+# Targets from the issue. Never lowered: a miss is reported as a miss.
+TARGET_FP32 = 0.60
+TARGET_INT8 = 0.70
+TARGET_HITS = 0.85
+TARGET_BATCHING_GAIN = 3.0
+LATENCY_ALLOWANCE_MS = 0.5
+DEFAULT_CACHE_ENTRIES = 100_000
+SMALL_CACHE_ENTRIES = 1_000
+SMALL_CACHE_DISTINCT = 5_000
+IMAGES_PER_FILL_REQUEST = 64
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard to measure."""
+
+    quick: bool
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    requests: int | None
+    streams: int
+    one_stream_requests: int
+    inference_calls: int
+    fill_images: int
+    fill_time_limit_s: float
+    tool: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``python -m benchmarks.serving``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving",
+        description="Throughput and latency of costserve against a gRPC ceiling; writes benchmarks/RESULTS.md.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark itself)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON to this path")
+    parser.add_argument("--duration", type=float, default=None, help="seconds measured per saturation run (default 4, quick 1)")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per saturation run instead of a duration (time still bounded)"
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="alternating ceiling/costserve rounds (default 5, quick 1)")
+    parser.add_argument("--streams", type=int, default=64, help="concurrent streams on the one connection (default 64)")
+    parser.add_argument(
+        "--tool",
+        choices=("auto", "h2load", "python"),
+        default="auto",
+        help="saturation client: h2load when installed (auto), or the grpc.aio Python client",
+    )
+    parser.add_argument(
+        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"model base directory (default {DEFAULT_MODEL_DIR}; "
+        "trained first when empty)"
+    )
+    parser.add_argument(
+        "--fill-images",
+        type=int,
+        default=None,
+        help=f"distinct images sent to fill the default cache (default {int(DEFAULT_CACHE_ENTRIES * 1.1)}, quick 6400)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also record costserve under each load with py-spy (flame graphs in benchmarks/out/)",
+    )
+    return parser
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Durations and sizes from the options."""
+    tool = args.tool
+    if tool == "auto":
+        tool = "h2load" if shutil.which("h2load") else "python"
+    elif tool == "h2load" and not shutil.which("h2load"):
+        raise SystemExit("--tool h2load: h2load is not installed (apt-get install nghttp2-client)")
+    quick = args.quick
+    return Plan(
+        quick=quick,
+        rounds=args.rounds or (1 if quick else 5),
+        duration_s=args.duration or (1.0 if quick else 4.0),
+        warmup_s=0.5 if quick else 1.0,
+        requests=args.requests,
+        streams=args.streams,
+        one_stream_requests=200 if quick else 2000,
+        inference_calls=100 if quick else 400,
+        fill_images=args.fill_images or (6400 if quick else int(DEFAULT_CACHE_ENTRIES * 1.1)),
+        fill_time_limit_s=60.0 if quick else 900.0,
+        tool=tool,
+    )
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclass
+class Server:
+    """A server subprocess on 127.0.0.1, and the ports it printed."""
+
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    port: int = 0
+    metrics_port: int = 0
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=15)
+
+
+def _server_env() -> dict[str, str]:
+    # COSTSERVE_* variables of the caller would silently change "default" settings.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COSTSERVE_")}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def _wait_for(server: Server, pattern: str, timeout_s: float) -> re.Match:
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
+        match = regex.search(text)
+        if match:
+            return match
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{server.name}: no line matching {pattern!r} within {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+def start_costserve(
+    name: str, model_dir: Path, workdir: Path, stack: contextlib.ExitStack, extra: Sequence[str] = ()
+) -> Server:
+    """Start ``costserve-server serve`` with metrics on; returns once its gRPC port is known (not yet SERVING)."""
+    log_path = workdir / f"{name}.log"
+    command = [
+        sys.executable, "-m", "costserve.server.cli", "serve",
+        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+        "--model-dir", str(model_dir), "--drain-seconds", "2", *extra,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_server_env())
+    server = Server(name, process, log_path)
+    stack.callback(server.stop)
+    match = _wait_for(server, r"gRPC on 127\.0\.0\.1:(\d+).*?metrics on http://127\.0\.0\.1:(\d+)/metrics", 120)
+    server.port, server.metrics_port = int(match.group(1)), int(match.group(2))
+    return server
+
+
+def wait_serving(server: Server, timeout_s: float = 300) -> None:
+    """Block until costserve logs that it is SERVING (model loaded and warm)."""
+    _wait_for(server, r"SERVING \S+ v\S+", timeout_s)
+
+
+def start_ceiling(workdir: Path, response_file: Path | None, stack: contextlib.ExitStack) -> Server:
+    """Start :mod:`benchmarks.ceiling`; returns once it listens."""
+    log_path = workdir / "ceiling.log"
+    command = [sys.executable, "-m", "benchmarks.ceiling", "--port", "0"]
+    if response_file is not None:
+        command += ["--response-file", str(response_file)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_server_env())
+    server = Server("ceiling", process, log_path)
+    stack.callback(server.stop)
+    server.port = int(_wait_for(server, r"ceiling listening on 127\.0\.0\.1:(\d+)", 60).group(1))
+    return server
+
+
+def ensure_model(model_dir: Path) -> None:
+    """Train the default model into ``model_dir`` when it holds no version (about 20 s)."""
+    from costserve.server.model_store import latest_version_dir
+
+    if latest_version_dir(model_dir) is not None:
+        return
+    print(f"no model in {model_dir}: training the default one (costserve-server train)", flush=True)
+    subprocess.run(
+        [sys.executable, "-m", "costserve.server.cli", "train", "--model-dir", str(model_dir)],
+        check=True, cwd=REPO_ROOT, env=_server_env(), timeout=900,
+    )  # fmt: skip
+
+
+def scrape(server: Server) -> dict[str, float]:
+    """costserve's /metrics as {'name{label="v",...}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
+def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for key, value in samples.items():
+        metric, _, rest = key.partition("{")
+        if metric == name and all(f'{label}="{wanted}"' in rest for label, wanted in labels.items()):
+            total += value
+    return total
+
+
+def peak_memory(pid: int) -> dict[str, int]:
+    """VmHWM (peak resident set) and VmRSS of a process, in bytes."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def digit_pixels() -> np.ndarray:
+    """The example digit 7 as uint8 (28, 28): the one image every saturation request sends."""
+    from PIL import Image
+
+    with Image.open(DIGIT) as opened:
+        return np.asarray(opened.convert("L"), dtype=np.uint8)
+
+
+def request_bytes(precision: int, skip_cache: bool) -> bytes:
+    """A serialized one-image PredictRequest."""
+    request = pb.PredictRequest(images=[image_message(digit_pixels())], precision=precision, skip_cache=skip_cache)
+    return request.SerializeToString()
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length, bytes."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def call_raw(target: str, payload: bytes, timeout_s: float = 30) -> bytes:
+    """Send serialized request bytes to Predict; return the serialized response (raises on any non-OK status)."""
+    with grpc.insecure_channel(target) as channel:
+        return channel.unary_unary(PREDICT)(payload, timeout=timeout_s)
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadResult:
+    """One saturation run."""
+
+    tool: str
+    succeeded: int
+    errors: int
+    seconds: float
+    rps: float
+    latencies_ms: list[float] = field(repr=False)
+    #: Server CPU per answered request while the load was steady, in microseconds: the main
+    #: (event-loop) thread, and every thread of the process. NaN when not measured.
+    loop_cpu_us: float = float("nan")
+    process_cpu_us: float = float("nan")
+
+    @property
+    def p50_ms(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99_ms(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (nan for no values)."""
+    return float(np.percentile(values, q)) if len(values) else float("nan")
+
+
+def h2load_version() -> str:
+    output = subprocess.run(["h2load", "--version"], capture_output=True, text=True, timeout=30).stdout
+    return output.strip().splitlines()[0] if output.strip() else "h2load"
+
+
+def run_h2load(target: str, body_file: Path, plan: Plan, log_path: Path) -> LoadResult:
+    """h2load: one connection, ``plan.streams`` concurrent streams, for a duration (or a request count)."""
+    command = [
+        "h2load", "-c", "1", "-t", "1", "-m", str(plan.streams),
+        "-H", "content-type: application/grpc", "-H", "te: trailers",
+        "-d", str(body_file), "--log-file", str(log_path),
+    ]  # fmt: skip
+    if plan.requests:
+        command += ["-n", str(plan.requests)]
+        time_limit = 120 + plan.requests / 100
+    else:
+        command += ["-D", f"{plan.duration_s:g}", "--warm-up-time", f"{int(plan.warmup_s * 1000)}ms"]
+        time_limit = plan.duration_s + plan.warmup_s + 60
+    command.append(f"http://{target}{PREDICT}")
+    with contextlib.suppress(FileNotFoundError):
+        log_path.unlink()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=time_limit)
+    output = done.stdout + done.stderr
+    finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", output)
+    counts = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+        output,
+    )
+    statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    if done.returncode != 0 or not (finished and counts and statuses):
+        raise RuntimeError(f"h2load failed ({done.returncode}):\n{output}")
+    succeeded = int(counts.group(4))
+    errors = int(counts.group(5)) + int(counts.group(6)) + int(counts.group(7))
+    errors += sum(int(statuses.group(index)) for index in (2, 3, 4))
+    latencies = []
+    if log_path.exists():
+        for line in log_path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "200":
+                latencies.append(int(parts[2]) / 1000.0)
+    seconds = float(finished.group(1)) / (1000.0 if finished.group(2) == "ms" else 1.0)
+    if not plan.requests:
+        seconds = plan.duration_s  # h2load's req/s is over the measured window, warm-up excluded
+    return LoadResult("h2load", succeeded, errors, seconds, float(finished.group(3)), latencies)
+
+
+def run_python_load(target: str, payload: bytes, plan: Plan) -> LoadResult:
+    """The grpc.aio client: ``plan.streams`` concurrent calls on one channel, bounded in time and requests."""
+    return asyncio.run(_python_load(target, payload, plan))
+
+
+async def _python_load(target: str, payload: bytes, plan: Plan) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    completed = 0
+    limit = plan.requests or 10**9
+    loop = asyncio.get_running_loop()
+    measuring_from = loop.time() + (0 if plan.requests else plan.warmup_s)
+    ends_at = measuring_from + (plan.duration_s if not plan.requests else 120 + plan.requests / 100)
+    async with grpc.aio.insecure_channel(target) as channel:
+        predict = channel.unary_unary(PREDICT)
+
+        async def stream() -> None:
+            nonlocal errors, completed
+            while completed < limit and loop.time() < ends_at:
+                started = loop.time()
+                try:
+                    await predict(payload, timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                finished = loop.time()
+                if measuring_from <= finished <= ends_at:  # answers completed inside the measured window
+                    latencies.append((finished - started) * 1000.0)
+                    completed += 1
+
+        measure_start = time.perf_counter()
+        await asyncio.gather(*(stream() for _ in range(plan.streams)))
+        elapsed = time.perf_counter() - measure_start - (0 if plan.requests else plan.warmup_s)
+    seconds = plan.duration_s if not plan.requests else max(elapsed, 1e-9)
+    return LoadResult("python", completed, errors, seconds, completed / seconds, latencies)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    precision: int
+    skip_cache: bool
+    server: str  # "default" or "nobatch"
+
+
+SCENARIOS = (
+    Scenario("fp32", "fp32, cache bypassed", pb.PRECISION_FP32, True, "default"),
+    Scenario("int8", "int8, cache bypassed", pb.PRECISION_INT8, True, "default"),
+    Scenario("hits", "cache hits (fp32)", pb.PRECISION_FP32, False, "default"),
+    Scenario("fp32_nobatch", "fp32, cache bypassed, batching off", pb.PRECISION_FP32, True, "nobatch"),
+)
+
+
+@dataclass
+class Measured:
+    """Every run of one scenario (costserve) and of the ceiling on the same request."""
+
+    scenario: Scenario
+    costserve: list[LoadResult] = field(default_factory=list)
+    ceiling: list[LoadResult] = field(default_factory=list)
+    mean_batch: list[float] = field(default_factory=list)
+    cache_hit_share: list[float] = field(default_factory=list)
+
+    def ratios(self) -> list[float]:
+        return [mine.rps / ceiling.rps for mine, ceiling in zip(self.costserve, self.ceiling) if ceiling.rps > 0]
+
+    def summary(self) -> dict[str, Any]:
+        def pooled(results: list[LoadResult]) -> list[float]:
+            return [latency for result in results for latency in result.latencies_ms]
+
+        return {
+            "title": self.scenario.title,
+            "costserve_rps": statistics.median(result.rps for result in self.costserve),
+            "ceiling_rps": statistics.median(result.rps for result in self.ceiling),
+            "ratio": statistics.median(self.ratios()),
+            "ratios": self.ratios(),
+            "p50_ms": percentile(pooled(self.costserve), 50),
+            "p99_ms": percentile(pooled(self.costserve), 99),
+            "ceiling_p50_ms": percentile(pooled(self.ceiling), 50),
+            "ceiling_p99_ms": percentile(pooled(self.ceiling), 99),
+            "loop_cpu_us": nan_median(result.loop_cpu_us for result in self.costserve),
+            "process_cpu_us": nan_median(result.process_cpu_us for result in self.costserve),
+            "ceiling_loop_cpu_us": nan_median(result.loop_cpu_us for result in self.ceiling),
+            "ceiling_process_cpu_us": nan_median(result.process_cpu_us for result in self.ceiling),
+            "requests": sum(result.succeeded for result in self.costserve),
+            "errors": sum(result.errors for result in self.costserve) + sum(result.errors for result in self.ceiling),
+            "mean_batch": statistics.mean(self.mean_batch) if self.mean_batch else float("nan"),
+            "cache_hit_share": statistics.mean(self.cache_hit_share) if self.cache_hit_share else float("nan"),
+        }
+
+
+def nan_median(values: Iterable[float]) -> float:
+    """Median of the values that are not NaN (NaN when none is)."""
+    kept = [value for value in values if value == value]
+    return statistics.median(kept) if kept else float("nan")
+
+
+class Verifier:
+    """Checks from costserve's own counters that every answer h2load saw was a gRPC OK."""
+
+    FAILURE_CODES_IGNORED = ("OK", "CANCELLED")  # CANCELLED: the load tool resets streams still open at its end
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.before = scrape(server)
+
+    def check(self, result: LoadResult, precision: str) -> tuple[float, float]:
+        """Raise unless OK answers >= the client's successes and nothing failed; return (mean batch, hit share)."""
+        after = scrape(self.server)
+
+        def delta(name: str, **labels: str) -> float:
+            return metric_sum(after, name, **labels) - metric_sum(self.before, name, **labels)
+
+        ok = delta("costserve_requests_total", code="OK")
+        failed = delta("costserve_requests_total") - ok - delta("costserve_requests_total", code="CANCELLED")
+        if ok < result.succeeded or failed > 0:
+            raise RuntimeError(
+                f"{self.server.name}: the client counted {result.succeeded} answers, costserve answered {ok:.0f} "
+                f"with OK and {failed:.0f} with an error status"
+            )
+        batches = delta("costserve_batch_size_count", precision=precision)
+        images = delta("costserve_batch_size_sum", precision=precision)
+        hits = delta("costserve_images_total", precision=precision, cache="hit")
+        misses = delta("costserve_images_total", precision=precision, cache="miss")
+        mean_batch = images / batches if batches else float("nan")
+        hit_share = hits / (hits + misses) if hits + misses else float("nan")
+        return mean_batch, hit_share
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the main thread of ``pid`` and by all its threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main_thread = total = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        total += seconds
+        if int(tid) == pid:
+            main_thread = seconds
+    return main_thread, total
+
+
+class CpuSampler:
+    """Reads a server's CPU time at two moments inside the steady part of a timed run."""
+
+    def __init__(self, pid: int, start_after_s: float, stop_after_s: float) -> None:
+        self.pid = pid
+        self.start_after_s = start_after_s
+        self.stop_after_s = stop_after_s
+        self.usage: tuple[float, float] | None = None  # cores used: (main thread, process)
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+
+    def __enter__(self) -> "CpuSampler":
+        self._began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._thread.join(timeout=self.stop_after_s + 30)
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            time.sleep(max(0.0, self._began + self.start_after_s - time.monotonic()))
+            first, first_at = thread_cpu_seconds(self.pid), time.monotonic()
+            time.sleep(max(0.0, self._began + self.stop_after_s - time.monotonic()))
+            second, second_at = thread_cpu_seconds(self.pid), time.monotonic()
+            elapsed = second_at - first_at
+            if elapsed > 0:
+                self.usage = ((second[0] - first[0]) / elapsed, (second[1] - first[1]) / elapsed)
+
+
+def saturate(
+    target: str, body: bytes, body_file: Path, plan: Plan, log_path: Path, pid: int | None = None
+) -> LoadResult:
+    """One saturation run with the plan's tool; with ``pid``, also the server's CPU per request."""
+    sampler = None
+    if pid is not None and not plan.requests:  # inside the measured window, away from its edges
+        margin = min(0.2, plan.duration_s / 5)
+        sampler = CpuSampler(pid, plan.warmup_s + margin, plan.warmup_s + plan.duration_s - margin)
+    before = thread_cpu_seconds(pid) if pid is not None and plan.requests else None
+    with sampler or contextlib.nullcontext():
+        if plan.tool == "h2load":
+            result = run_h2load(target, body_file, plan, log_path)
+        else:
+            result = run_python_load(target, body, plan)
+    if sampler is not None and sampler.usage is not None and result.rps > 0:
+        result.loop_cpu_us = sampler.usage[0] / result.rps * 1e6
+        result.process_cpu_us = sampler.usage[1] / result.rps * 1e6
+    elif before is not None and pid is not None and result.succeeded > 0:  # a request count: the whole run
+        after = thread_cpu_seconds(pid)
+        result.loop_cpu_us = (after[0] - before[0]) / result.succeeded * 1e6
+        result.process_cpu_us = (after[1] - before[1]) / result.succeeded * 1e6
+    return result
+
+
+def sanity_check(servers: dict[str, Server], bodies: dict[str, bytes]) -> dict[str, Any]:
+    """One call per (server, request) through a Python channel: the bytes h2load sends get a real OK answer."""
+    facts: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        server = servers[scenario.server]
+        body = bodies[scenario.key]
+        precision = pb.PRECISION_FP32 if scenario.precision == pb.PRECISION_FP32 else pb.PRECISION_INT8
+        reply = pb.PredictResponse.FromString(call_raw(server.target, body))
+        if not scenario.skip_cache:  # the first call filled the cache; the second must hit
+            reply = pb.PredictResponse.FromString(call_raw(server.target, body))
+        prediction = reply.predictions[0]
+        problems = []
+        if len(reply.predictions) != 1 or prediction.precision != precision:
+            problems.append(f"answered {len(reply.predictions)} predictions in precision {prediction.precision}")
+        if prediction.cache_hit == scenario.skip_cache:
+            problems.append(f"cache_hit={prediction.cache_hit} with skip_cache={scenario.skip_cache}")
+        if scenario.server == "nobatch" and prediction.batch_size != 1:
+            problems.append(f"batch_size {prediction.batch_size} with batching off")
+        probabilities = list(prediction.probabilities)
+        if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or prediction.label != int(np.argmax(probabilities)):
+            problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
+        if problems:
+            raise RuntimeError(f"sanity call {scenario.key} on {server.name}: " + "; ".join(problems))
+        ceiling_reply = pb.PredictResponse.FromString(call_raw(servers["ceiling"].target, body))
+        facts[scenario.key] = {
+            "request_bytes": len(body),
+            "costserve_response_bytes": reply.ByteSize(),
+            "ceiling_response_bytes": ceiling_reply.ByteSize(),
+        }
+    return facts
+
+
+def measure_saturation(
+    servers: dict[str, Server], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, workdir: Path
+) -> dict[str, Measured]:
+    """Alternate ceiling and costserve on each request, ``plan.rounds`` times."""
+    measured = {scenario.key: Measured(scenario) for scenario in SCENARIOS}
+    for round_index in range(plan.rounds):
+        for scenario in SCENARIOS:
+            server = servers[scenario.server]
+            precision = "int8" if scenario.precision == pb.PRECISION_INT8 else "fp32"
+            order = ("ceiling", "costserve") if round_index % 2 == 0 else ("costserve", "ceiling")
+            for who in order:
+                log_path = workdir / f"h2load-{scenario.key}-{who}-{round_index}.log"
+                if who == "ceiling":
+                    ceiling = servers["ceiling"]
+                    result = saturate(
+                        ceiling.target, bodies[scenario.key], body_files[scenario.key], plan, log_path, ceiling.pid
+                    )
+                    measured[scenario.key].ceiling.append(result)
+                else:
+                    verifier = Verifier(server)
+                    result = saturate(
+                        server.target, bodies[scenario.key], body_files[scenario.key], plan, log_path, server.pid
+                    )
+                    mean_batch, hit_share = verifier.check(result, precision)
+                    measured[scenario.key].costserve.append(result)
+                    measured[scenario.key].mean_batch.append(mean_batch)
+                    measured[scenario.key].cache_hit_share.append(hit_share)
+                print(
+                    f"  round {round_index + 1}/{plan.rounds} {scenario.key:<13} {who:<9} "
+                    f"{result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+                    f"CPU/req loop {result.loop_cpu_us:5.0f} us, process {result.process_cpu_us:5.0f} us  "
+                    f"({result.succeeded} ok, {result.errors} errors)",
+                    flush=True,
+                )
+    return measured
+
+
+def one_stream_latency(ceiling: Server, costserve: Server, body: bytes, requests: int) -> dict[str, list[float]]:
+    """Sequential calls with the sync Python client, alternating blocks of ceiling and costserve."""
+    latencies: dict[str, list[float]] = {"ceiling": [], "costserve": []}
+    block = max(requests // 8, 25)
+    channels = {name: grpc.insecure_channel(server.target) for name, server in (("ceiling", ceiling), ("costserve", costserve))}
+    deadline = time.monotonic() + 60 + requests * 0.02
+    try:
+        calls = {name: channel.unary_unary(PREDICT) for name, channel in channels.items()}
+        for call in calls.values():
+            for _ in range(20):  # warm the connection and the code paths
+                call(body, timeout=30)
+        while min(len(values) for values in latencies.values()) < requests and time.monotonic() < deadline:
+            for name, call in calls.items():
+                for _ in range(block):
+                    started = time.perf_counter()
+                    call(body, timeout=30)
+                    latencies[name].append((time.perf_counter() - started) * 1000.0)
+    finally:
+        for channel in channels.values():
+            channel.close()
+    return latencies
+
+
+def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
+    """Median wall time of the fp32 runtime on one image, loaded in this process as the server loads it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from costserve.server.domain import Precision
+    from costserve.server.model_store import latest_version_dir, load_model
+
+    version_dir = latest_version_dir(model_dir)
+    assert version_dir is not None
+    runtime = load_model(version_dir, max_batch_size=32).runtimes[Precision.FP32]
+    batch = (digit_pixels().astype(np.float32) / 255.0).reshape(1, *runtime.input_shape)
+    for _ in range(20):
+        runtime.predict(batch)
+    timings = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        runtime.predict(batch)
+        timings.append((time.perf_counter() - started) * 1000.0)
+    return statistics.median(timings)
+
+
+# --------------------------------------------------------------------------- memory and cache bound
+
+
+def fill_cache(server: Server, images: int, time_limit_s: float, seed: int) -> dict[str, Any]:
+    """Send ``images`` distinct random uint8 images (64 per int8 request); poll the cache size meanwhile."""
+    most_entries = 0.0
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        nonlocal most_entries
+        while not stop_polling.is_set():
+            with contextlib.suppress(OSError):
+                most_entries = max(most_entries, scrape(server).get("costserve_cache_entries", 0.0))
+            stop_polling.wait(0.25)
+
+    poller = threading.Thread(target=poll, name="cache-poller", daemon=True)
+    poller.start()
+    started = time.perf_counter()
+    try:
+        sent = asyncio.run(_send_distinct(server.target, images, time_limit_s, seed))
+    finally:
+        stop_polling.set()
+        poller.join(timeout=30)
+    elapsed = time.perf_counter() - started
+    final = scrape(server)
+    entries = final.get("costserve_cache_entries", 0.0)
+    return {
+        "images_sent": sent,
+        "seconds": elapsed,
+        "entries": int(entries),
+        "most_entries_seen": int(max(most_entries, entries)),
+        "evictions": int(final.get("costserve_cache_evictions_total", 0.0)),
+        "misses": int(metric_sum(final, "costserve_images_total", cache="miss")),
+    }
+
+
+async def _send_distinct(target: str, images: int, time_limit_s: float, seed: int, concurrency: int = 4) -> int:
+    rng = np.random.default_rng(seed)
+    next_index = 0
+    sent = 0
+    ends_at = time.monotonic() + time_limit_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        from costserve.v1 import classifier_pb2_grpc as pb_grpc
+
+        stub = pb_grpc.ClassifierStub(channel)
+
+        async def worker() -> None:
+            nonlocal next_index, sent
+            while next_index < images and time.monotonic() < ends_at:
+                first = next_index
+                count = min(IMAGES_PER_FILL_REQUEST, images - first)
+                next_index += count
+                pixels = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+                # A serial number in the first pixels makes every image distinct, not just likely so.
+                pixels[:, 0, :4] = np.arange(first, first + count, dtype=">u4").view(np.uint8).reshape(count, 4)
+                request = pb.PredictRequest(images=[image_message(image) for image in pixels], precision=pb.PRECISION_INT8)
+                await stub.Predict(request, timeout=60)
+                sent += count
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sent
+
+
+def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Peak memory with a default (full) cache, and a 1,000-entry cache under 5,000 distinct inputs."""
+    with contextlib.ExitStack() as stack:
+        full = start_costserve("memory-default-cache", model_dir, workdir, stack)
+        small = start_costserve(
+            "memory-small-cache", model_dir, workdir, stack, ["--cache-size", str(SMALL_CACHE_ENTRIES)]
+        )
+        wait_serving(full)
+        wait_serving(small)
+        bounded = fill_cache(small, SMALL_CACHE_DISTINCT, plan.fill_time_limit_s, seed=2)
+        small.stop()
+        before = peak_memory(full.pid)
+        filled = fill_cache(full, plan.fill_images, plan.fill_time_limit_s, seed=1)
+        after = peak_memory(full.pid)
+    return {
+        "default_cache": {
+            "capacity": DEFAULT_CACHE_ENTRIES,
+            "vmhwm_before_bytes": before["VmHWM"],
+            "vmrss_before_bytes": before["VmRSS"],
+            "vmhwm_bytes": after["VmHWM"],
+            "vmrss_bytes": after["VmRSS"],
+            "full": filled["entries"] >= DEFAULT_CACHE_ENTRIES,
+            **filled,
+        },
+        "small_cache": {"capacity": SMALL_CACHE_ENTRIES, **bounded},
+    }
+
+
+# --------------------------------------------------------------------------- profile (optional)
+
+
+def profile_under_load(
+    servers: dict[str, Server], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, out_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """py-spy record (``--gil``) of costserve while each scenario saturates it; see :func:`summarize_profile`."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists() and not shutil.which("py-spy"):
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    seconds = max(3, int(plan.duration_s))
+    for scenario in SCENARIOS:
+        server = servers[scenario.server]
+        profile_plan = dataclasses.replace(plan, duration_s=seconds + 2.0, requests=None)
+        raw = out_dir / f"profile-{scenario.key}.txt"
+        recorder = subprocess.Popen(
+            [py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds), "--rate", "250",
+             "--format", "raw", "--output", str(raw), "--gil"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            saturate(server.target, bodies[scenario.key], body_files[scenario.key], profile_plan, out_dir / "h2load-profile.log")
+        finally:
+            try:
+                recorder.wait(timeout=seconds + 60)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                recorder.wait(timeout=10)
+        summaries[scenario.key] = summarize_profile(raw) if raw.exists() else {"loop_samples": 0, "top": []}
+    return summaries
+
+
+def summarize_profile(raw: Path, top: int = 8) -> dict[str, Any]:
+    """Where the event loop's GIL-holding samples went, from py-spy's raw (collapsed) output.
+
+    ``costserve`` is the share with a costserve frame (server/ or client/) on the stack;
+    the rest is gRPC's and asyncio's own work. ``top`` lists costserve functions by
+    inclusive share (entry points and the error-mapping wrapper left out).
+    """
+    inclusive: dict[str, int] = {}
+    loop_samples = costserve_samples = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if "run_forever" not in stack or not count_text.isdigit():
+            continue  # other threads: inference, gRPC pollers, metrics
+        count = int(count_text)
+        loop_samples += count
+        seen: set[str] = set()
+        for frame in stack.split(";"):
+            name, _, where = frame.partition(" (")
+            if not re.search(r"(^|/)(server|client)/", where) or where.startswith(("server/cli.py", "client/cli.py")):
+                continue
+            if name.startswith("abort_on_error"):
+                continue
+            label = f"{name} ({where.split(':')[0].rsplit('/', 1)[-1]})"
+            if label not in seen:
+                seen.add(label)
+                inclusive[label] = inclusive.get(label, 0) + count
+        costserve_samples += count if seen else 0
+    if not loop_samples:
+        return {"loop_samples": 0, "costserve": float("nan"), "top": []}
+    ranked = sorted(inclusive.items(), key=lambda item: -item[1])[:top]
+    return {
+        "loop_samples": loop_samples,
+        "costserve": costserve_samples / loop_samples,
+        "top": [(count / loop_samples, label) for label, count in ranked],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def code_version() -> str:
+    """The commit the servers ran from, and whether server/ or client/ had uncommitted changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "server", "client", "protos"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    if not commit:
+        return "unknown (not a git checkout)"
+    return f"{commit}{' with uncommitted changes in server/, client/ or protos/' if dirty else ''}"
+
+
+def machine() -> dict[str, str]:
+    """What the run ran on."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    memory = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+
+    def version(*names: str) -> str:
+        for name in names:
+            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+                return f"{name} {importlib.metadata.version(name)}"
+        return "not installed"
+
+    return {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "memory": memory,
+        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "python": platform.python_version(),
+        "tensorflow": version("tensorflow-cpu", "tensorflow"),
+        "litert": version("ai-edge-litert"),
+        "grpcio": version("grpcio"),
+        "protobuf": version("protobuf"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def number(value: float, spec: str) -> str:
+    """A figure, or "-" when it was not measured (NaN)."""
+    return "-" if value != value else format(value, spec)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The table: one row per target (and the batching-off figure it is computed from)."""
+    saturation = results["saturation"]
+    rows = []
+
+    def saturation_row(key: str, target: float | None) -> None:
+        figures = saturation[key]
+        rows.append(
+            {
+                "row": figures["title"],
+                "measured": f"{100 * figures['ratio']:.1f}% of ceiling",
+                "target": f">= {100 * target:.0f}%" if target else "(see next row)",
+                "result": verdict(figures["ratio"] >= target) if target else "-",
+                "costserve": f"{figures['costserve_rps']:.0f} req/s",
+                "ceiling": f"{figures['ceiling_rps']:.0f} req/s",
+                "p50": f"{figures['p50_ms']:.2f}",
+                "p99": f"{figures['p99_ms']:.2f}",
+            }
+        )
+
+    saturation_row("fp32", TARGET_FP32)
+    saturation_row("int8", TARGET_INT8)
+    saturation_row("hits", TARGET_HITS)
+    saturation_row("fp32_nobatch", None)
+    gain = results["batching_gain"]
+    rows.append(
+        {
+            "row": "fp32 batching on vs off (64 streams)",
+            "measured": f"{gain:.2f}x",
+            "target": f">= {TARGET_BATCHING_GAIN:.0f}x",
+            "result": verdict(gain >= TARGET_BATCHING_GAIN),
+            "costserve": f"{saturation['fp32']['costserve_rps']:.0f} vs {saturation['fp32_nobatch']['costserve_rps']:.0f} req/s",
+            "ceiling": "-",
+            "p50": "-",
+            "p99": "-",
+        }
+    )
+    latency = results["one_stream"]
+    rows.append(
+        {
+            "row": "one stream, fp32 cache miss: p50",
+            "measured": f"{latency['costserve_p50_ms']:.3f} ms",
+            "target": f"<= {latency['bound_ms']:.3f} ms",
+            "result": verdict(latency["costserve_p50_ms"] <= latency["bound_ms"]),
+            "costserve": f"p50 {latency['costserve_p50_ms']:.3f} ms",
+            "ceiling": f"p50 {latency['ceiling_p50_ms']:.3f} ms",
+            "p50": f"{latency['costserve_p50_ms']:.3f}",
+            "p99": f"{latency['costserve_p99_ms']:.3f}",
+        }
+    )
+    memory = results["memory"]
+    full = memory["default_cache"]
+    rows.append(
+        {
+            "row": "server peak memory (VmHWM), default cache filled",
+            "measured": f"{full['vmhwm_bytes'] / 2**20:.0f} MiB",
+            "target": "stated",
+            "result": "-" if full["full"] else "partial fill",
+            "costserve": f"{full['entries']} entries",
+            "ceiling": "-",
+            "p50": "-",
+            "p99": "-",
+        }
+    )
+    small = memory["small_cache"]
+    bound_holds = small["most_entries_seen"] <= small["capacity"] and full["most_entries_seen"] <= full["capacity"]
+    rows.append(
+        {
+            "row": f"cache bound: --cache-size {small['capacity']}, {small['images_sent']} distinct inputs",
+            "measured": f"{small['entries']} entries (max seen {small['most_entries_seen']})",
+            "target": f"<= {small['capacity']}",
+            "result": verdict(bound_holds and small["entries"] == min(small["capacity"], small["images_sent"])),
+            "costserve": f"{small['evictions']} evictions",
+            "ceiling": "-",
+            "p50": "-",
+            "p99": "-",
+        }
+    )
+    return rows
+
+
+def render_table(rows: list[dict[str, str]]) -> str:
+    """Markdown table of the rows."""
+    header = ["", "measured", "target", "result", "costserve", "ceiling", "p50 ms", "p99 ms"]
+    keys = ["row", "measured", "target", "result", "costserve", "ceiling", "p50", "p99"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(row[key] for key in keys) + " |")
+    return "\n".join(lines)
+
+
+def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: str) -> str:
+    """The whole RESULTS.md."""
+    plan = results["plan"]
+    machine_info = results["machine"]
+    saturation = results["saturation"]
+    latency = results["one_stream"]
+    memory = results["memory"]
+    full, small = memory["default_cache"], memory["small_cache"]
+    sizes = results["sizes"]["fp32"]
+    if plan["tool"] == "h2load":
+        tool = (
+            f"`{results['tool_version']}`: `h2load -c 1 -t 1 -m {plan['streams']}` "
+            + (f"`-n {plan['requests']}`" if plan["requests"] else f"`-D {plan['duration_s']:g}` after "
+               f"`--warm-up-time {int(plan['warmup_s'] * 1000)}ms`")
+            + " per run, posting one gRPC-framed `PredictRequest` (`-d`)"
+        )
+    else:
+        tool = (
+            f"the Python `grpc.aio` client of this benchmark "
+            f"({'h2load was not found' if not shutil.which('h2load') else 'chosen with --tool python'}): one channel, "
+            f"{plan['streams']} concurrent calls, {plan['duration_s']:g} s per run after {plan['warmup_s']:g} s warm-up. "
+            "A Python client is slower than h2load and shares the two cores, so these ratios flatter the server"
+        )
+    lines = [
+        "# costserve serving benchmark",
+        "",
+        f"Written by `{results['command']}` "
+        f"({'quick smoke run: short durations, figures are rough' if plan['quick'] else 'full run'}) "
+        f"on {machine_info['date']}, costserve at commit {results['code']}. "
+        "Do not edit above the notes marker: the next run rewrites it.",
+        "",
+        "## Results",
+        "",
+        f"One server process, one client on the same machine, one HTTP/2 connection with {plan['streams']} "
+        "concurrent streams. Throughput is the median over "
+        f"{plan['rounds']} round(s) of costserve's req/s divided by the ceiling's req/s measured in the same round on "
+        "the same request bytes; p50/p99 are the client's per-request latencies at that load, in ms.",
+        "",
+        render_table(rows),
+        "",
+        f"- Load tool: {tool}.",
+        "- Ceiling: `benchmarks/ceiling.py`, a minimal `grpc.aio` server (same channel options as costserve) answering "
+        f"`Predict` with a fixed response: costserve's own answer for this image ({sizes['ceiling_response_bytes']} bytes; "
+        f"costserve's answer {sizes['costserve_response_bytes']} bytes; request {sizes['request_bytes']} bytes).",
+        "- Request: one 28x28 uint8 raw-pixel image (`examples/digits/digit_7.png`); \"cache bypassed\" sets "
+        "`skip_cache=true`, so every request is computed; the cache-hit row sends the same image without it, after one "
+        "warming request.",
+        "- Every answer counted is a gRPC OK: a Python call with the same bytes was checked first (label, precision, "
+        "cache_hit, batch size), and after each run costserve's `costserve_requests_total{code=\"OK\"}` had grown by at "
+        "least the client's count with no error status (streams still open when the tool stops are CANCELLED, not errors).",
+        "",
+        "### Per scenario",
+        "",
+        "| scenario | costserve req/s | ceiling req/s | % of ceiling per round | mean batch | cache hits | "
+        "costserve p50 / p99 ms | ceiling p50 / p99 ms | event-loop CPU per request, costserve / ceiling | "
+        "process CPU per request, costserve / ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for figures in saturation.values():
+        lines.append(
+            f"| {figures['title']} | {figures['costserve_rps']:.0f} | {figures['ceiling_rps']:.0f} | "
+            f"{', '.join(f'{100 * ratio:.1f}' for ratio in figures['ratios'])} | {number(figures['mean_batch'], '.1f')} | "
+            f"{100 * figures['cache_hit_share']:.0f}% | {figures['p50_ms']:.2f} / {figures['p99_ms']:.2f} | "
+            f"{figures['ceiling_p50_ms']:.2f} / {figures['ceiling_p99_ms']:.2f} | "
+            f"{number(figures['loop_cpu_us'], '.0f')} / {number(figures['ceiling_loop_cpu_us'], '.0f')} us | "
+            f"{number(figures['process_cpu_us'], '.0f')} / {number(figures['ceiling_process_cpu_us'], '.0f')} us |"
+        )
+    lines += [
+        "",
+        "CPU per request is the server's CPU time (from `/proc/PID/task/*/stat`) over the steady middle of each run "
+        "divided by the requests answered in it (median over rounds): the event-loop thread is where every request's "
+        "Python runs, the process figure adds gRPC's I/O threads and, for costserve, inference. It drifts far less "
+        "than req/s on a shared machine.",
+        "",
+        "### One stream",
+        "",
+        f"{latency['requests']} sequential calls each with the sync Python client (alternating blocks), fp32 with the "
+        "cache bypassed:",
+        "",
+        f"- ceiling p50 {latency['ceiling_p50_ms']:.3f} ms (p99 {latency['ceiling_p99_ms']:.3f} ms)",
+        f"- runtime batch-of-1 fp32 inference, median of {latency['inference_calls']} calls in the benchmark process: "
+        f"{latency['inference_ms']:.3f} ms",
+        f"- bound = {latency['ceiling_p50_ms']:.3f} + {latency['inference_ms']:.3f} + {LATENCY_ALLOWANCE_MS} = "
+        f"{latency['bound_ms']:.3f} ms",
+        f"- costserve p50 {latency['costserve_p50_ms']:.3f} ms (p99 {latency['costserve_p99_ms']:.3f} ms): "
+        f"**{verdict(latency['costserve_p50_ms'] <= latency['bound_ms'])}**",
+        "",
+        "### Memory and the cache bound",
+        "",
+        f"- A fresh server with the default cache ({full['capacity']:,} entries) was sent {full['images_sent']:,} distinct "
+        f"random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
+        f"{full['seconds']:.0f} s: {full['entries']:,} entries at the end, at most {full['most_entries_seen']:,} seen "
+        f"(polled every 0.25 s), {full['evictions']:,} evictions.",
+        f"- Peak memory (VmHWM) {full['vmhwm_bytes'] / 2**20:.0f} MiB with the cache "
+        f"{'full' if full['full'] else 'partly filled (quick run)'}; it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB "
+        f"when the server was warm with an empty cache (RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
+        f"{full['vmrss_bytes'] / 2**20:.0f} MiB after).",
+        f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: {small['entries']:,} entries, "
+        f"at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine_info['cpu']}, {machine_info['cores']} cores (client and servers share them)",
+        f"- Memory: {machine_info['memory']}",
+        f"- OS: {machine_info['os']}",
+        f"- Python {machine_info['python']}, {machine_info['tensorflow']}, {machine_info['litert']}, "
+        f"{machine_info['grpcio']}, {machine_info['protobuf']}",
+        f"- Date: {machine_info['date']}",
+        "",
+    ]
+    if results.get("profile"):
+        lines += [
+            "## Profile of this run",
+            "",
+            "`py-spy record --gil` of costserve during an extra saturation run per scenario (raw stacks in "
+            "`benchmarks/out/profile-*.txt`): share of the event-loop thread's GIL-holding samples spent under "
+            "costserve's own functions (the rest is gRPC and asyncio), and the largest of those functions, inclusive.",
+            "",
+        ]
+        for key, summary in results["profile"].items():
+            if not summary.get("loop_samples"):
+                lines.append(f"- {key}: no samples")
+                continue
+            top = "; ".join(f"`{label}` {100 * share:.0f}%" for share, label in summary["top"])
+            lines.append(
+                f"- {key}: costserve code {100 * summary['costserve']:.0f}% of {summary['loop_samples']} samples. {top}"
+            )
+        lines.append("")
+    lines += [NOTES_MARKER, notes.strip("\n"), ""]
+    return "\n".join(lines)
+
+
+def existing_notes(path: Path) -> str:
+    """Whatever follows the notes marker in an existing report."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns every figure."""
+    plan = make_plan(args)
+    model_dir = args.model_dir.resolve()
+    ensure_model(model_dir)
+    results: dict[str, Any] = {
+        "plan": dataclasses.asdict(plan),
+        "machine": machine(),
+        "command": args.command,
+        "code": code_version(),
+    }
+    results["tool_version"] = h2load_version() if plan.tool == "h2load" else "python grpc.aio"
+    print(f"load tool: {results['tool_version']}; model {model_dir}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp, contextlib.ExitStack() as stack:
+        workdir = Path(temp)
+        print("starting costserve (default) and costserve (--max-batch-size 1) ...", flush=True)
+        default = start_costserve("costserve", model_dir, workdir, stack)
+        nobatch = start_costserve("costserve-nobatch", model_dir, workdir, stack, ["--max-batch-size", "1"])
+        wait_serving(default)
+        wait_serving(nobatch)
+        # The ceiling answers with costserve's own answer for this image, so both send the same bytes.
+        answer = workdir / "answer.bin"
+        answer.write_bytes(call_raw(default.target, request_bytes(pb.PRECISION_FP32, True)))
+        ceiling = start_ceiling(workdir, answer, stack)
+        servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
+
+        bodies = {scenario.key: request_bytes(scenario.precision, scenario.skip_cache) for scenario in SCENARIOS}
+        body_files = {}
+        for key, body in bodies.items():
+            body_files[key] = workdir / f"{key}.grpc"
+            body_files[key].write_bytes(grpc_frame(body))
+        results["sizes"] = sanity_check(servers, bodies)
+
+        print(f"saturation: {plan.rounds} round(s), {plan.streams} streams", flush=True)
+        measured = measure_saturation(servers, bodies, body_files, plan, workdir)
+        results["saturation"] = {key: value.summary() for key, value in measured.items()}
+        gains = [
+            mine.rps / off.rps
+            for mine, off in zip(measured["fp32"].costserve, measured["fp32_nobatch"].costserve)
+            if off.rps > 0
+        ]
+        results["batching_gain"] = statistics.median(gains) if gains else float("nan")
+        results["batching_gains"] = gains
+
+        print("one-stream latency ...", flush=True)
+        latencies = one_stream_latency(ceiling, default, bodies["fp32"], plan.one_stream_requests)
+        if args.profile:
+            print("profiling costserve under load (py-spy) ...", flush=True)
+            results["profile"] = profile_under_load(servers, bodies, body_files, plan, REPO_ROOT / "benchmarks" / "out")
+        for server in (ceiling, nobatch, default):
+            server.stop()
+
+    print("runtime batch-of-1 inference time ...", flush=True)
+    inference_ms = runtime_batch1_ms(model_dir, plan.inference_calls)
+    ceiling_p50 = percentile(latencies["ceiling"], 50)
+    results["one_stream"] = {
+        "requests": min(len(values) for values in latencies.values()),
+        "ceiling_p50_ms": ceiling_p50,
+        "ceiling_p99_ms": percentile(latencies["ceiling"], 99),
+        "costserve_p50_ms": percentile(latencies["costserve"], 50),
+        "costserve_p99_ms": percentile(latencies["costserve"], 99),
+        "inference_ms": inference_ms,
+        "inference_calls": plan.inference_calls,
+        "bound_ms": ceiling_p50 + inference_ms + LATENCY_ALLOWANCE_MS,
+    }
+    one = results["one_stream"]
+    print(
+        f"  one stream: ceiling p50 {one['ceiling_p50_ms']:.3f} ms + inference {inference_ms:.3f} ms + "
+        f"{LATENCY_ALLOWANCE_MS} ms = bound {one['bound_ms']:.3f} ms; costserve p50 {one['costserve_p50_ms']:.3f} ms "
+        f"-> {verdict(one['costserve_p50_ms'] <= one['bound_ms'])}",
+        flush=True,
+    )
+
+    print(f"memory: filling the default cache with {plan.fill_images} distinct images ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp:
+        results["memory"] = measure_memory(model_dir, plan, Path(temp))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.serving``."""
+    args = build_parser().parse_args(argv)
+    args.command = " ".join(["python -m benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
+    started = time.monotonic()
+    results = run(args)
+    rows = build_rows(results)
+    results["rows"] = rows
+    results["elapsed_s"] = time.monotonic() - started
+    table = render_table(rows)
+    print()
+    print(table)
+    print()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    notes = existing_notes(args.output) or "\n(no notes yet)\n"
+    args.output.write_text(render_report(results, rows, notes))
+    print(f"wrote {args.output} ({results['elapsed_s']:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The serving benchmark runs end to end (``--quick``) and reports every row with figures.
+
+Speed targets never live in unit tests: the machine is shared and figures drift, so
+this only proves that ``make bench`` works: servers start and stop, the load tool
+drives them, and every row of the report carries numbers. Whether a target passes
+is what benchmarks/RESULTS.md says, not what this test asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+
+#: Rows of the report's table, by the start of their first cell.
+ROWS = (
+    "fp32, cache bypassed",
+    "int8, cache bypassed",
+    "cache hits (fp32)",
+    "fp32, cache bypassed, batching off",
+    "fp32 batching on vs off",
+    "one stream, fp32 cache miss",
+    "server peak memory (VmHWM)",
+    "cache bound",
+)
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    has_h2load = shutil.which("h2load") is not None
+    if not has_h2load and _on_ci():
+        pytest.fail("h2load is not installed on CI; .ci/run installs it (apt-get install nghttp2-client)")
+    model_dir: Path = request.getfixturevalue("model_dir")  # trained only once the check above passed
+    output = tmp_path / "RESULTS.md"
+    figures = tmp_path / "results.json"
+    command = [
+        sys.executable, "-m", "benchmarks.serving", "--quick",
+        "--output", str(output), "--json", str(figures), "--model-dir", str(model_dir),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+
+    report = output.read_text()
+    lines = report.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith("|  | measured | target | result"))
+    table = {}
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break  # the results table ends at its first non-row line
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        table[cells[0]] = cells[1:]
+    for row in ROWS:
+        matches = [cells for name, cells in table.items() if name.startswith(row)]
+        assert matches, f"row {row!r} missing from the report:\n{report}"
+        measured, target, result = matches[0][:3]
+        assert NUMBER.search(measured), f"row {row!r} has no measured figure: {measured!r}"
+        assert result in ("PASS", "MISS", "-", "partial fill"), f"row {row!r}: result {result!r}"
+    assert "## Machine" in report and "cores" in report
+
+    results = json.loads(figures.read_text())
+    assert results["plan"]["tool"] == ("h2load" if has_h2load else "python")
+    for key in ("fp32", "int8", "hits", "fp32_nobatch"):
+        scenario = results["saturation"][key]
+        for name in ("costserve_rps", "ceiling_rps", "ratio", "p50_ms", "p99_ms"):
+            assert _finite(scenario[name]), f"{key}.{name} = {scenario[name]!r}"
+        assert scenario["errors"] == 0, f"{key}: the load tool saw errors"
+    assert _finite(results["batching_gain"])
+    latency = results["one_stream"]
+    for name in ("ceiling_p50_ms", "costserve_p50_ms", "costserve_p99_ms", "inference_ms", "bound_ms"):
+        assert _finite(latency[name]), f"one_stream.{name} = {latency[name]!r}"
+    memory = results["memory"]
+    assert _finite(memory["default_cache"]["vmhwm_bytes"])
+    assert memory["small_cache"]["images_sent"] > 0 and _finite(memory["small_cache"]["entries"])
