@@ -28,10 +28,10 @@ class CacheKey(NamedTuple):
 
 
 def pixels_digest(pixels: np.ndarray) -> bytes:
-    """A 128-bit BLAKE2b digest of decoded float32 pixels and their shape."""
+    """A 128-bit BLAKE2b digest of decoded pixels with their dtype and shape."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(pixels.shape).encode())
-    digest.update(np.ascontiguousarray(pixels, dtype=np.float32).data)
+    digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+    digest.update(np.ascontiguousarray(pixels).data)
     return digest.digest()
 
 

@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from costserve.server.cache import pixels_digest
 from costserve.server.errors import InvalidInput
 from costserve.server.domain import ImageInput, PixelType, RawPixels
 
@@ -29,8 +30,40 @@ _NUMPY_DTYPE = {PixelType.UINT8: np.dtype(np.uint8), PixelType.FLOAT32: np.dtype
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+class DecodedImage:
+    """A validated image: its digest (the cache's key) at once, the model's input when asked.
+
+    Images that arrive as 8 bits per channel at the model's size (raw UINT8 pixels, or
+    a PNG/JPEG once converted) keep those bytes: their digest is taken over them and
+    the float input is made only on a cache miss. A PNG and the same raw pixels have
+    the same bytes, so they share a digest.
+    """
+
+    __slots__ = ("digest", "_levels", "_pixels")
+
+    def __init__(self, levels: np.ndarray | None = None, pixels: np.ndarray | None = None) -> None:
+        self._levels = levels
+        self._pixels = pixels
+        source = levels if levels is not None else pixels
+        assert source is not None
+        self.digest = pixels_digest(source)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """float32 ``(height, width, channels)`` in [0, 1], the model's input."""
+        if self._pixels is None:
+            assert self._levels is not None
+            self._pixels = self._levels.astype(np.float32) / np.float32(255.0)
+        return self._pixels
+
+
 def decode_image(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> np.ndarray:
     """Decode one image to float32 ``input_shape`` in [0, 1]; ``index`` names it in errors."""
+    return decode(image, input_shape, index).pixels
+
+
+def decode(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> DecodedImage:
+    """Validate one image and decode it as far as its digest; ``index`` names it in errors."""
     if (image.encoded is None) == (image.pixels is None):
         raise InvalidInput(f"images[{index}]: set exactly one of `encoded` (PNG/JPEG bytes) or `pixels`")
     if image.encoded is not None:
@@ -39,7 +72,7 @@ def decode_image(image: ImageInput, input_shape: tuple[int, int, int], index: in
     return _decode_pixels(image.pixels, input_shape, index)
 
 
-def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) -> np.ndarray:
+def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) -> DecodedImage:
     height, width, channels = input_shape
     if not data:
         raise InvalidInput(f"images[{index}].encoded is empty; expected the bytes of a PNG or JPEG file")
@@ -66,8 +99,7 @@ def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) 
         ) from None
     if picture.size != (width, height):
         picture = picture.resize((width, height), Image.Resampling.BILINEAR)
-    array = np.asarray(picture, dtype=np.float32) / 255.0
-    return array.reshape(input_shape)
+    return DecodedImage(levels=np.asarray(picture, dtype=np.uint8).reshape(input_shape))
 
 
 def _to_mode(picture: Image.Image, channels: int) -> Image.Image:
@@ -81,7 +113,7 @@ def _to_mode(picture: Image.Image, channels: int) -> Image.Image:
     return picture.convert("L" if channels == 1 else "RGB")
 
 
-def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: int) -> np.ndarray:
+def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: int) -> DecodedImage:
     height, width, channels = input_shape
     shape = pixels.shape
     where = f"images[{index}].pixels"
@@ -108,7 +140,9 @@ def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: 
         )
     array = np.frombuffer(pixels.data, dtype=_NUMPY_DTYPE[pixels.dtype]).reshape(height, width, given_channels)
     if pixels.dtype is PixelType.UINT8:
-        array = array.astype(np.float32) / 255.0
+        if given_channels == channels:
+            return DecodedImage(levels=array)
+        array = array.astype(np.float32) / np.float32(255.0)
     else:
         if not np.isfinite(array).all():
             raise InvalidInput(f"{where}.data holds NaN or infinite values; expected floats in [0, 1]")
@@ -119,7 +153,7 @@ def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: 
                 "(send UINT8 for 0..255)"
             )
         array = array.astype(np.float32)
-    return _match_channels(array, channels)
+    return DecodedImage(pixels=_match_channels(array, channels))
 
 
 def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:
