@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from prometheus_client import Histogram
 
 from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
@@ -43,6 +44,9 @@ class BatchAnswer:
     inference_seconds: float
     #: This image's equal share of the CPU-seconds the runtime call used.
     cpu_seconds: float
+    #: Index of the most probable class, and its probability.
+    label: int
+    score: float
 
 
 @dataclass
@@ -92,6 +96,10 @@ class Batcher:
         self._busy = False
         self._waiting = 0
         self._loop_cpu: LoopCpuClock | None = None
+        self._series: tuple[Histogram, Histogram, Histogram] | None = None
+        #: Resolved when the batch being filled can be completed, or its time is up.
+        self._filled: asyncio.Future | None = None
+        self._needed = 0
 
     @property
     def queue_depth(self) -> int:
@@ -106,6 +114,11 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
         if self.metrics is not None:
             self.metrics.track_queue_depth(self.label, lambda: self._waiting)
+            self._series = (
+                self.metrics.inference_duration.labels(self.label),
+                self.metrics.batch_size.labels(self.label),
+                self.metrics.queue_duration.labels(self.label),
+            )
 
     def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
         """Queue ``images`` (all or none); return one future of :class:`BatchAnswer` per image.
@@ -129,6 +142,8 @@ class Batcher:
             self._queue.put_nowait(_Waiting(pixels, future, deadline, now, arrived_busy))
             futures.append(future)
         self._waiting += len(images)
+        if self._filled is not None and self._queue.qsize() >= self._needed:
+            self._wake_filler()
         return futures
 
     async def stop(self) -> None:
@@ -136,6 +151,7 @@ class Batcher:
         if self._queue is None or self._task is None:
             return
         self._queue.put_nowait(_STOP)
+        self._wake_filler()
         await self._task
         assert self._executor is not None
         self._executor.shutdown(wait=True)
@@ -171,20 +187,20 @@ class Batcher:
         """Wait for more images until ``until`` or a full batch; True when the stop marker was met."""
         assert self._queue is not None
         loop = asyncio.get_running_loop()
-        while len(batch) < self.max_batch_size:
-            remaining = until - loop.time()
-            if remaining <= 0:
-                return False
-            try:
-                waiting = await asyncio.wait_for(self._queue.get(), remaining)
-            except asyncio.TimeoutError:
-                return False
-            if waiting is _STOP:
-                return True
-            batch.append(waiting)
-            if self._take_ready(batch):
-                return True
-        return False
+        # One wake-up per fill, when enough images are queued or the time is up: not one per image.
+        self._needed = self.max_batch_size - len(batch)
+        self._filled = loop.create_future()
+        timer = loop.call_at(until, self._wake_filler)
+        try:
+            await self._filled
+        finally:
+            timer.cancel()
+            self._filled = None
+        return self._take_ready(batch)
+
+    def _wake_filler(self) -> None:
+        if self._filled is not None and not self._filled.done():
+            self._filled.set_result(None)
 
     def _drop_unwanted(self, batch: list[_Waiting], now: float) -> list[_Waiting]:
         live = []
@@ -225,16 +241,18 @@ class Batcher:
             return
         finally:
             self._busy = False
-        if self.metrics is not None:
-            self.metrics.inference_duration.labels(self.label).observe(seconds)
-            self.metrics.batch_size.labels(self.label).observe(len(batch))
-            queue_duration = self.metrics.queue_duration.labels(self.label)
+        if self._series is not None:
+            inference_duration, batch_size, queue_duration = self._series
+            inference_duration.observe(seconds)
+            batch_size.observe(len(batch))
             for waiting in batch:
                 queue_duration.observe(started - waiting.enqueued_at)
         share = cpu_seconds / len(batch)
-        for row, waiting in zip(probabilities, batch):
+        labels = probabilities.argmax(axis=1)
+        scores = probabilities[np.arange(len(batch)), labels].tolist()
+        for row, label, score, waiting in zip(probabilities, labels.tolist(), scores, batch):
             if not waiting.future.done():
-                waiting.future.set_result(BatchAnswer(row, len(batch), seconds, share))
+                waiting.future.set_result(BatchAnswer(row, len(batch), seconds, share, label, score))
 
     def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
         """Run the runtime; return probabilities, wall seconds and the CPU-seconds it used.

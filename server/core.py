@@ -9,19 +9,18 @@ written once, here.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 
 import numpy as np
 
 from costserve.server.batcher import BatchAnswer, Batcher
-from costserve.server.cache import CacheKey, PredictionCache, pixels_digest
+from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
-from costserve.server.domain import ImagePrediction, Precision, PredictionRequest, PredictionResult
+from costserve.server.domain import CostBreakdown, ImagePrediction, Precision, PredictionRequest, PredictionResult
 from costserve.server.errors import CostserveError, DeadlineExceeded, InvalidInput, Unavailable
-from costserve.server.inputs import decode_image
-from costserve.server.metrics import ServiceMetrics
+from costserve.server.inputs import decode
+from costserve.server.metrics import PrecisionSeries, ServiceMetrics
 from costserve.server.model_store import LoadedModel
 from costserve.server.policy import Policy
 from costserve.server.runtimes import allowed_batch_sizes
@@ -65,6 +64,7 @@ class InferenceCore:
             for precision, runtime in model.runtimes.items()
         }
         self.ready = False
+        self._series = {precision: PrecisionSeries(metrics, precision.value) for precision in model.runtimes}
         metrics.track_cache_entries(lambda: len(self.cache))
         metrics.track_cost(self.meter.provisioned_usd, self.meter.utilization)
         prices = self.meter.prices
@@ -82,22 +82,11 @@ class InferenceCore:
 
     def _create_series(self) -> None:
         """Create the labelled series at 0, so dashboards show 0 rather than no data before traffic."""
-        metrics = self.metrics
         for reason in _REJECTION_REASONS.values():
-            metrics.rejected.labels(reason)
-        metrics.rejected.labels("cancelled")
-        for precision in self.model.runtimes:
-            label = precision.value
-            metrics.requests.labels("Predict", label, "OK")
-            metrics.request_duration.labels("Predict", label)
-            for cache in ("hit", "miss"):
-                metrics.images.labels(label, cache)
-            for resource in ("cpu", "memory", "network"):
-                metrics.cost.labels(resource, label)
-            for phase in ("handling", "inference"):
-                metrics.cpu_seconds.labels(label, phase)
-            metrics.network_bytes.labels(label)
-            metrics.request_cost.labels(label)
+            self.metrics.rejected.labels(reason)
+        self.metrics.rejected.labels("cancelled")
+        for series in self._series.values():
+            series.method("Predict")
 
     async def start(self) -> None:
         """Warm every runtime at every batch size (off the loop), then start the batchers."""
@@ -117,21 +106,24 @@ class InferenceCore:
 
     async def predict(self, request: PredictionRequest, method: str = "Predict") -> PredictionResult:
         """Classify every image of ``request``; raises :class:`CostserveError` subclasses on failure."""
-        precision_label = request.precision.value
         try:
             result = await self._predict(request)
         except CostserveError as error:
-            self.count_failure(method, precision_label, error)
+            self.count_failure(method, request.precision.value, error)
             raise
         except asyncio.CancelledError:  # the caller went away (or its deadline passed)
-            self.metrics.requests.labels(method, precision_label, "CANCELLED").inc()
+            self.metrics.requests.labels(method, request.precision.value, "CANCELLED").inc()
             self.metrics.rejected.labels("cancelled").inc()
             raise
-        precision_label = result.predictions[0].precision.value
-        self.metrics.requests.labels(method, precision_label, "OK").inc()
-        self.metrics.request_duration.labels(method, precision_label).observe(result.server_seconds)
-        for prediction in result.predictions:
-            self.metrics.images.labels(prediction.precision.value, "hit" if prediction.cache_hit else "miss").inc()
+        series = self._series[result.precision]
+        answered, duration = series.method(method)
+        answered.inc()
+        duration.observe(result.server_seconds)
+        hits = sum(prediction.cache_hit for prediction in result.predictions)
+        if hits:
+            series.images_hit.inc(hits)
+        if hits < len(result.predictions):
+            series.images_miss.inc(len(result.predictions) - hits)
         return result
 
     def count_failure(self, method: str, precision_label: str, error: CostserveError) -> None:
@@ -141,22 +133,22 @@ class InferenceCore:
         if reason:
             self.metrics.rejected.labels(reason).inc()
 
-    def charge(self, result: PredictionResult, network_bytes: int, adapter_cpu_seconds: float = 0.0) -> PredictionResult:
+    def charge(self, result: PredictionResult, network_bytes: int, adapter_cpu_seconds: float = 0.0) -> CostBreakdown:
         """Price an answered request; front ends call it with the bytes moved and their own CPU.
 
-        Returns ``result`` with its cost filled in, and counts the cost in the metrics.
+        Counts the cost in the metrics and returns it.
         """
         handling = result.handling_cpu_seconds + adapter_cpu_seconds
         cost = self.meter.charge(handling + result.inference_cpu_seconds, network_bytes)
-        precision = result.precision.value
-        self.metrics.cpu_seconds.labels(precision, "handling").inc(handling)
-        self.metrics.cpu_seconds.labels(precision, "inference").inc(result.inference_cpu_seconds)
-        self.metrics.network_bytes.labels(precision).inc(network_bytes)
-        self.metrics.cost.labels("cpu", precision).inc(cost.cpu_usd)
-        self.metrics.cost.labels("memory", precision).inc(cost.memory_usd)
-        self.metrics.cost.labels("network", precision).inc(cost.network_usd)
-        self.metrics.request_cost.labels(precision).observe(cost.usd)
-        return dataclasses.replace(result, handling_cpu_seconds=handling, cost=cost)
+        series = self._series[result.precision]
+        series.cpu_handling.inc(handling)
+        series.cpu_inference.inc(result.inference_cpu_seconds)
+        series.network_bytes.inc(network_bytes)
+        series.cost_cpu.inc(cost.cpu_usd)
+        series.cost_memory.inc(cost.memory_usd)
+        series.cost_network.inc(cost.network_usd)
+        series.request_cost.observe(cost.usd)
+        return cost
 
     async def _predict(self, request: PredictionRequest) -> PredictionResult:
         started = time.perf_counter()
@@ -173,43 +165,46 @@ class InferenceCore:
                 f"the request has {count} images; at most {self.settings.max_images_per_request} per request "
                 "(split it, or use PredictStream)"
             )
-        loop = asyncio.get_running_loop()
         deadline = None
         if request.time_remaining_s is not None:
             if request.time_remaining_s <= 0:
                 raise DeadlineExceeded("the request's deadline had passed when it arrived")
-            deadline = loop.time() + request.time_remaining_s
+            deadline = asyncio.get_running_loop().time() + request.time_remaining_s
 
-        pixels = [decode_image(image, self.model.input_shape, index) for index, image in enumerate(request.images)]
-        decision = self.policy.choose(request)
-        precision = decision.precision
+        input_shape = self.model.input_shape
+        images = [decode(image, input_shape, index) for index, image in enumerate(request.images)]
+        precision = self.policy.choose(request).precision
         use_cache = self.cache.enabled and not request.skip_cache
 
         predictions: list[ImagePrediction | None] = [None] * count
         keys: list[CacheKey | None] = [None] * count
         misses: list[int] = []
-        for index, image in enumerate(pixels):
+        for index, image in enumerate(images):
             if use_cache:
-                keys[index] = CacheKey(self.model.version, precision, pixels_digest(image))
-                cached = self.cache.get(keys[index])
+                key = keys[index] = CacheKey(self.model.version, precision, image.digest)
+                cached = self.cache.get(key)
                 if cached is not None:
-                    self.metrics.cache_hits.inc()
-                    predictions[index] = ImagePrediction(cached, precision, cache_hit=True, batch_size=0)
+                    predictions[index] = ImagePrediction.of(cached, precision, cache_hit=True, batch_size=0)
                     continue
-                self.metrics.cache_misses.inc()
             misses.append(index)
+        if use_cache:
+            if len(misses) < count:
+                self.metrics.cache_hits.inc(count - len(misses))
+            if misses:
+                self.metrics.cache_misses.inc(len(misses))
 
         if misses:
             handling_cpu += time.thread_time() - cpu_mark
-            answers = await self._compute(precision, [pixels[index] for index in misses], deadline)
+            answers = await self._compute(precision, [images[index].pixels for index in misses], deadline)
             cpu_mark = time.thread_time()
             for index, answer in zip(misses, answers):
                 inference_cpu += answer.cpu_seconds
                 predictions[index] = ImagePrediction(
-                    answer.probabilities, precision, cache_hit=False, batch_size=answer.batch_size
+                    answer.probabilities, precision, False, answer.batch_size, answer.label, answer.score
                 )
-                if keys[index] is not None:
-                    self.cache.put(keys[index], answer.probabilities)  # type: ignore[arg-type]
+                key = keys[index]
+                if key is not None:
+                    self.cache.put(key, answer.probabilities)
 
         return PredictionResult(
             predictions=predictions,  # type: ignore[arg-type]
@@ -221,6 +216,8 @@ class InferenceCore:
 
     async def _compute(self, precision: Precision, images: list[np.ndarray], deadline: float | None) -> list[BatchAnswer]:
         futures = self.batchers[precision].submit(images, deadline)
+        if len(futures) == 1:
+            return [await futures[0]]  # cancelling the caller cancels the future too
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:

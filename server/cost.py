@@ -124,8 +124,8 @@ class UtilizationWindow:
         self._started = clock()
         self._lock = threading.Lock()
 
-    def add(self, cpu_seconds: float) -> None:
-        """Record CPU-seconds used now."""
+    def add(self, cpu_seconds: float) -> float:
+        """Record CPU-seconds used now; return the utilization with them counted."""
         now = self._clock()
         start = now - (now % BUCKET_S)
         with self._lock:
@@ -135,6 +135,7 @@ class UtilizationWindow:
                 self._buckets.append([start, cpu_seconds])
             self._total += cpu_seconds
             self._expire(now)
+            return self._utilization(now)
 
     def _expire(self, now: float) -> None:
         while self._buckets and self._buckets[0][0] + BUCKET_S <= now - self.window_s:
@@ -145,8 +146,11 @@ class UtilizationWindow:
         now = self._clock()
         with self._lock:
             self._expire(now)
-            span = min(self.window_s, max(now - self._started, BUCKET_S))
-            return max(self._total, 0.0) / (span * self.vcpus)
+            return self._utilization(now)
+
+    def _utilization(self, now: float) -> float:
+        span = min(self.window_s, max(now - self._started, BUCKET_S))
+        return max(self._total, 0.0) / (span * self.vcpus)
 
 
 class CostMeter:
@@ -167,8 +171,7 @@ class CostMeter:
 
     def charge(self, cpu_seconds: float, network_bytes: int) -> CostBreakdown:
         """Price a request that used ``cpu_seconds`` and moved ``network_bytes``; records its CPU."""
-        self.window.add(cpu_seconds)
-        measured = self.window.utilization()
+        measured = self.window.add(cpu_seconds)
         utilization = min(max(measured, self.prices.min_utilization), 1.0)
         memory_gb_seconds = cpu_seconds * self.prices.memory_gb / self.prices.vcpus
         cpu_usd = self.prices.vcpu_hour_usd / 3600.0 * cpu_seconds / utilization

@@ -7,7 +7,7 @@ everything below it speak only these.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -60,24 +60,26 @@ class PredictionRequest:
 class ImagePrediction:
     """The answer for one image."""
 
+    __slots__ = ("probabilities", "precision", "cache_hit", "batch_size", "label", "score")
+
     probabilities: np.ndarray
     precision: Precision
     cache_hit: bool
     #: Images in the runtime batch that computed it (0 for a cache hit).
     batch_size: int
+    #: Index of the most probable class.
+    label: int
+    #: Probability of :attr:`label`.
+    score: float
 
-    @property
-    def label(self) -> int:
-        """Index of the most probable class."""
-        return int(np.argmax(self.probabilities))
-
-    @property
-    def score(self) -> float:
-        """Probability of :attr:`label`."""
-        return float(self.probabilities[self.label])
+    @classmethod
+    def of(cls, probabilities: np.ndarray, precision: Precision, cache_hit: bool, batch_size: int) -> "ImagePrediction":
+        """The prediction for ``probabilities``, its label and score read off once."""
+        label = int(probabilities.argmax())
+        return cls(probabilities, precision, cache_hit, batch_size, label, float(probabilities[label]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CostBreakdown:
     """What a request cost, in US dollars, and the resources behind it."""
 
@@ -102,7 +104,6 @@ class PredictionResult:
     handling_cpu_seconds: float = 0.0
     #: The request's share of the CPU-seconds of the inference batches its images were in.
     inference_cpu_seconds: float = 0.0
-    cost: CostBreakdown = field(default_factory=CostBreakdown)
 
     @property
     def precision(self) -> Precision:

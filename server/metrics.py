@@ -164,3 +164,31 @@ class ServiceMetrics:
     def track_cache_entries(self, entries: Callable[[], int]) -> None:
         """Read the cache's size at scrape time."""
         self.cache_entries.set_function(entries)
+
+
+class PrecisionSeries:
+    """The labelled series of one precision, looked up once: ``labels()`` is too slow per request."""
+
+    def __init__(self, metrics: ServiceMetrics, precision: str) -> None:
+        self._metrics = metrics
+        self._precision = precision
+        self._methods: dict[str, tuple[Counter, Histogram]] = {}
+        self.images_hit = metrics.images.labels(precision, "hit")
+        self.images_miss = metrics.images.labels(precision, "miss")
+        self.cost_cpu = metrics.cost.labels("cpu", precision)
+        self.cost_memory = metrics.cost.labels("memory", precision)
+        self.cost_network = metrics.cost.labels("network", precision)
+        self.cpu_handling = metrics.cpu_seconds.labels(precision, "handling")
+        self.cpu_inference = metrics.cpu_seconds.labels(precision, "inference")
+        self.network_bytes = metrics.network_bytes.labels(precision)
+        self.request_cost = metrics.request_cost.labels(precision)
+
+    def method(self, method: str) -> tuple[Counter, Histogram]:
+        """The answered-requests counter and the duration histogram of ``method``."""
+        series = self._methods.get(method)
+        if series is None:
+            series = self._methods[method] = (
+                self._metrics.requests.labels(method, self._precision, "OK"),
+                self._metrics.request_duration.labels(method, self._precision),
+            )
+        return series

@@ -132,18 +132,16 @@ def _prediction_to_proto(prediction: ImagePrediction, labels: list[str]) -> pb.P
     )
 
 
-def cost_to_proto(cost: CostBreakdown) -> pb.Cost:
-    """Convert a CostBreakdown to a Cost message."""
-    return pb.Cost(
-        usd=cost.usd,
-        cpu_usd=cost.cpu_usd,
-        memory_usd=cost.memory_usd,
-        network_usd=cost.network_usd,
-        cpu_seconds=cost.cpu_seconds,
-        memory_gb_seconds=cost.memory_gb_seconds,
-        network_bytes=cost.network_bytes,
-        utilization=cost.utilization,
-    )
+def fill_cost(message: pb.Cost, cost: CostBreakdown) -> None:
+    """Copy a CostBreakdown into a Cost message."""
+    message.usd = cost.usd
+    message.cpu_usd = cost.cpu_usd
+    message.memory_usd = cost.memory_usd
+    message.network_usd = cost.network_usd
+    message.cpu_seconds = cost.cpu_seconds
+    message.memory_gb_seconds = cost.memory_gb_seconds
+    message.network_bytes = cost.network_bytes
+    message.utilization = cost.utilization
 
 
 def cost_metadata(usd: float) -> tuple[tuple[str, str], ...]:
@@ -152,12 +150,11 @@ def cost_metadata(usd: float) -> tuple[tuple[str, str], ...]:
 
 
 def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.PredictResponse:
-    """Convert a PredictionResult to a PredictResponse message (cost included)."""
+    """Convert a PredictionResult to a PredictResponse message; the servicer fills the cost once priced."""
     return pb.PredictResponse(
         predictions=[_prediction_to_proto(prediction, labels) for prediction in result.predictions],
         model_version=result.model_version,
         server_seconds=result.server_seconds,
-        cost=cost_to_proto(result.cost),
     )
 
 
@@ -205,8 +202,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         response = response_to_proto(result, core.model.metadata.labels)
         network_bytes = message.ByteSize() + response.ByteSize() + COST_FIELD_BYTES
         adapter_cpu += time.thread_time() - cpu_mark
-        cost = core.charge(result, network_bytes, adapter_cpu).cost
-        response.cost.CopyFrom(cost_to_proto(cost))
+        fill_cost(response.cost, core.charge(result, network_bytes, adapter_cpu))
         return response
 
     @abort_on_error
