@@ -52,7 +52,9 @@ class Settings:
         "Prediction cache capacity in entries (about 250 bytes each for 10 classes); 0 turns the cache off.",
     )
     inference_threads: int = _option(
-        0, "Threads each runtime may use inside one call; 0 lets the runtime choose (one per core)."
+        1,
+        "Threads each runtime may use inside one call; 0 lets the runtime choose (one per core). One keeps "
+        "a small model's call on one core and the others free for the event loop; raise it for large models.",
     )
     drain_seconds: float = _option(
         30.0, "On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds."
