@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models/digits
 
-.PHONY: serve test install install-test train proto bench lint clean
+.PHONY: serve test install install-test train proto bench bench-policy lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ proto: install-test
 ## bench: throughput and latency against the gRPC ceiling; writes benchmarks/RESULTS.md
 bench: install-test
 	$(BIN)/python -m benchmarks.serving
+
+## bench-policy: one load ramp served fp32-only, int8-only and AUTO; writes benchmarks/RESULTS-policy.md
+bench-policy: install-test
+	$(BIN)/python -m benchmarks.policy
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info

@@ -4,6 +4,7 @@
 
     costserve cost [--metrics-url URL] [--json]                  # totals since the server started
     costserve cost --prometheus URL [--window 1h] [--json]     # increase() over the window
+    costserve cost --by-tenant [...]                              # spend per tenant beside its budget
 
 The figures, for each precision (``fp32``, ``int8``) and for all of them:
 
@@ -177,6 +178,9 @@ def prometheus_queries(window: str) -> dict[str, str]:
         "costserve_price_usd": latest("costserve_price_usd", "resource"),
         "costserve_provisioned": latest("costserve_provisioned", "resource"),
         "costserve_model_info": latest("costserve_model_info", "precision, accuracy"),
+        "costserve_tenant_spend_usd_total": increase("costserve_tenant_spend_usd_total", "tenant"),
+        "costserve_budget_rejections_total": increase("costserve_budget_rejections_total", "tenant"),
+        "costserve_tenant_budget_usd": latest("costserve_tenant_budget_usd", "tenant, period"),
     }
 
 
@@ -325,6 +329,56 @@ def compute_report(samples: Samples, source: str, period: str) -> CostReport:
         recommendations=[],
     )
     return dataclasses.replace(report, recommendations=recommend(report))
+
+
+@dataclass(frozen=True)
+class TenantFigures:
+    """One tenant's spend (``other``: every tenant without a budget), budget and refusals."""
+
+    tenant: str
+    spend_usd: float
+    budget_usd: float | None
+    period: str | None
+    rejections: float
+
+
+def tenant_figures(samples: Samples) -> list[TenantFigures]:
+    """Spend per tenant from ``costserve_tenant_spend_usd_total``, most spent first."""
+    budgets = {labels.get("tenant", ""): (value, labels.get("period")) for labels, value in samples.get("costserve_tenant_budget_usd", [])}
+    tenants = {labels.get("tenant", "") for labels, _ in samples.get("costserve_tenant_spend_usd_total", [])} | set(budgets)
+    figures = [
+        TenantFigures(
+            tenant,
+            _sum(samples, "costserve_tenant_spend_usd_total", tenant=tenant),
+            budgets.get(tenant, (None, None))[0],
+            budgets.get(tenant, (None, None))[1],
+            _sum(samples, "costserve_budget_rejections_total", tenant=tenant),
+        )
+        for tenant in tenants
+    ]
+    return sorted(figures, key=lambda figure: (-figure.spend_usd, figure.tenant))
+
+
+def format_tenants(figures: list[TenantFigures], source: str, period: str) -> str:
+    """The ``--by-tenant`` table."""
+    lines = [f"costserve spend by tenant: {source}, {period}", ""]
+    if not figures:
+        return "\n".join(lines + ["no tenant metrics (is the server older than costserve_tenant_spend_usd_total?)"])
+    rows = [("tenant", "spend", "budget", "refused")] + [
+        (
+            figure.tenant,
+            format_usd(figure.spend_usd),
+            "none" if figure.budget_usd is None else f"{format_usd(figure.budget_usd)} per {figure.period}",
+            f"{figure.rejections:.0f}",
+        )
+        for figure in figures
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        lines.append("  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+    lines += ["", "other: every tenant without a budget in the server's --budgets file, counted together.",
+              "Spend since the server started (or over the window); budgets reset each UTC hour or day."]
+    return "\n".join(lines)
 
 
 def format_usd(value: float | None) -> str:
@@ -498,6 +552,9 @@ def add_parser(commands: Any) -> None:
         f"[env COSTSERVE_WINDOW, default {DEFAULT_WINDOW}]",
     )
     cost.add_argument("--json", action="store_true", help="print one JSON document")
+    cost.add_argument(
+        "--by-tenant", action="store_true", help="spend per tenant (x-costserve-tenant) beside its budget and refusals"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -512,6 +569,13 @@ def run(args: argparse.Namespace) -> int:
     except CostReportError as error:
         print(f"costserve cost: {error}", file=sys.stderr)
         return 1
+    if getattr(args, "by_tenant", False):
+        tenants = tenant_figures(samples)
+        if args.json:
+            print(json.dumps({"source": source, "period": period, "tenants": [dataclasses.asdict(t) for t in tenants]}, indent=2))
+        else:
+            print(format_tenants(tenants, source, period))
+        return 0
     report = compute_report(samples, source, period)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0

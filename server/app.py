@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
 from costserve.server.cost import CostMeter, load_prices
 from costserve.server.metrics import ServiceMetrics
@@ -80,6 +81,7 @@ class CostserveServer:
 
     def __post_init__(self) -> None:
         self.meter = CostMeter(load_prices(self.settings.prices))
+        self.ledger = TenantLedger(load_budgets(self.settings.budgets))
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
@@ -119,7 +121,7 @@ class CostserveServer:
             self.model = await loop.run_in_executor(
                 None, load_model, version_dir, self.settings.max_batch_size, self.settings.inference_threads
             )
-        self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter)
+        self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
         self.servicer.core = self.core
         if not self._stopping:

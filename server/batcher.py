@@ -61,6 +61,8 @@ class _Waiting:
 
 
 _STOP = object()
+#: Weight of the newest batch in the recent time per image.
+EWMA_WEIGHT = 0.2
 
 
 class Batcher:
@@ -90,6 +92,8 @@ class Batcher:
         self.label = runtime.precision.value
         #: Images dropped before inference because their deadline had passed.
         self.expired_dropped = 0
+        #: Recent wall seconds of inference per image (EWMA over batches); None before the first batch.
+        self.seconds_per_image: float | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -105,6 +109,11 @@ class Batcher:
     def queue_depth(self) -> int:
         """Images accepted and not yet taken into a batch."""
         return self._waiting
+
+    def predicted_wait_s(self) -> float:
+        """Seconds a new image would wait before its batch starts, from recent batch times."""
+        per_image = self.seconds_per_image or 0.0
+        return self._waiting * per_image
 
     async def start(self) -> None:
         """Create the queue, the inference thread and the dispatcher in the running loop."""
@@ -247,6 +256,9 @@ class Batcher:
             batch_size.observe(len(batch))
             for waiting in batch:
                 queue_duration.observe(started - waiting.enqueued_at)
+        per_image = seconds / len(batch)
+        previous = self.seconds_per_image
+        self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
         share = cpu_seconds / len(batch)
         labels = probabilities.argmax(axis=1)
         scores = probabilities[np.arange(len(batch)), labels].tolist()

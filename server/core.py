@@ -9,20 +9,22 @@ written once, here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
 import numpy as np
 
-from costserve.server.batcher import BatchAnswer, Batcher
+from costserve.server.batcher import EWMA_WEIGHT, BatchAnswer, Batcher
+from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, TenantLedger
 from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
 from costserve.server.domain import CostBreakdown, ImagePrediction, Precision, PredictionRequest, PredictionResult
-from costserve.server.errors import CostserveError, DeadlineExceeded, InvalidInput, Unavailable
+from costserve.server.errors import BudgetExceeded, CostserveError, DeadlineExceeded, InvalidInput, Unavailable
 from costserve.server.inputs import decode
 from costserve.server.metrics import PrecisionSeries, ServiceMetrics
 from costserve.server.model_store import LoadedModel
-from costserve.server.policy import Policy
+from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
 from costserve.server.runtimes import allowed_batch_sizes
 from costserve.server.settings import Settings
 
@@ -33,7 +35,11 @@ _REJECTION_REASONS = {
     "Overloaded": "queue_full",
     "DeadlineExceeded": "deadline_exceeded",
     "Unavailable": "unavailable",
+    "BudgetExceeded": "budget",
+    "ConstraintUnmet": "constraint",
 }
+#: Window over which the demand (images to compute per second) is measured, in seconds.
+DEMAND_WINDOW_S = 1.0
 
 
 class InferenceCore:
@@ -46,12 +52,21 @@ class InferenceCore:
         metrics: ServiceMetrics,
         meter: CostMeter | None = None,
         policy: Policy | None = None,
+        ledger: TenantLedger | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
         self.meter = meter or CostMeter(Prices())
-        self.policy = policy or Policy()
+        self.policy = policy or Policy(
+            {precision: model.metadata.variant(precision).accuracy for precision in model.runtimes},
+            PolicyConfig(mode=settings.policy, latency_slo_s=settings.latency_slo_s),
+        )
+        self.ledger = ledger or TenantLedger(Budgets({}))
+        #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction.
+        self.cost_per_image: dict[Precision, float] = {}
+        self._demand: collections.deque[tuple[float, int]] = collections.deque()
+        self._demand_total = 0
         self.cache = PredictionCache(settings.cache_size, on_evict=metrics.cache_evictions.inc)
         self.batchers = {
             precision: Batcher(
@@ -85,8 +100,16 @@ class InferenceCore:
         for reason in _REJECTION_REASONS.values():
             self.metrics.rejected.labels(reason)
         self.metrics.rejected.labels("cancelled")
-        for series in self._series.values():
+        for tenant, budget in self.ledger.budgets.tenants.items():
+            self.metrics.tenant_spend.labels(tenant)
+            self.metrics.budget_rejections.labels(tenant)
+            self.metrics.tenant_budget.labels(tenant, budget.period).set(budget.usd)
+        self.metrics.tenant_spend.labels(OTHER_TENANT)
+        self.metrics.load_shedding.set_function(lambda: float(self.policy.shedding))
+        for precision, series in self._series.items():
             series.method("Predict")
+            for reason in REASONS:
+                self.metrics.decisions.labels(precision.value, reason)
 
     async def start(self) -> None:
         """Warm every runtime at every batch size (off the loop), then start the batchers."""
@@ -148,7 +171,65 @@ class InferenceCore:
         series.cost_memory.inc(cost.memory_usd)
         series.cost_network.inc(cost.network_usd)
         series.request_cost.observe(cost.usd)
+        self.metrics.tenant_spend.labels(self.ledger.label(result.tenant)).inc(cost.usd)
+        self.ledger.charge(result.tenant, cost.usd)
+        computed = sum(not prediction.cache_hit for prediction in result.predictions)
+        if computed:
+            per_image = cost.usd / computed
+            previous = self.cost_per_image.get(result.precision)
+            self.cost_per_image[result.precision] = (
+                per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
+            )
         return cost
+
+    def _demand_per_s(self, now: float, images: int = 0) -> float:
+        """Images needing computation per second over the last DEMAND_WINDOW_S; records ``images``."""
+        if images:
+            self._demand.append((now, images))
+            self._demand_total += images
+        while self._demand and self._demand[0][0] <= now - DEMAND_WINDOW_S:
+            self._demand_total -= self._demand.popleft()[1]
+        return self._demand_total / DEMAND_WINDOW_S
+
+    def load(self, request: PredictionRequest, budget: BudgetStatus) -> Load:
+        """The load signals the policy reads, measured now."""
+        count = len(request.images)
+        return Load(
+            queue_depth={precision: batcher.queue_depth for precision, batcher in self.batchers.items()},
+            predicted_wait_s={precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()},
+            demand_per_s=self._demand_per_s(time.monotonic()),
+            utilization=self.meter.utilization(),
+            predicted_cost_usd={precision: usd * count for precision, usd in self.cost_per_image.items()},
+            budget=budget,
+        )
+
+    def _cached(self, precision: Precision, digests: list[bytes]) -> list[np.ndarray] | None:
+        """Every image's cached answer under ``precision``, or None unless all are cached."""
+        answers = []
+        for digest in digests:
+            cached = self.cache.get(CacheKey(self.model.version, precision, digest))
+            if cached is None:
+                return None
+            answers.append(cached)
+        return answers
+
+    def _decide(
+        self, request: PredictionRequest, digests: list[bytes] | None
+    ) -> tuple[Decision, list[np.ndarray] | None]:
+        """Refuse a tenant over budget, answer AUTO from the cache when it can, else ask the policy.
+
+        ``digests`` are the images' pixel digests, None when the cache is not to be used.
+        """
+        state = self.ledger.state(request.tenant)
+        if state.status is BudgetStatus.OVER:
+            self.metrics.budget_rejections.labels(self.ledger.label(request.tenant)).inc()
+            raise BudgetExceeded(state.refusal(self.ledger.clock()))
+        if digests is not None and request.precision is Precision.AUTO:
+            for precision in self.policy.allowed(request):
+                answers = self._cached(precision, digests)
+                if answers is not None:
+                    return Decision(precision, "cache"), answers
+        return self.policy.choose(request, self.load(request, state.status)), None
 
     async def _predict(self, request: PredictionRequest) -> PredictionResult:
         started = time.perf_counter()
@@ -171,17 +252,23 @@ class InferenceCore:
                 raise DeadlineExceeded("the request's deadline had passed when it arrived")
             deadline = asyncio.get_running_loop().time() + request.time_remaining_s
 
-        input_shape = self.model.input_shape
-        images = [decode(image, input_shape, index) for index, image in enumerate(request.images)]
-        precision = self.policy.choose(request).precision
+        images = [decode(image, self.model.input_shape, index) for index, image in enumerate(request.images)]
         use_cache = self.cache.enabled and not request.skip_cache
+        digests = [image.digest for image in images] if use_cache else None
+        decision, cached_answers = self._decide(request, digests)
+        precision = decision.precision
+        self.metrics.decisions.labels(precision.value, decision.reason).inc()
 
         predictions: list[ImagePrediction | None] = [None] * count
         keys: list[CacheKey | None] = [None] * count
         misses: list[int] = []
-        for index, image in enumerate(images):
-            if use_cache:
-                key = keys[index] = CacheKey(self.model.version, precision, image.digest)
+        if cached_answers is not None:
+            predictions = [
+                ImagePrediction.of(answer, precision, cache_hit=True, batch_size=0) for answer in cached_answers
+            ]
+        for index in range(count) if cached_answers is None else ():
+            if digests is not None:
+                key = keys[index] = CacheKey(self.model.version, precision, digests[index])
                 cached = self.cache.get(key)
                 if cached is not None:
                     predictions[index] = ImagePrediction.of(cached, precision, cache_hit=True, batch_size=0)
@@ -194,6 +281,7 @@ class InferenceCore:
                 self.metrics.cache_misses.inc(len(misses))
 
         if misses:
+            self._demand_per_s(time.monotonic(), len(misses))
             handling_cpu += time.thread_time() - cpu_mark
             answers = await self._compute(precision, [images[index].pixels for index in misses], deadline)
             cpu_mark = time.thread_time()
@@ -212,6 +300,8 @@ class InferenceCore:
             server_seconds=time.perf_counter() - started,
             handling_cpu_seconds=handling_cpu + time.thread_time() - cpu_mark,
             inference_cpu_seconds=inference_cpu,
+            decision_reason=decision.reason,
+            tenant=request.tenant,
         )
 
     async def _compute(self, precision: Precision, images: list[np.ndarray], deadline: float | None) -> list[BatchAnswer]:

@@ -54,6 +54,12 @@ class PredictionRequest:
     skip_cache: bool = False
     #: Seconds left before the caller's deadline, or None when it set none.
     time_remaining_s: float | None = None
+    #: Who pays for the request (request metadata ``x-costserve-tenant``); "" when unnamed.
+    tenant: str = ""
+    #: Lowest held-out accuracy (0..1) a variant must have to answer; 0 sets no floor.
+    min_accuracy: float = 0.0
+    #: Most the request may cost, in USD; 0 sets no ceiling.
+    max_cost_usd: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,10 @@ class PredictionResult:
     handling_cpu_seconds: float = 0.0
     #: The request's share of the CPU-seconds of the inference batches its images were in.
     inference_cpu_seconds: float = 0.0
+    #: Why the policy chose :attr:`precision` (a bounded label value, see :mod:`costserve.server.policy`).
+    decision_reason: str = ""
+    #: The tenant the request is charged to ("" when unnamed).
+    tenant: str = ""
 
     @property
     def precision(self) -> Precision:

@@ -28,6 +28,22 @@ class Overloaded(CostserveError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class BudgetExceeded(CostserveError):
+    """The tenant has spent its budget for the current period; retry after it resets."""
+
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ConstraintUnmet(CostserveError):
+    """No variant the request allows can meet its accuracy floor or cost ceiling.
+
+    FAILED_PRECONDITION, not INVALID_ARGUMENT: the request is well formed, but the
+    served variants (their accuracy) or the current prices cannot satisfy it.
+    """
+
+    status = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExceeded(CostserveError):
     """The request's deadline passed before it could be computed."""
 

@@ -98,7 +98,7 @@ class ServiceMetrics:
         self.rejected = Counter(
             "costserve_rejected_total",
             "Requests that got no answer, by reason "
-            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable).",
+            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint).",
             ["reason"],
             registry=registry,
         )
@@ -149,6 +149,37 @@ class ServiceMetrics:
             "costserve_provisioned",
             "Provisioned resources: vcpus, memory_gb.",
             ["resource"],
+            registry=registry,
+        )
+
+        self.decisions = Counter(
+            "costserve_decisions_total",
+            "Policy decisions, by precision chosen and reason (requested, cache, accuracy_floor, cost_ceiling, "
+            "budget_near, load_shed, deadline, cost_first, accuracy_first).",
+            ["precision", "reason"],
+            registry=registry,
+        )
+        self.load_shedding = Gauge(
+            "costserve_load_shedding",
+            "1 while AUTO traffic is moved to int8 to hold the latency objective, else 0.",
+            registry=registry,
+        )
+        self.tenant_spend = Counter(
+            "costserve_tenant_spend_usd_total",
+            "Cost charged per tenant, in USD (tenants with a budget by name, everyone else as other).",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_budget = Gauge(
+            "costserve_tenant_budget_usd",
+            "Each configured tenant's budget, in USD per period (hour or day).",
+            ["tenant", "period"],
+            registry=registry,
+        )
+        self.budget_rejections = Counter(
+            "costserve_budget_rejections_total",
+            "Requests refused because their tenant had spent its budget.",
+            ["tenant"],
             registry=registry,
         )
 

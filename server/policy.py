@@ -1,15 +1,57 @@
 """Which variant answers a request, and why.
 
-For now the policy honours an explicit precision and answers ``AUTO`` with fp32,
-the most accurate variant. Cost-aware choices
-(accuracy floors, load, budgets) extend :meth:`Policy.choose`.
+:meth:`Policy.choose` takes the request (precision asked for, accuracy floor, cost
+ceiling, deadline) and the :class:`Load` the core measured (queue depth, predicted
+wait from recent batch times, demand, CPU utilization, predicted cost per variant,
+the tenant's budget state) and returns a :class:`Decision`: a precision and a reason
+from :data:`REASONS`, a bounded label value.
+
+* An explicit precision is honoured (``requested``) or refused with
+  :class:`ConstraintUnmet` when it is below the accuracy floor or predicted above
+  the cost ceiling.
+* ``AUTO`` keeps the variants that meet the floor and the ceiling; if only one is
+  left, it answers (``accuracy_floor`` or ``cost_ceiling``). Otherwise, in order:
+  a tenant near its budget gets int8 (``budget_near``); under load pressure int8
+  (``load_shed``); a deadline that fp32's predicted wait would miss but int8's would
+  not gets int8 (``deadline``); else the mode decides: ``cost_first`` takes int8,
+  ``accuracy_first`` takes fp32.
+* Load pressure has hysteresis. It starts when the predicted fp32 wait exceeds
+  ``enter_fraction`` of the latency objective or CPU utilization reaches
+  ``utilization_high``; it ends only after the predicted wait stayed under
+  ``exit_fraction`` of the objective, utilization under ``utilization_high`` and the
+  demand (images to compute per second) under ``exit_demand_fraction`` of the demand
+  seen when pressure started, all for ``hold_s`` seconds in a row. Shedding empties
+  the fp32 queue at once, so the wait alone would flip straight back; the demand
+  test is what keeps it from flapping.
+
+The cache is consulted by the core before the policy: an ``AUTO`` request whose
+images are all cached under a variant meeting its floor is answered from there
+(reason ``cache``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
+from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import Precision, PredictionRequest
+from costserve.server.errors import ConstraintUnmet
+
+POLICIES = ("cost_first", "accuracy_first")
+#: Every reason a decision may carry (the ``reason`` label of ``costserve_decisions_total``).
+REASONS = (
+    "requested",
+    "cache",
+    "accuracy_floor",
+    "cost_ceiling",
+    "budget_near",
+    "load_shed",
+    "deadline",
+    "cost_first",
+    "accuracy_first",
+)
 
 
 @dataclass(frozen=True)
@@ -20,11 +62,142 @@ class Decision:
     reason: str
 
 
-class Policy:
-    """Chooses fp32 or int8 per request."""
+@dataclass(frozen=True)
+class Load:
+    """What the core measured just before choosing; every field has a harmless default."""
 
-    def choose(self, request: PredictionRequest) -> Decision:
-        """An explicit precision is honoured; AUTO takes fp32, the most accurate variant."""
-        if request.precision is Precision.AUTO:
-            return Decision(Precision.FP32, "auto_default")
-        return Decision(request.precision, "requested")
+    #: Images waiting per variant.
+    queue_depth: Mapping[Precision, int] = field(default_factory=dict)
+    #: Predicted seconds before a new image of each variant would be computed (queue × recent time per image).
+    predicted_wait_s: Mapping[Precision, float] = field(default_factory=dict)
+    #: Images needing computation per second, over the last second (both variants).
+    demand_per_s: float = 0.0
+    #: Measured utilization of the provisioned CPU (0..1, before the pricing clamp).
+    utilization: float = 0.0
+    #: Predicted cost of this request per variant, in USD; absent while unknown.
+    predicted_cost_usd: Mapping[Precision, float] = field(default_factory=dict)
+    #: Where the request's tenant stands against its budget (OVER is refused before choosing).
+    budget: BudgetStatus = BudgetStatus.NONE
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Policy knobs; the latency objective comes from ``--latency-slo-ms``."""
+
+    mode: str = "accuracy_first"
+    latency_slo_s: float = 0.1
+    enter_fraction: float = 0.5
+    exit_fraction: float = 0.2
+    utilization_high: float = 0.9
+    exit_demand_fraction: float = 0.6
+    hold_s: float = 3.0
+
+
+class Policy:
+    """Chooses fp32 or int8 per request; holds the load-shedding state (one per core).
+
+    ``accuracy`` maps each served variant to its held-out accuracy; ``clock`` is
+    monotonic seconds (tests pass their own).
+    """
+
+    def __init__(
+        self,
+        accuracy: Mapping[Precision, float] | None = None,
+        config: PolicyConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.accuracy = dict(accuracy or {Precision.FP32: 1.0, Precision.INT8: 1.0})
+        self.config = config or PolicyConfig()
+        if self.config.mode not in POLICIES:
+            raise ValueError(f"policy {self.config.mode!r} is not one of {', '.join(POLICIES)}")
+        self.clock = clock
+        #: True while AUTO traffic is moved to int8 to hold the latency objective.
+        self.shedding = False
+        self._entered_demand = 0.0
+        self._calm_since: float | None = None
+
+    def allowed(self, request: PredictionRequest) -> list[Precision]:
+        """Variants meeting the request's accuracy floor, most accurate first."""
+        variants = sorted(self.accuracy, key=lambda precision: -self.accuracy[precision])
+        return [precision for precision in variants if self.accuracy[precision] >= request.min_accuracy]
+
+    def observe(self, load: Load) -> bool:
+        """Update the load-shedding state from ``load``; return whether shedding now."""
+        config = self.config
+        wait = load.predicted_wait_s.get(Precision.FP32, 0.0)
+        now = self.clock()
+        if not self.shedding:
+            if wait > config.enter_fraction * config.latency_slo_s or load.utilization >= config.utilization_high:
+                self.shedding = True
+                self._entered_demand = load.demand_per_s
+                self._calm_since = None
+            return self.shedding
+        calm = (
+            wait < config.exit_fraction * config.latency_slo_s
+            and load.utilization < config.utilization_high
+            and load.demand_per_s <= config.exit_demand_fraction * self._entered_demand
+        )
+        if not calm:
+            self._calm_since = None
+        elif self._calm_since is None:
+            self._calm_since = now
+        elif now - self._calm_since >= config.hold_s:
+            self.shedding = False
+            self._calm_since = None
+        return self.shedding
+
+    def choose(self, request: PredictionRequest, load: Load | None = None) -> Decision:
+        """The variant for ``request`` under ``load``; raises :class:`ConstraintUnmet` when none fits."""
+        load = load or Load()
+        shedding = self.observe(load)
+        ceiling = request.max_cost_usd
+        if request.precision is not Precision.AUTO:
+            precision = request.precision
+            if self.accuracy.get(precision, 0.0) < request.min_accuracy:
+                raise ConstraintUnmet(
+                    f"precision {precision.value} has held-out accuracy {self.accuracy.get(precision, 0.0):.4f}, "
+                    f"below the request's min_accuracy {request.min_accuracy:.4f}; "
+                    "lower the floor or ask for PRECISION_AUTO"
+                )
+            predicted = load.predicted_cost_usd.get(precision)
+            if ceiling > 0 and predicted is not None and predicted > ceiling:
+                raise ConstraintUnmet(
+                    f"precision {precision.value} is predicted to cost ${predicted:.3g} for this request, "
+                    f"above its max_cost_usd ${ceiling:.3g}; raise the ceiling or ask for PRECISION_AUTO"
+                )
+            return Decision(precision, "requested")
+
+        candidates = self.allowed(request)
+        if not candidates:
+            best = max(self.accuracy.values())
+            raise ConstraintUnmet(
+                f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is {best:.4f}"
+            )
+        if ceiling > 0:
+            affordable = [p for p in candidates if load.predicted_cost_usd.get(p, 0.0) <= ceiling]
+            if not affordable:
+                cheapest = min(load.predicted_cost_usd.get(p, 0.0) for p in candidates)
+                raise ConstraintUnmet(
+                    f"every variant meeting the accuracy floor is predicted to cost more than max_cost_usd "
+                    f"${ceiling:.3g} (the cheapest ${cheapest:.3g}); raise the ceiling or lower the floor"
+                )
+            if len(affordable) < len(candidates):
+                return Decision(affordable[0], "cost_ceiling")
+        if len(candidates) == 1:
+            return Decision(candidates[0], "accuracy_floor")
+        if Precision.INT8 in candidates and Precision.FP32 in candidates:
+            if load.budget is BudgetStatus.NEAR:
+                return Decision(Precision.INT8, "budget_near")
+            if shedding:
+                return Decision(Precision.INT8, "load_shed")
+            remaining = request.time_remaining_s
+            if (
+                self.config.mode == "accuracy_first"
+                and remaining is not None
+                and load.predicted_wait_s.get(Precision.FP32, 0.0) > remaining
+                and load.predicted_wait_s.get(Precision.INT8, 0.0) < remaining
+            ):
+                return Decision(Precision.INT8, "deadline")
+        if self.config.mode == "cost_first":
+            return Decision(Precision.INT8 if Precision.INT8 in candidates else candidates[0], "cost_first")
+        return Decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
@@ -44,6 +45,8 @@ PRECISION_TO_PROTO = {precision: value for value, precision in PRECISION_FROM_PR
 PIXEL_TYPE_FROM_PROTO = {pb.DTYPE_UINT8: PixelType.UINT8, pb.DTYPE_FLOAT32: PixelType.FLOAT32}
 #: Responses a PredictStream computes ahead of the one it is sending.
 STREAM_WINDOW = 64
+#: Request metadata key naming the tenant the call is charged to.
+TENANT_METADATA_KEY = "x-costserve-tenant"
 #: Trailing metadata key holding the call's cost in USD (the sum over a stream's responses).
 COST_METADATA_KEY = "x-costserve-cost-usd"
 #: Bytes a filled Cost field adds to a response (seven doubles, a varint of a typical
@@ -83,8 +86,14 @@ def abort_on_error(
     return wrapper
 
 
-def request_from_proto(message: pb.PredictRequest, time_remaining_s: float | None) -> PredictionRequest:
-    """Convert a PredictRequest message; unknown enum values are InvalidInput."""
+def request_from_proto(
+    message: pb.PredictRequest, time_remaining_s: float | None, tenant: str = ""
+) -> PredictionRequest:
+    """Convert a PredictRequest message; unknown enum values and impossible constraints are InvalidInput."""
+    if not 0 <= message.min_accuracy <= 1:
+        raise InvalidInput(f"min_accuracy {message.min_accuracy} must lie in [0, 1] (0 sets no floor)")
+    if not 0 <= message.max_cost_usd < math.inf:
+        raise InvalidInput(f"max_cost_usd {message.max_cost_usd} must be a finite number, 0 (no ceiling) or more")
     if message.precision not in PRECISION_FROM_PROTO:
         raise InvalidInput(
             f"precision {message.precision} is not a known value; expected PRECISION_AUTO (0), "
@@ -117,6 +126,9 @@ def request_from_proto(message: pb.PredictRequest, time_remaining_s: float | Non
         precision=PRECISION_FROM_PROTO[message.precision],
         skip_cache=message.skip_cache,
         time_remaining_s=time_remaining_s,
+        tenant=tenant,
+        min_accuracy=message.min_accuracy,
+        max_cost_usd=message.max_cost_usd,
     )
 
 
@@ -155,7 +167,16 @@ def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.Predict
         predictions=[_prediction_to_proto(prediction, labels) for prediction in result.predictions],
         model_version=result.model_version,
         server_seconds=result.server_seconds,
+        decision_reason=result.decision_reason,
     )
+
+
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
+    """The tenant named by the call's metadata, or "" when it names none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_METADATA_KEY:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ""
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -192,7 +213,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Convert, predict, convert back, and charge the request for what it used."""
         cpu_mark = time.thread_time()
         try:
-            request = request_from_proto(message, context.time_remaining())
+            request = request_from_proto(message, context.time_remaining(), tenant_of(context))
         except InvalidInput as error:
             core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
             raise

@@ -64,12 +64,32 @@ class Settings:
         "TOML price file: prices per vCPU-hour, GB-hour and GB moved, the provisioned vCPUs and memory, "
         "and the utilization window (see deploy/prices.toml); unset uses the built-in defaults.",
     )
+    policy: str = _option(
+        "accuracy_first",
+        "How PRECISION_AUTO is answered: accuracy_first (fp32 while capacity is free) or "
+        "cost_first (int8, the cheaper variant, whenever it meets the request's accuracy floor).",
+    )
+    latency_slo_ms: float = _option(
+        100.0,
+        "Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
+        "passes half of it, and back once load stays low.",
+    )
+    budgets: Path | None = _option(
+        None,
+        "TOML budgets file: USD per hour or per day for each tenant named by the x-costserve-tenant "
+        "request metadata (see deploy/budgets.toml); unset means no budgets.",
+    )
     log_level: str = _option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
 
     @property
     def batch_timeout_s(self) -> float:
         """``batch_timeout_ms`` in seconds."""
         return self.batch_timeout_ms / 1000.0
+
+    @property
+    def latency_slo_s(self) -> float:
+        """``latency_slo_ms`` in seconds."""
+        return self.latency_slo_ms / 1000.0
 
 
 def _flag(name: str) -> str:
@@ -145,5 +165,9 @@ def validate(settings: Settings) -> None:
         problems.append("--model-dir must name a directory (not empty and not the working directory itself)")
     if settings.max_message_bytes < 1024:
         problems.append("--max-message-bytes must be at least 1024")
+    if settings.policy not in ("cost_first", "accuracy_first"):
+        problems.append("--policy must be cost_first or accuracy_first")
+    if not 0 < settings.latency_slo_ms < math.inf:
+        problems.append("--latency-slo-ms must be a finite number above 0")
     if problems:
         raise SystemExit("invalid settings: " + "; ".join(problems))

@@ -7,6 +7,7 @@ import math
 import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -267,3 +268,31 @@ def test_prometheus_errors_are_clear(http_server: Callable[[Route], str], capsys
         main(["cost", "--prometheus", base, "--window", "an hour"])
     assert exited.value.code == 2
     assert "not a Prometheus duration" in capsys.readouterr().err
+
+
+def test_by_tenant_lists_spend_beside_budgets(
+    start_server: Callable[..., RunningServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("[tenants.acme]\nusd_per_hour = 0.5\n[tenants.globex]\nusd_per_day = 2\n")
+    server = start_server(budgets=budgets)
+    spent = {"acme": 0.0, "other": 0.0}
+    with Client(server.target, timeout=30) as client:
+        for tenant, metadata in (("acme", (("x-costserve-tenant", "acme"),)), ("other", (("x-costserve-tenant", "zed"),)), ("other", ())):
+            request = client.request(EXAMPLES[:2], skip_cache=True)
+            reply = client._stub.Predict(request, timeout=30, metadata=metadata)
+            spent[tenant] += reply.cost.usd
+
+    assert main(["cost", "--metrics-url", metrics_url(server), "--by-tenant", "--json"]) == 0
+    rows = {row["tenant"]: row for row in json.loads(capsys.readouterr().out)["tenants"]}
+    assert set(rows) == {"acme", "globex", "other"}
+    assert close(rows["acme"]["spend_usd"], spent["acme"], rel=1e-6) and rows["acme"]["budget_usd"] == 0.5
+    assert rows["acme"]["period"] == "hour" and rows["globex"]["period"] == "day"
+    assert rows["globex"]["spend_usd"] == 0 and rows["other"]["budget_usd"] is None
+    assert close(rows["other"]["spend_usd"], spent["other"], rel=1e-6)
+
+    assert main(["cost", "--metrics-url", metrics_url(server), "--by-tenant"]) == 0
+    out = capsys.readouterr().out
+    acme = next(line for line in out.splitlines() if line.startswith("acme"))
+    assert format_usd(spent["acme"]) in acme.split() and "per hour" in acme
+    assert "other: every tenant without a budget" in out

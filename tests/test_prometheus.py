@@ -48,6 +48,7 @@ GRAFANA_DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "pro
 GRAFANA_DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "costserve.yml"
 COMPOSE = DEPLOY / "docker-compose.yml"
 PRICES = DEPLOY / "prices.toml"
+BUDGETS = DEPLOY / "budgets.toml"
 EXAMPLES = sorted((REPO_ROOT / "examples" / "digits").glob("digit_*.png"))
 
 JOB = "costserve"
@@ -344,6 +345,11 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
             w.gauge("costserve_model_info", ["name", "version", "precision", "format", "accuracy"], how=max),
             EXACT,
         ),
+        ("Policy decisions", "A"): (w.rate("costserve_decisions_total", ["precision", "reason"]), EXACT),
+        ("Policy decisions", "B"): (w.gauge("costserve_load_shedding", how=max), EXACT),
+        ("Spend by tenant (USD/hour)", "A"): (_scale(3600, w.rate("costserve_tenant_spend_usd_total", ["tenant"])), EXACT),
+        ("Spend by tenant (USD/hour)", "B"): (w.rate("costserve_budget_rejections_total", ["tenant"]), EXACT),
+        ("Tenant budgets", "A"): (w.gauge("costserve_tenant_budget_usd", ["tenant", "period"], how=max), EXACT),
     }
 
 
@@ -754,7 +760,7 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
     from costserve import Client
 
     rule_count = _rule_count()
-    server = start_server(prices=PRICES)
+    server = start_server(prices=PRICES, budgets=BUDGETS)
     target = {"job": JOB, "instance": f"127.0.0.1:{server.server.metrics_port}"}
     config = tmp_path / "prometheus.yml"
     # JSON is YAML. The very rules file of deploy/, evaluated every second.

@@ -30,6 +30,9 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "drain_seconds": ("1.5", 1.5),
     "prices": ("/etc/costserve/prices.toml", Path("/etc/costserve/prices.toml")),
     "log_level": ("DEBUG", "DEBUG"),
+    "policy": ("cost_first", "cost_first"),
+    "latency_slo_ms": ("250", 250.0),
+    "budgets": ("/etc/costserve/budgets.toml", Path("/etc/costserve/budgets.toml")),
 }
 
 

@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostserve/v1/classifier.proto\x12\x0c\x63ostserve.v1\"I\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.costserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.costserve.v1.PixelsH\x00\x42\x06\n\x04\x64\x61ta\"u\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.costserve.v1.Image\x12*\n\tprecision\x18\x02 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\"\xa8\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nlabel_name\x18\x07 \x01(\t\"\xa9\x01\n\x04\x43ost\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_usd\x18\x02 \x01(\x01\x12\x12\n\nmemory_usd\x18\x03 \x01(\x01\x12\x13\n\x0bnetwork_usd\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x05 \x01(\x01\x12\x19\n\x11memory_gb_seconds\x18\x06 \x01(\x01\x12\x15\n\rnetwork_bytes\x18\x07 \x01(\x03\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"\x91\x01\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.costserve.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12 \n\x04\x63ost\x18\x03 \x01(\x0b\x32\x12.costserve.v1.Cost\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"y\n\x07Variant\x12*\n\tprecision\x18\x01 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\"\xdd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x08variants\x18\x05 \x03(\x0b\x32\x15.costserve.v1.Variant\x12\x18\n\x10holdout_examples\x18\x06 \x01(\x03\x12\x15\n\rtraining_data\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05*G\n\tPrecision\x12\x12\n\x0ePRECISION_AUTO\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02*+\n\x05\x44Type\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x32\xf2\x01\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.costserve.v1.GetModelInfoRequest\x1a\x17.costserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostserve/v1/classifier.proto\x12\x0c\x63ostserve.v1\"I\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.costserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.costserve.v1.PixelsH\x00\x42\x06\n\x04\x64\x61ta\"\xa1\x01\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.costserve.v1.Image\x12*\n\tprecision\x18\x02 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\x12\x14\n\x0cmin_accuracy\x18\x04 \x01(\x01\x12\x14\n\x0cmax_cost_usd\x18\x05 \x01(\x01\"\xa8\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nlabel_name\x18\x07 \x01(\t\"\xa9\x01\n\x04\x43ost\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_usd\x18\x02 \x01(\x01\x12\x12\n\nmemory_usd\x18\x03 \x01(\x01\x12\x13\n\x0bnetwork_usd\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x05 \x01(\x01\x12\x19\n\x11memory_gb_seconds\x18\x06 \x01(\x01\x12\x15\n\rnetwork_bytes\x18\x07 \x01(\x03\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"\xaa\x01\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.costserve.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12 \n\x04\x63ost\x18\x03 \x01(\x0b\x32\x12.costserve.v1.Cost\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x05 \x01(\t\"\x15\n\x13GetModelInfoRequest\"y\n\x07Variant\x12*\n\tprecision\x18\x01 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\"\xdd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x08variants\x18\x05 \x03(\x0b\x32\x15.costserve.v1.Variant\x12\x18\n\x10holdout_examples\x18\x06 \x01(\x03\x12\x15\n\rtraining_data\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05*G\n\tPrecision\x12\x12\n\x0ePRECISION_AUTO\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02*+\n\x05\x44Type\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x32\xf2\x01\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.costserve.v1.GetModelInfoRequest\x1a\x17.costserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costserve.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRECISION']._serialized_start=1178
-  _globals['_PRECISION']._serialized_end=1249
-  _globals['_DTYPE']._serialized_start=1251
-  _globals['_DTYPE']._serialized_end=1294
+  _globals['_PRECISION']._serialized_start=1248
+  _globals['_PRECISION']._serialized_end=1319
+  _globals['_DTYPE']._serialized_start=1321
+  _globals['_DTYPE']._serialized_end=1364
   _globals['_PIXELS']._serialized_start=47
   _globals['_PIXELS']._serialized_end=120
   _globals['_IMAGE']._serialized_start=122
   _globals['_IMAGE']._serialized_end=196
-  _globals['_PREDICTREQUEST']._serialized_start=198
-  _globals['_PREDICTREQUEST']._serialized_end=315
-  _globals['_PREDICTION']._serialized_start=318
-  _globals['_PREDICTION']._serialized_end=486
-  _globals['_COST']._serialized_start=489
-  _globals['_COST']._serialized_end=658
-  _globals['_PREDICTRESPONSE']._serialized_start=661
-  _globals['_PREDICTRESPONSE']._serialized_end=806
-  _globals['_GETMODELINFOREQUEST']._serialized_start=808
-  _globals['_GETMODELINFOREQUEST']._serialized_end=829
-  _globals['_VARIANT']._serialized_start=831
-  _globals['_VARIANT']._serialized_end=952
-  _globals['_MODELINFO']._serialized_start=955
-  _globals['_MODELINFO']._serialized_end=1176
-  _globals['_CLASSIFIER']._serialized_start=1297
-  _globals['_CLASSIFIER']._serialized_end=1539
+  _globals['_PREDICTREQUEST']._serialized_start=199
+  _globals['_PREDICTREQUEST']._serialized_end=360
+  _globals['_PREDICTION']._serialized_start=363
+  _globals['_PREDICTION']._serialized_end=531
+  _globals['_COST']._serialized_start=534
+  _globals['_COST']._serialized_end=703
+  _globals['_PREDICTRESPONSE']._serialized_start=706
+  _globals['_PREDICTRESPONSE']._serialized_end=876
+  _globals['_GETMODELINFOREQUEST']._serialized_start=878
+  _globals['_GETMODELINFOREQUEST']._serialized_end=899
+  _globals['_VARIANT']._serialized_start=901
+  _globals['_VARIANT']._serialized_end=1022
+  _globals['_MODELINFO']._serialized_start=1025
+  _globals['_MODELINFO']._serialized_end=1246
+  _globals['_CLASSIFIER']._serialized_start=1367
+  _globals['_CLASSIFIER']._serialized_end=1609
 # @@protoc_insertion_point(module_scope)

@@ -42,14 +42,18 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., pixels: _Optional[_Union[Pixels, _Mapping]] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("images", "precision", "skip_cache")
+    __slots__ = ("images", "precision", "skip_cache", "min_accuracy", "max_cost_usd")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[Image]
     precision: Precision
     skip_cache: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., precision: _Optional[_Union[Precision, str]] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
+    min_accuracy: float
+    max_cost_usd: float
+    def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., precision: _Optional[_Union[Precision, str]] = ..., skip_cache: _Optional[bool] = ..., min_accuracy: _Optional[float] = ..., max_cost_usd: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "score", "probabilities", "cache_hit", "precision", "batch_size", "label_name")
@@ -90,16 +94,18 @@ class Cost(_message.Message):
     def __init__(self, usd: _Optional[float] = ..., cpu_usd: _Optional[float] = ..., memory_usd: _Optional[float] = ..., network_usd: _Optional[float] = ..., cpu_seconds: _Optional[float] = ..., memory_gb_seconds: _Optional[float] = ..., network_bytes: _Optional[int] = ..., utilization: _Optional[float] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("predictions", "model_version", "cost", "server_seconds")
+    __slots__ = ("predictions", "model_version", "cost", "server_seconds", "decision_reason")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     SERVER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECISION_REASON_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model_version: str
     cost: Cost
     server_seconds: float
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., server_seconds: _Optional[float] = ...) -> None: ...
+    decision_reason: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model_version: _Optional[str] = ..., cost: _Optional[_Union[Cost, _Mapping]] = ..., server_seconds: _Optional[float] = ..., decision_reason: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
