@@ -203,33 +203,36 @@ class InferenceCore:
             budget=budget,
         )
 
-    def _cached(self, precision: Precision, digests: list[bytes]) -> list[np.ndarray] | None:
-        """Every image's cached answer under ``precision``, or None unless all are cached."""
-        answers = []
+    def _lookup(self, precision: Precision, digests: list[bytes]) -> list[np.ndarray | None]:
+        """Cached answers under ``precision``, in image order, up to and including the first miss (None)."""
+        answers: list[np.ndarray | None] = []
         for digest in digests:
-            cached = self.cache.get(CacheKey(self.model.version, precision, digest))
-            if cached is None:
-                return None
-            answers.append(cached)
+            answers.append(self.cache.get(CacheKey(self.model.version, precision, digest)))
+            if answers[-1] is None:
+                break
         return answers
 
     def _decide(
         self, request: PredictionRequest, digests: list[bytes] | None
-    ) -> tuple[Decision, list[np.ndarray] | None]:
+    ) -> tuple[Decision, list[np.ndarray | None]]:
         """Refuse a tenant over budget, answer AUTO from the cache when it can, else ask the policy.
 
-        ``digests`` are the images' pixel digests, None when the cache is not to be used.
+        ``digests`` are the images' pixel digests, None when the cache is not to be used. Also
+        returns the cache lookups already made under the chosen variant (see :meth:`_lookup`),
+        so that no image is looked up twice.
         """
         state = self.ledger.state(request.tenant)
         if state.status is BudgetStatus.OVER:
             self.metrics.budget_rejections.labels(self.ledger.label(request.tenant)).inc()
             raise BudgetExceeded(state.refusal(self.ledger.clock()))
+        looked_up: dict[Precision, list[np.ndarray | None]] = {}
         if digests is not None and request.precision is Precision.AUTO:
             for precision in self.policy.allowed(request):
-                answers = self._cached(precision, digests)
-                if answers is not None:
+                answers = looked_up[precision] = self._lookup(precision, digests)
+                if len(answers) == len(digests) and answers[-1] is not None:
                     return Decision(precision, "cache"), answers
-        return self.policy.choose(request, self.load(request, state.status)), None
+        decision = self.policy.choose(request, self.load(request, state.status))
+        return decision, looked_up.get(decision.precision, [])
 
     async def _predict(self, request: PredictionRequest) -> PredictionResult:
         started = time.perf_counter()
@@ -255,21 +258,17 @@ class InferenceCore:
         images = [decode(image, self.model.input_shape, index) for index, image in enumerate(request.images)]
         use_cache = self.cache.enabled and not request.skip_cache
         digests = [image.digest for image in images] if use_cache else None
-        decision, cached_answers = self._decide(request, digests)
+        decision, looked_up = self._decide(request, digests)
         precision = decision.precision
         self.metrics.decisions.labels(precision.value, decision.reason).inc()
 
         predictions: list[ImagePrediction | None] = [None] * count
         keys: list[CacheKey | None] = [None] * count
         misses: list[int] = []
-        if cached_answers is not None:
-            predictions = [
-                ImagePrediction.of(answer, precision, cache_hit=True, batch_size=0) for answer in cached_answers
-            ]
-        for index in range(count) if cached_answers is None else ():
+        for index in range(count):
             if digests is not None:
                 key = keys[index] = CacheKey(self.model.version, precision, digests[index])
-                cached = self.cache.get(key)
+                cached = looked_up[index] if index < len(looked_up) else self.cache.get(key)
                 if cached is not None:
                     predictions[index] = ImagePrediction.of(cached, precision, cache_hit=True, batch_size=0)
                     continue
