@@ -154,11 +154,11 @@ class CostserveServer:
         # nothing is in flight and no call has started for a moment. Stopping the transport
         # earlier would cancel the calls it holds but has not handed to a handler yet.
         while loop.time() < deadline and (
-            self.servicer.in_flight > 0 or time.monotonic() - self.servicer.last_call_at < DRAIN_QUIET_S
+            self.servicer.calls.in_flight > 0 or time.monotonic() - self.servicer.calls.last_call_at < DRAIN_QUIET_S
         ):
             await asyncio.sleep(0.02)
         # Then refuse with UNAVAILABLE (a status clients retry) before closing the transport.
-        self.servicer.accepting = False
+        self.servicer.calls.accepting = False
         await asyncio.sleep(min(DRAIN_QUIET_S, max(0.0, deadline - loop.time())))
         if self._grpc is not None:
             await self._grpc.stop(max(0.0, deadline - loop.time()))

@@ -24,17 +24,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from prometheus_client import Histogram
-
 from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
-from costserve.server.metrics import ServiceMetrics
+from costserve.server.metrics import LoopHistogram, ServiceMetrics
 from costserve.server.runtimes import Runtime
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class BatchAnswer:
     """One image's probabilities and the batch that computed them."""
 
@@ -49,7 +47,7 @@ class BatchAnswer:
     score: float
 
 
-@dataclass
+@dataclass(slots=True)
 class _Waiting:
     pixels: np.ndarray
     future: asyncio.Future
@@ -58,6 +56,15 @@ class _Waiting:
     enqueued_at: float
     #: The runtime was busy (or others were waiting) when the image arrived.
     arrived_busy: bool
+
+
+def model_batch(images: Sequence[np.ndarray]) -> np.ndarray:
+    """One float32 batch in [0, 1] from images given as uint8 levels or float32 pixels."""
+    if all(image.dtype == np.uint8 for image in images):
+        return np.stack(images).astype(np.float32) / np.float32(255.0)
+    return np.stack(
+        [image.astype(np.float32) / np.float32(255.0) if image.dtype == np.uint8 else image for image in images]
+    )
 
 
 _STOP = object()
@@ -100,7 +107,7 @@ class Batcher:
         self._busy = False
         self._waiting = 0
         self._loop_cpu: LoopCpuClock | None = None
-        self._series: tuple[Histogram, Histogram, Histogram] | None = None
+        self._series: tuple[LoopHistogram, LoopHistogram, LoopHistogram] | None = None
         #: Resolved when the batch being filled can be completed, or its time is up.
         self._filled: asyncio.Future | None = None
         self._needed = 0
@@ -124,7 +131,7 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.track_queue_depth(self.label, lambda: self._waiting)
             self._series = (
-                self.metrics.inference_duration.labels(self.label),
+                self.metrics.inference_duration.labels(self.label),  # type: ignore[assignment]
                 self.metrics.batch_size.labels(self.label),
                 self.metrics.queue_duration.labels(self.label),
             )
@@ -132,6 +139,8 @@ class Batcher:
     def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
         """Queue ``images`` (all or none); return one future of :class:`BatchAnswer` per image.
 
+        Each image is ``(height, width, channels)``: uint8 levels 0..255, converted to
+        floats a batch at a time on the inference thread, or float32 in [0, 1].
         ``deadline`` is an event-loop time (``loop.time()``). Raises
         :class:`Overloaded` when the images do not fit in the queue.
         """
@@ -231,14 +240,11 @@ class Batcher:
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        pixels = np.stack([waiting.pixels for waiting in batch])
         self._busy = True
         try:
-            probabilities, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, pixels)
-            if len(probabilities) != len(batch):
-                raise InferenceFailed(
-                    f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(batch)}"
-                )
+            rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(
+                self._executor, self._predict, [waiting.pixels for waiting in batch]
+            )
         except Exception as exc:  # the runtime failed: fail this batch only
             log.exception("%s batch of %d failed", self.label, len(batch))
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(
@@ -250,31 +256,44 @@ class Batcher:
             return
         finally:
             self._busy = False
+        size = len(batch)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)
-            batch_size.observe(len(batch))
+            batch_size.observe(size)
             for waiting in batch:
                 queue_duration.observe(started - waiting.enqueued_at)
-        per_image = seconds / len(batch)
+        per_image = seconds / size
         previous = self.seconds_per_image
         self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
-        share = cpu_seconds / len(batch)
-        labels = probabilities.argmax(axis=1)
-        scores = probabilities[np.arange(len(batch)), labels].tolist()
-        for row, label, score, waiting in zip(probabilities, labels.tolist(), scores, batch):
+        share = cpu_seconds / size
+        for row, label, score, waiting in zip(rows, labels, scores, batch):
             if not waiting.future.done():
-                waiting.future.set_result(BatchAnswer(row, len(batch), seconds, share, label, score))
+                waiting.future.set_result(BatchAnswer(row, size, seconds, share, label, score))
 
-    def _predict(self, pixels: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """Run the runtime; return probabilities, wall seconds and the CPU-seconds it used.
+    def _predict(
+        self, images: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[int], list[float], float, float]:
+        """Run one batch on the inference thread, with the work around it.
 
-        The runtime's own threads are not ours to clock, so its CPU is the process's CPU
-        over the call less what the event loop used meanwhile (that is the handling of
-        other requests, which they are charged for).
+        Stacks ``images``, runs the runtime, checks it returned one row per image, and
+        splits the answer into one read-only row per image with its label and score.
+        Returns those, the wall seconds and the CPU-seconds it all used. The runtime's
+        own threads are not ours to clock, so its CPU is the process's CPU over the call
+        less what the event loop used meanwhile (that is the handling of other requests,
+        which they are charged for).
         """
         assert self._loop_cpu is not None
         started, process_started, loop_started = time.perf_counter(), time.process_time(), self._loop_cpu.seconds()
-        probabilities = self.runtime.predict(pixels)
+        probabilities = self.runtime.predict(model_batch(images))
+        if len(probabilities) != len(images):
+            raise InferenceFailed(f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(images)}")
+        labels = probabilities.argmax(axis=1)
+        scores = probabilities[np.arange(len(images)), labels].tolist()
+        # A read-only row of its own per image: callers keep rows in the cache, where a view
+        # would keep its whole batch's block alive and a writable row could be changed under it.
+        rows = [row.astype(np.float32) for row in probabilities]
+        for row in rows:
+            row.flags.writeable = False
         cpu_seconds = (time.process_time() - process_started) - (self._loop_cpu.seconds() - loop_started)
-        return probabilities, time.perf_counter() - started, max(cpu_seconds, 0.0)
+        return rows, labels.tolist(), scores, time.perf_counter() - started, max(cpu_seconds, 0.0)

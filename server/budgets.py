@@ -117,6 +117,9 @@ class BudgetState:
         )
 
 
+_NO_BUDGET = BudgetState(BudgetStatus.NONE)
+
+
 def period_start(now: float, period: str) -> float:
     """Start (Unix time) of the UTC hour or day holding ``now``."""
     return now - now % PERIOD_SECONDS[period]
@@ -146,7 +149,7 @@ class TenantLedger:
         """Where ``tenant`` stands now."""
         budget = self.budgets.tenants.get(tenant)
         if budget is None:
-            return BudgetState(BudgetStatus.NONE)
+            return _NO_BUDGET
         now = self.clock()
         start = self._roll(budget, now)
         spent = self._spent[tenant]

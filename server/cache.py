@@ -9,9 +9,10 @@ thread).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 from cachetools import LRUCache
@@ -29,10 +30,19 @@ class CacheKey(NamedTuple):
 
 def pixels_digest(pixels: np.ndarray) -> bytes:
     """A 128-bit BLAKE2b digest of decoded pixels with their dtype and shape."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{pixels.dtype.str}{pixels.shape}".encode())
-    digest.update(np.ascontiguousarray(pixels).data)
+    return buffer_digest(np.ascontiguousarray(pixels).data, pixels.dtype.str, pixels.shape)
+
+
+def buffer_digest(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> bytes:
+    """:func:`pixels_digest` of the row-major ``data`` of an array of ``dtype`` (numpy's ``dtype.str``) and ``shape``."""
+    digest = hashlib.blake2b(_digest_prefix(dtype, shape), digest_size=16)
+    digest.update(data)
     return digest.digest()
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
+    return f"{dtype}{shape}".encode()
 
 
 class _CountingLRU(LRUCache):
@@ -49,7 +59,10 @@ class _CountingLRU(LRUCache):
 
 
 class PredictionCache:
-    """Thread-safe LRU of class probabilities, bounded to ``max_entries`` (0 = off).
+    """Thread-safe LRU of answers, bounded to ``max_entries`` (0 = off).
+
+    Values are stored as given and must not be changed afterwards; the core stores
+    each image's :class:`~costserve.server.domain.ImagePrediction` as a hit will return it.
 
     Example::
 
@@ -77,8 +90,8 @@ class PredictionCache:
         if self._on_evict is not None:
             self._on_evict()
 
-    def get(self, key: CacheKey) -> np.ndarray | None:
-        """The cached probabilities for ``key`` (marking it most recently used), or None on a miss."""
+    def get(self, key: CacheKey) -> Any:
+        """The cached answer for ``key`` (marking it most recently used), or None on a miss."""
         if self._entries is None:
             return None
         with self._lock:
@@ -87,14 +100,12 @@ class PredictionCache:
             except KeyError:
                 return None
 
-    def put(self, key: CacheKey, probabilities: np.ndarray) -> None:
-        """Store probabilities (read-only copy), evicting the least recently used entry when full."""
+    def put(self, key: CacheKey, answer: Any) -> None:
+        """Store ``answer``, evicting the least recently used entry when full."""
         if self._entries is None:
             return
-        stored = np.array(probabilities, dtype=np.float32)
-        stored.flags.writeable = False
         with self._lock:
-            self._entries[key] = stored
+            self._entries[key] = answer
 
     def __len__(self) -> int:
         if self._entries is None:

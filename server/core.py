@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 
@@ -21,7 +22,7 @@ from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
 from costserve.server.domain import CostBreakdown, ImagePrediction, Precision, PredictionRequest, PredictionResult
 from costserve.server.errors import BudgetExceeded, CostserveError, DeadlineExceeded, InvalidInput, Unavailable
-from costserve.server.inputs import decode
+from costserve.server.inputs import DecodedImage, decode
 from costserve.server.metrics import PrecisionSeries, ServiceMetrics
 from costserve.server.model_store import LoadedModel
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
@@ -40,6 +41,8 @@ _REJECTION_REASONS = {
 }
 #: Window over which the demand (images to compute per second) is measured, in seconds.
 DEMAND_WINDOW_S = 1.0
+#: Longest the policy reuses one measurement of the load, in seconds.
+LOAD_SAMPLE_S = 0.005
 
 
 class InferenceCore:
@@ -67,6 +70,10 @@ class InferenceCore:
         self.cost_per_image: dict[Precision, float] = {}
         self._demand: collections.deque[tuple[float, int]] = collections.deque()
         self._demand_total = 0
+        self._load: Load | None = None
+        self._load_measured_at = 0.0
+        self._requested = {precision: Decision(precision, "requested") for precision in model.runtimes}
+        self._from_cache = {precision: Decision(precision, "cache") for precision in model.runtimes}
         self.cache = PredictionCache(settings.cache_size, on_evict=metrics.cache_evictions.inc)
         self.batchers = {
             precision: Batcher(
@@ -142,7 +149,7 @@ class InferenceCore:
         answered, duration = series.method(method)
         answered.inc()
         duration.observe(result.server_seconds)
-        hits = sum(prediction.cache_hit for prediction in result.predictions)
+        hits = result.cache_hits
         if hits:
             series.images_hit.inc(hits)
         if hits < len(result.predictions):
@@ -156,15 +163,17 @@ class InferenceCore:
         if reason:
             self.metrics.rejected.labels(reason).inc()
 
-    def charge(self, result: PredictionResult, network_bytes: int, adapter_cpu_seconds: float = 0.0) -> CostBreakdown:
-        """Price an answered request; front ends call it with the bytes moved and their own CPU.
+    def charge(self, result: PredictionResult, network_bytes: int, handling_cpu_seconds: float) -> CostBreakdown:
+        """Price an answered request; counts the cost in the metrics and returns it.
 
-        Counts the cost in the metrics and returns it.
+        Front ends call it with the bytes moved and the request's handling CPU: the event
+        loop's CPU from when they took the request up to now, less
+        ``result.waiting_loop_cpu_seconds`` (other requests' work while it waited). Two
+        clock reads per request: each read of a thread's CPU clock is a system call.
         """
-        handling = result.handling_cpu_seconds + adapter_cpu_seconds
-        cost = self.meter.charge(handling + result.inference_cpu_seconds, network_bytes)
+        cost = self.meter.charge(handling_cpu_seconds + result.inference_cpu_seconds, network_bytes)
         series = self._series[result.precision]
-        series.cpu_handling.inc(handling)
+        series.cpu_handling.inc(handling_cpu_seconds)
         series.cpu_inference.inc(result.inference_cpu_seconds)
         series.network_bytes.inc(network_bytes)
         series.cost_cpu.inc(cost.cpu_usd)
@@ -173,7 +182,7 @@ class InferenceCore:
         series.request_cost.observe(cost.usd)
         self.metrics.tenant_spend.labels(self.ledger.label(result.tenant)).inc(cost.usd)
         self.ledger.charge(result.tenant, cost.usd)
-        computed = sum(not prediction.cache_hit for prediction in result.predictions)
+        computed = len(result.predictions) - result.cache_hits
         if computed:
             per_image = cost.usd / computed
             previous = self.cost_per_image.get(result.precision)
@@ -191,30 +200,26 @@ class InferenceCore:
             self._demand_total -= self._demand.popleft()[1]
         return self._demand_total / DEMAND_WINDOW_S
 
-    def load(self, request: PredictionRequest, budget: BudgetStatus) -> Load:
-        """The load signals the policy reads, measured now."""
-        count = len(request.images)
-        return Load(
-            queue_depth={precision: batcher.queue_depth for precision, batcher in self.batchers.items()},
-            predicted_wait_s={precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()},
-            demand_per_s=self._demand_per_s(time.monotonic()),
-            utilization=self.meter.utilization(),
-            predicted_cost_usd={precision: usd * count for precision, usd in self.cost_per_image.items()},
-            budget=budget,
-        )
+    def load(self, budget: BudgetStatus = BudgetStatus.NONE) -> Load:
+        """The load signals the policy reads: measured at most every LOAD_SAMPLE_S, plus ``budget``.
 
-    def _lookup(self, precision: Precision, digests: list[bytes]) -> list[np.ndarray | None]:
-        """Cached answers under ``precision``, in image order, up to and including the first miss (None)."""
-        answers: list[np.ndarray | None] = []
-        for digest in digests:
-            answers.append(self.cache.get(CacheKey(self.model.version, precision, digest)))
-            if answers[-1] is None:
-                break
-        return answers
+        Measuring takes longer than answering a cached request, and the signals move
+        on the scale of batches, not requests.
+        """
+        now = time.monotonic()
+        snapshot = self._load
+        if snapshot is None or now - self._load_measured_at >= LOAD_SAMPLE_S:
+            snapshot = self._load = Load(
+                queue_depth={precision: batcher.queue_depth for precision, batcher in self.batchers.items()},
+                predicted_wait_s={precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()},
+                demand_per_s=self._demand_per_s(now),
+                utilization=self.meter.utilization(),
+                predicted_cost_per_image_usd=dict(self.cost_per_image),
+            )
+            self._load_measured_at = now
+        return snapshot if budget is BudgetStatus.NONE else dataclasses.replace(snapshot, budget=budget)
 
-    def _decide(
-        self, request: PredictionRequest, digests: list[bytes] | None
-    ) -> tuple[Decision, list[np.ndarray | None]]:
+    def _decide(self, request: PredictionRequest, digests: list[bytes] | None) -> tuple[Decision, list[ImagePrediction | None]]:
         """Refuse a tenant over budget, answer AUTO from the cache when it can, else ask the policy.
 
         ``digests`` are the images' pixel digests, None when the cache is not to be used. Also
@@ -225,20 +230,28 @@ class InferenceCore:
         if state.status is BudgetStatus.OVER:
             self.metrics.budget_rejections.labels(self.ledger.label(request.tenant)).inc()
             raise BudgetExceeded(state.refusal(self.ledger.clock()))
-        looked_up: dict[Precision, list[np.ndarray | None]] = {}
+        if request.precision is not Precision.AUTO and not request.min_accuracy and not request.max_cost_usd:
+            return self._requested[request.precision], []  # nothing for the policy to weigh
+        looked_up: dict[Precision, list[ImagePrediction | None]] = {}
         if digests is not None and request.precision is Precision.AUTO:
             for precision in self.policy.allowed(request):
                 answers = looked_up[precision] = self._lookup(precision, digests)
                 if len(answers) == len(digests) and answers[-1] is not None:
-                    return Decision(precision, "cache"), answers
-        decision = self.policy.choose(request, self.load(request, state.status))
+                    return self._from_cache[precision], answers
+        decision = self.policy.choose(request, self.load(state.status))
         return decision, looked_up.get(decision.precision, [])
+
+    def _lookup(self, precision: Precision, digests: list[bytes]) -> list[ImagePrediction | None]:
+        """Cached answers under ``precision``, in image order, up to and including the first miss (None)."""
+        answers: list[ImagePrediction | None] = []
+        for digest in digests:
+            answers.append(self.cache.get(CacheKey(self.model.version, precision, digest)))
+            if answers[-1] is None:
+                break
+        return answers
 
     async def _predict(self, request: PredictionRequest) -> PredictionResult:
         started = time.perf_counter()
-        cpu_mark = time.thread_time()  # the event loop's CPU: this coroutine's own steps
-        handling_cpu = 0.0
-        inference_cpu = 0.0
         if not self.ready:
             raise Unavailable("the model is loading or the server is shutting down; retry shortly")
         count = len(request.images)
@@ -255,7 +268,8 @@ class InferenceCore:
                 raise DeadlineExceeded("the request's deadline had passed when it arrived")
             deadline = asyncio.get_running_loop().time() + request.time_remaining_s
 
-        images = [decode(image, self.model.input_shape, index) for index, image in enumerate(request.images)]
+        input_shape = self.model.input_shape
+        images = [decode(image, input_shape, index) for index, image in enumerate(request.images)]
         use_cache = self.cache.enabled and not request.skip_cache
         digests = [image.digest for image in images] if use_cache else None
         decision, looked_up = self._decide(request, digests)
@@ -263,48 +277,54 @@ class InferenceCore:
         self.metrics.decisions.labels(precision.value, decision.reason).inc()
 
         predictions: list[ImagePrediction | None] = [None] * count
-        keys: list[CacheKey | None] = [None] * count
         misses: list[int] = []
-        for index in range(count):
-            if digests is not None:
-                key = keys[index] = CacheKey(self.model.version, precision, digests[index])
-                cached = looked_up[index] if index < len(looked_up) else self.cache.get(key)
-                if cached is not None:
-                    predictions[index] = ImagePrediction.of(cached, precision, cache_hit=True, batch_size=0)
-                    continue
-            misses.append(index)
-        if use_cache:
+        if digests is None:
+            misses = list(range(count))
+        else:
+            version = self.model.version
+            for index, digest in enumerate(digests):
+                cached = looked_up[index] if index < len(looked_up) else self.cache.get(CacheKey(version, precision, digest))
+                if cached is None:
+                    misses.append(index)
+                else:
+                    predictions[index] = cached
             if len(misses) < count:
                 self.metrics.cache_hits.inc(count - len(misses))
             if misses:
                 self.metrics.cache_misses.inc(len(misses))
 
+        inference_cpu = waiting_cpu = 0.0
         if misses:
             self._demand_per_s(time.monotonic(), len(misses))
-            handling_cpu += time.thread_time() - cpu_mark
-            answers = await self._compute(precision, [images[index].pixels for index in misses], deadline)
             cpu_mark = time.thread_time()
+            answers = await self._compute(precision, [images[index] for index in misses], deadline)
+            waiting_cpu = time.thread_time() - cpu_mark
             for index, answer in zip(misses, answers):
                 inference_cpu += answer.cpu_seconds
                 predictions[index] = ImagePrediction(
                     answer.probabilities, precision, False, answer.batch_size, answer.label, answer.score
                 )
-                key = keys[index]
-                if key is not None:
-                    self.cache.put(key, answer.probabilities)
+                if digests is not None:
+                    self.cache.put(
+                        CacheKey(self.model.version, precision, digests[index]),
+                        ImagePrediction(answer.probabilities, precision, True, 0, answer.label, answer.score),
+                    )
 
         return PredictionResult(
-            predictions=predictions,  # type: ignore[arg-type]
-            model_version=self.model.version,
-            server_seconds=time.perf_counter() - started,
-            handling_cpu_seconds=handling_cpu + time.thread_time() - cpu_mark,
-            inference_cpu_seconds=inference_cpu,
-            decision_reason=decision.reason,
-            tenant=request.tenant,
+            predictions,  # type: ignore[arg-type]
+            self.model.version,
+            time.perf_counter() - started,
+            waiting_cpu,
+            inference_cpu,
+            decision.reason,
+            request.tenant,
+            count - len(misses),
         )
 
-    async def _compute(self, precision: Precision, images: list[np.ndarray], deadline: float | None) -> list[BatchAnswer]:
-        futures = self.batchers[precision].submit(images, deadline)
+    async def _compute(
+        self, precision: Precision, images: list[DecodedImage], deadline: float | None
+    ) -> list[BatchAnswer]:
+        futures = self.batchers[precision].submit([image.model_input for image in images], deadline)
         if len(futures) == 1:
             return [await futures[0]]  # cancelling the caller cancels the future too
         try:

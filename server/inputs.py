@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from costserve.server.cache import pixels_digest
+from costserve.server.cache import buffer_digest, pixels_digest
 from costserve.server.errors import InvalidInput
 from costserve.server.domain import ImageInput, PixelType, RawPixels
 
@@ -39,21 +39,50 @@ class DecodedImage:
     the same bytes, so they share a digest.
     """
 
-    __slots__ = ("digest", "_levels", "_pixels")
+    __slots__ = ("digest", "_levels", "_pixels", "_level_bytes", "_shape")
 
     def __init__(self, levels: np.ndarray | None = None, pixels: np.ndarray | None = None) -> None:
         self._levels = levels
         self._pixels = pixels
+        self._level_bytes: bytes | None = None
         source = levels if levels is not None else pixels
         assert source is not None
+        self._shape = source.shape
         self.digest = pixels_digest(source)
+
+    @classmethod
+    def of_level_bytes(cls, data: bytes, shape: tuple[int, int, int]) -> "DecodedImage":
+        """An image of 8-bit levels already checked to be ``shape``: no array is made until one is needed."""
+        image = cls.__new__(cls)
+        image._levels = image._pixels = None
+        image._level_bytes = data
+        image._shape = shape
+        image.digest = buffer_digest(data, "|u1", shape)
+        return image
+
+    @property
+    def levels(self) -> np.ndarray | None:
+        """uint8 ``(height, width, channels)`` in 0..255, or None for an image that arrived as floats."""
+        if self._levels is None and self._level_bytes is not None:
+            self._levels = np.frombuffer(self._level_bytes, dtype=np.uint8).reshape(self._shape)
+        return self._levels
+
+    @property
+    def model_input(self) -> np.ndarray:
+        """What the batcher takes: the uint8 levels when the image has them, else the float pixels.
+
+        The batcher converts levels to floats a whole batch at a time, on its inference thread.
+        """
+        levels = self.levels
+        return levels if levels is not None else self.pixels
 
     @property
     def pixels(self) -> np.ndarray:
         """float32 ``(height, width, channels)`` in [0, 1], the model's input."""
         if self._pixels is None:
-            assert self._levels is not None
-            self._pixels = self._levels.astype(np.float32) / np.float32(255.0)
+            levels = self.levels
+            assert levels is not None
+            self._pixels = levels.astype(np.float32) / np.float32(255.0)
         return self._pixels
 
 
@@ -116,6 +145,12 @@ def _to_mode(picture: Image.Image, channels: int) -> Image.Image:
 def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: int) -> DecodedImage:
     height, width, channels = input_shape
     shape = pixels.shape
+    if (
+        pixels.dtype is PixelType.UINT8
+        and (shape == input_shape or (channels == 1 and shape == input_shape[:2]))
+        and len(pixels.data) == height * width * channels
+    ):
+        return DecodedImage.of_level_bytes(pixels.data, input_shape)  # the common case, checked in one step
     where = f"images[{index}].pixels"
     if len(shape) not in (2, 3):
         raise InvalidInput(

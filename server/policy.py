@@ -2,9 +2,9 @@
 
 :meth:`Policy.choose` takes the request (precision asked for, accuracy floor, cost
 ceiling, deadline) and the :class:`Load` the core measured (queue depth, predicted
-wait from recent batch times, demand, CPU utilization, predicted cost per variant,
-the tenant's budget state) and returns a :class:`Decision`: a precision and a reason
-from :data:`REASONS`, a bounded label value.
+wait from recent batch times, demand, CPU utilization, predicted cost of an image
+per variant, the tenant's budget state) and returns a :class:`Decision`: a precision
+and a reason from :data:`REASONS`, a bounded label value.
 
 * An explicit precision is honoured (``requested``) or refused with
   :class:`ConstraintUnmet` when it is below the accuracy floor or predicted above
@@ -74,8 +74,8 @@ class Load:
     demand_per_s: float = 0.0
     #: Measured utilization of the provisioned CPU (0..1, before the pricing clamp).
     utilization: float = 0.0
-    #: Predicted cost of this request per variant, in USD; absent while unknown.
-    predicted_cost_usd: Mapping[Precision, float] = field(default_factory=dict)
+    #: Predicted cost of computing one image per variant, in USD (recent average); absent while unknown.
+    predicted_cost_per_image_usd: Mapping[Precision, float] = field(default_factory=dict)
     #: Where the request's tenant stands against its budget (OVER is refused before choosing).
     budget: BudgetStatus = BudgetStatus.NONE
 
@@ -159,7 +159,8 @@ class Policy:
                     f"below the request's min_accuracy {request.min_accuracy:.4f}; "
                     "lower the floor or ask for PRECISION_AUTO"
                 )
-            predicted = load.predicted_cost_usd.get(precision)
+            per_image = load.predicted_cost_per_image_usd.get(precision)
+            predicted = None if per_image is None else per_image * len(request.images)
             if ceiling > 0 and predicted is not None and predicted > ceiling:
                 raise ConstraintUnmet(
                     f"precision {precision.value} is predicted to cost ${predicted:.3g} for this request, "
@@ -174,9 +175,11 @@ class Policy:
                 f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is {best:.4f}"
             )
         if ceiling > 0:
-            affordable = [p for p in candidates if load.predicted_cost_usd.get(p, 0.0) <= ceiling]
+            count = len(request.images)
+            predicted_cost = {p: load.predicted_cost_per_image_usd.get(p, 0.0) * count for p in candidates}
+            affordable = [p for p in candidates if predicted_cost[p] <= ceiling]
             if not affordable:
-                cheapest = min(load.predicted_cost_usd.get(p, 0.0) for p in candidates)
+                cheapest = min(predicted_cost.values())
                 raise ConstraintUnmet(
                     f"every variant meeting the accuracy floor is predicted to cost more than max_cost_usd "
                     f"${ceiling:.3g} (the cheapest ${cheapest:.3g}); raise the ceiling or lower the floor"

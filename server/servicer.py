@@ -8,12 +8,11 @@ message; anything else is a bug and aborts with ``INTERNAL``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import math
 import time
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -179,11 +178,13 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
-    """costserve.v1.Classifier over an :class:`InferenceCore` (None until the model is loaded)."""
+class CallTracker:
+    """Counts the prediction calls in flight for the drain, and refuses new ones once it closes.
 
-    def __init__(self, core: InferenceCore | None = None) -> None:
-        self.core = core
+    A plain context manager: ``contextlib.contextmanager`` costs a generator per call.
+    """
+
+    def __init__(self) -> None:
         #: False once the drain refuses new calls (they get UNAVAILABLE).
         self.accepting = True
         #: Prediction calls being handled now.
@@ -191,16 +192,22 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         #: time.monotonic() when the last prediction call started.
         self.last_call_at = 0.0
 
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
+    def __enter__(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica or after it restarts")
         self.in_flight += 1
         self.last_call_at = time.monotonic()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.in_flight -= 1
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """costserve.v1.Classifier over an :class:`InferenceCore` (None until the model is loaded)."""
+
+    def __init__(self, core: InferenceCore | None = None) -> None:
+        self.core = core
+        self.calls = CallTracker()
 
     def _ready_core(self) -> InferenceCore:
         if self.core is None:
@@ -211,24 +218,22 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str
     ) -> pb.PredictResponse:
         """Convert, predict, convert back, and charge the request for what it used."""
-        cpu_mark = time.thread_time()
+        cpu_started = time.thread_time()  # the event loop's CPU clock
         try:
             request = request_from_proto(message, context.time_remaining(), tenant_of(context))
         except InvalidInput as error:
             core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
             raise
-        adapter_cpu = time.thread_time() - cpu_mark
         result = await core.predict(request, method=method)
-        cpu_mark = time.thread_time()
         response = response_to_proto(result, core.model.metadata.labels)
         network_bytes = message.ByteSize() + response.ByteSize() + COST_FIELD_BYTES
-        adapter_cpu += time.thread_time() - cpu_mark
-        fill_cost(response.cost, core.charge(result, network_bytes, adapter_cpu))
+        handling_cpu = time.thread_time() - cpu_started - result.waiting_loop_cpu_seconds
+        fill_cost(response.cost, core.charge(result, network_bytes, handling_cpu))
         return response
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        with self._tracked():
+        with self.calls:
             response = await self._answer(self._ready_core(), request, context, "Predict")
             context.set_trailing_metadata(cost_metadata(response.cost.usd))
             return response
@@ -238,7 +243,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> AsyncIterator[pb.PredictResponse]:
         """Answers each request in order; requests are computed up to STREAM_WINDOW ahead."""
         try:
-            with self._tracked():
+            with self.calls:
                 async for response in self._predict_stream(request_iterator, context):
                     yield response
         except Unavailable as error:

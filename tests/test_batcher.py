@@ -199,3 +199,25 @@ def test_inference_runs_off_the_event_loop(spy: SpyRuntime, holdout: Any) -> Non
         await batcher.stop()
 
     run(scenario)
+
+
+def test_uint8_levels_and_float_pixels_give_the_same_answers_as_own_read_only_rows(
+    spy: SpyRuntime, holdout: Any
+) -> None:
+    floats = holdout.holdout_images[:4]
+    levels = np.round(floats * 255).astype(np.uint8)
+    mixed = [levels[0], floats[1], levels[2], floats[3]]
+
+    async def scenario() -> None:
+        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64)
+        await batcher.start()
+        answers = await asyncio.gather(*batcher.submit(mixed, deadline=None))
+        await batcher.stop()
+        as_floats = [image / np.float32(255) if image.dtype == np.uint8 else image for image in mixed]
+        expected = spy.inner.predict(np.stack(as_floats).astype(np.float32))
+        np.testing.assert_allclose(np.array([answer.probabilities for answer in answers]), expected, atol=1e-6)
+        for answer in answers:
+            # Callers cache rows: each must own its memory (not pin its batch) and refuse writes.
+            assert answer.probabilities.base is None and not answer.probabilities.flags.writeable
+
+    run(scenario)

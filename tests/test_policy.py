@@ -48,7 +48,7 @@ def test_explicit_precision_below_the_accuracy_floor_is_refused() -> None:
 
 
 def test_explicit_precision_above_the_cost_ceiling_is_refused() -> None:
-    load = Load(predicted_cost_usd={Precision.FP32: 2e-7, Precision.INT8: 5e-8})
+    load = Load(predicted_cost_per_image_usd={Precision.FP32: 2e-7, Precision.INT8: 5e-8})
     with pytest.raises(ConstraintUnmet, match=r"fp32 is predicted to cost \$2e-07 .* max_cost_usd \$1e-07"):
         _policy().choose(_request(Precision.FP32, max_cost_usd=1e-7), load)
     assert _policy().choose(_request(Precision.INT8, max_cost_usd=1e-7), load).reason == "requested"
@@ -80,7 +80,7 @@ def test_an_unreachable_floor_is_refused() -> None:
 
 
 def test_cost_ceiling_leaves_int8_or_refuses() -> None:
-    load = Load(predicted_cost_usd={Precision.FP32: 2e-7, Precision.INT8: 5e-8})
+    load = Load(predicted_cost_per_image_usd={Precision.FP32: 2e-7, Precision.INT8: 5e-8})
     assert _policy().choose(_request(max_cost_usd=1e-7), load) == Decision(Precision.INT8, "cost_ceiling")
     with pytest.raises(ConstraintUnmet, match=r"cheapest \$5e-08"):
         _policy().choose(_request(max_cost_usd=1e-8), load)
