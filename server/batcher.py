@@ -17,6 +17,7 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
 from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from costserve.server.metrics import LoopHistogram, ServiceMetrics
@@ -49,7 +51,10 @@ class BatchAnswer:
 
 @dataclass(slots=True)
 class _Waiting:
-    pixels: np.ndarray
+    """Consecutive images of one request, answered together by one future."""
+
+    images: list[np.ndarray]
+    #: Resolves to one :class:`BatchAnswer` per image, in order.
     future: asyncio.Future
     #: Event-loop time after which the caller no longer wants an answer, or None.
     deadline: float | None
@@ -67,7 +72,6 @@ def model_batch(images: Sequence[np.ndarray]) -> np.ndarray:
     )
 
 
-_STOP = object()
 #: Weight of the newest batch in the recent time per image.
 EWMA_WEIGHT = 0.2
 
@@ -75,11 +79,16 @@ EWMA_WEIGHT = 0.2
 class Batcher:
     """Batches images for ``runtime``; create with :meth:`start` inside the running loop.
 
+    The images of one request travel together as one queued entry with one future
+    (split into entries of at most ``max_batch_size`` images), so a request of 16
+    images costs the event loop one future and one wake-up, not sixteen. A batch
+    takes whole entries, first come first served.
+
     Example::
 
         batcher = Batcher(runtime, max_batch_size=32, batch_timeout_s=0.002, max_queue=1024)
         await batcher.start()
-        answers = await asyncio.gather(*batcher.submit([pixels_a, pixels_b], deadline=None))
+        answers = [answer for part in await asyncio.gather(*batcher.submit([pixels_a, pixels_b], None)) for answer in part]
         await batcher.stop()
     """
 
@@ -101,16 +110,20 @@ class Batcher:
         self.expired_dropped = 0
         #: Recent wall seconds of inference per image (EWMA over batches); None before the first batch.
         self.seconds_per_image: float | None = None
-        self._queue: asyncio.Queue | None = None
+        self._entries: collections.deque[_Waiting] = collections.deque()
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._busy = False
+        self._stopping = False
+        #: Images queued and not yet taken into a batch.
         self._waiting = 0
         self._loop_cpu: LoopCpuClock | None = None
         self._series: tuple[LoopHistogram, LoopHistogram, LoopHistogram] | None = None
-        #: Resolved when the batch being filled can be completed, or its time is up.
-        self._filled: asyncio.Future | None = None
-        self._needed = 0
+        #: Resolved when the dispatcher may go on: an entry arrived, enough images for a full
+        #: batch are queued, its fill time is up, or the batcher is stopping.
+        self._wakeup: asyncio.Future | None = None
+        #: Queued images that resolve ``_wakeup`` (1 while idle; the room left while filling).
+        self._needed = 1
 
     @property
     def queue_depth(self) -> int:
@@ -123,8 +136,7 @@ class Batcher:
         return self._waiting * per_image
 
     async def start(self) -> None:
-        """Create the queue, the inference thread and the dispatcher in the running loop."""
-        self._queue = asyncio.Queue()
+        """Create the inference thread and the dispatcher in the running loop."""
         self._loop_cpu = LoopCpuClock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.label}")
         self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
@@ -137,88 +149,92 @@ class Batcher:
             )
 
     def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
-        """Queue ``images`` (all or none); return one future of :class:`BatchAnswer` per image.
+        """Queue ``images`` (all or none); return futures of their :class:`BatchAnswer` lists, in order.
 
-        Each image is ``(height, width, channels)``: uint8 levels 0..255, converted to
-        floats a batch at a time on the inference thread, or float32 in [0, 1].
-        ``deadline`` is an event-loop time (``loop.time()``). Raises
-        :class:`Overloaded` when the images do not fit in the queue.
+        Each future answers up to ``max_batch_size`` consecutive images. Each image is
+        ``(height, width, channels)``: uint8 levels 0..255, converted to floats a batch
+        at a time on the inference thread, or float32 in [0, 1]. ``deadline`` is an
+        event-loop time (``loop.time()``). Raises :class:`Overloaded` when the images
+        do not fit in the queue.
         """
-        if self._queue is None or self._task is None or self._task.done():
+        if self._task is None or self._task.done() or self._stopping:
             raise RuntimeError("batcher is not running")
-        if self._waiting + len(images) > self.max_queue:
+        count = len(images)
+        if self._waiting + count > self.max_queue:
             raise Overloaded(
                 f"the {self.label} queue is full ({self._waiting} of {self.max_queue} images waiting, "
-                f"this request adds {len(images)}); retry with backoff"
+                f"this request adds {count}); retry with backoff"
             )
         loop = asyncio.get_running_loop()
         now = loop.time()
         arrived_busy = self._busy or self._waiting > 0
         futures = []
-        for pixels in images:
+        step = self.max_batch_size
+        for start in range(0, count, step):
             future = loop.create_future()
-            self._queue.put_nowait(_Waiting(pixels, future, deadline, now, arrived_busy))
+            self._entries.append(_Waiting(list(images[start : start + step]), future, deadline, now, arrived_busy))
             futures.append(future)
-        self._waiting += len(images)
-        if self._filled is not None and self._queue.qsize() >= self._needed:
-            self._wake_filler()
+        self._waiting += count
+        if self._wakeup is not None and self._waiting >= self._needed:
+            self._wake()
         return futures
 
     async def stop(self) -> None:
         """Answer everything already queued, then end the dispatcher and the inference thread."""
-        if self._queue is None or self._task is None:
+        if self._task is None:
             return
-        self._queue.put_nowait(_STOP)
-        self._wake_filler()
+        self._stopping = True
+        self._wake()
         await self._task
         assert self._executor is not None
         self._executor.shutdown(wait=True)
 
     async def _dispatch(self) -> None:
-        assert self._queue is not None
         loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is _STOP:
-                break
-            batch = [first]
-            stopping = self._take_ready(batch)
-            if not stopping and first.arrived_busy and len(batch) < self.max_batch_size:
-                stopping = await self._fill(batch, first.enqueued_at + self.batch_timeout_s)
-            self._waiting -= len(batch)
+        while True:
+            if not self._entries:
+                if self._stopping:
+                    return
+                await self._wait_for(1, None)
+                continue
+            first = self._entries[0]
+            until = first.enqueued_at + self.batch_timeout_s
+            if first.arrived_busy and not self._stopping and self._waiting < self.max_batch_size and until > loop.time():
+                # Under load: wait for a full batch, at most until the first image's time is up.
+                await self._wait_for(self.max_batch_size, until)
+            batch = self._take_batch()
             live = self._drop_unwanted(batch, loop.time())
             if live:
                 await self._run_batch(live)
 
-    def _take_ready(self, batch: list[_Waiting]) -> bool:
-        """Add images already queued, up to the batch limit; True when the stop marker was met."""
-        assert self._queue is not None
-        while len(batch) < self.max_batch_size and not self._queue.empty():
-            waiting = self._queue.get_nowait()
-            if waiting is _STOP:
-                return True
-            batch.append(waiting)
-        return False
-
-    async def _fill(self, batch: list[_Waiting], until: float) -> bool:
-        """Wait for more images until ``until`` or a full batch; True when the stop marker was met."""
-        assert self._queue is not None
+    async def _wait_for(self, images: int, until: float | None) -> None:
+        """Sleep until ``images`` are queued, ``until`` (loop time) passes, or the batcher stops."""
         loop = asyncio.get_running_loop()
-        # One wake-up per fill, when enough images are queued or the time is up: not one per image.
-        self._needed = self.max_batch_size - len(batch)
-        self._filled = loop.create_future()
-        timer = loop.call_at(until, self._wake_filler)
+        # One wake-up per wait, not one per arriving image.
+        self._needed = images
+        self._wakeup = loop.create_future()
+        timer = loop.call_at(until, self._wake) if until is not None else None
         try:
-            await self._filled
+            await self._wakeup
         finally:
-            timer.cancel()
-            self._filled = None
-        return self._take_ready(batch)
+            if timer is not None:
+                timer.cancel()
+            self._wakeup = None
 
-    def _wake_filler(self) -> None:
-        if self._filled is not None and not self._filled.done():
-            self._filled.set_result(None)
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _take_batch(self) -> list[_Waiting]:
+        """Whole entries from the front of the queue, as many as fit in one batch (at least one)."""
+        batch = [self._entries.popleft()]
+        size = len(batch[0].images)
+        while self._entries and size + len(self._entries[0].images) <= self.max_batch_size:
+            entry = self._entries.popleft()
+            batch.append(entry)
+            size += len(entry.images)
+        self._waiting -= size
+        return batch
 
     def _drop_unwanted(self, batch: list[_Waiting], now: float) -> list[_Waiting]:
         live = []
@@ -226,7 +242,7 @@ class Batcher:
             if waiting.future.done():  # cancelled: the caller went away
                 continue
             if waiting.deadline is not None and waiting.deadline <= now:
-                self.expired_dropped += 1
+                self.expired_dropped += len(waiting.images)
                 waiting.future.set_exception(
                     DeadlineExceeded(
                         f"deadline passed after {now - waiting.enqueued_at:.3f} s in the {self.label} queue; "
@@ -240,15 +256,15 @@ class Batcher:
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        images = [image for waiting in batch for image in waiting.images]
+        size = len(images)
         self._busy = True
         try:
-            rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(
-                self._executor, self._predict, [waiting.pixels for waiting in batch]
-            )
+            rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, images)
         except Exception as exc:  # the runtime failed: fail this batch only
-            log.exception("%s batch of %d failed", self.label, len(batch))
+            log.exception("%s batch of %d failed", self.label, size)
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(
-                f"{self.label} inference failed on a batch of {len(batch)}: {type(exc).__name__}: {exc}"
+                f"{self.label} inference failed on a batch of {size}: {type(exc).__name__}: {exc}"
             )
             for waiting in batch:
                 if not waiting.future.done():
@@ -256,20 +272,26 @@ class Batcher:
             return
         finally:
             self._busy = False
-        size = len(batch)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)
             batch_size.observe(size)
             for waiting in batch:
-                queue_duration.observe(started - waiting.enqueued_at)
+                waited = started - waiting.enqueued_at
+                for _ in waiting.images:
+                    queue_duration.observe(waited)
         per_image = seconds / size
         previous = self.seconds_per_image
         self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
         share = cpu_seconds / size
-        for row, label, score, waiting in zip(rows, labels, scores, batch):
+        row = 0
+        for waiting in batch:
+            end = row + len(waiting.images)
             if not waiting.future.done():
-                waiting.future.set_result(BatchAnswer(row, size, seconds, share, label, score))
+                waiting.future.set_result(
+                    [BatchAnswer(rows[i], size, seconds, share, labels[i], scores[i]) for i in range(row, end)]
+                )
+            row = end
 
     def _predict(
         self, images: list[np.ndarray]

@@ -326,11 +326,12 @@ class InferenceCore:
     ) -> list[BatchAnswer]:
         futures = self.batchers[precision].submit([image.model_input for image in images], deadline)
         if len(futures) == 1:
-            return [await futures[0]]  # cancelling the caller cancels the future too
+            return await futures[0]  # cancelling the caller cancels the future too
         try:
-            return list(await asyncio.gather(*futures))
+            parts = await asyncio.gather(*futures)
         except BaseException:
-            # One image failed or the caller went away: the others need not be computed.
+            # One part failed or the caller went away: the others need not be computed.
             for future in futures:
                 future.cancel()
             raise
+        return [answer for part in parts for answer in part]

@@ -101,23 +101,17 @@ def request_from_proto(
     images = []
     for index, image in enumerate(message.images):
         kind = image.WhichOneof("data")
-        if kind == "encoded":
-            images.append(ImageInput(encoded=image.encoded))
-        elif kind == "pixels":
-            if image.pixels.dtype not in PIXEL_TYPE_FROM_PROTO:
+        if kind == "pixels":
+            pixels = image.pixels
+            dtype = PIXEL_TYPE_FROM_PROTO.get(pixels.dtype)
+            if dtype is None:
                 raise InvalidInput(
-                    f"images[{index}].pixels.dtype {image.pixels.dtype} is not a known value; "
+                    f"images[{index}].pixels.dtype {pixels.dtype} is not a known value; "
                     "expected DTYPE_UINT8 (0) or DTYPE_FLOAT32 (1)"
                 )
-            images.append(
-                ImageInput(
-                    pixels=RawPixels(
-                        shape=tuple(image.pixels.shape),
-                        dtype=PIXEL_TYPE_FROM_PROTO[image.pixels.dtype],
-                        data=image.pixels.data,
-                    )
-                )
-            )
+            images.append(ImageInput(pixels=RawPixels(shape=tuple(pixels.shape), dtype=dtype, data=pixels.data)))
+        elif kind == "encoded":
+            images.append(ImageInput(encoded=image.encoded))
         else:
             raise InvalidInput(f"images[{index}] is empty; set `encoded` (PNG/JPEG bytes) or `pixels`")
     return PredictionRequest(
@@ -131,8 +125,8 @@ def request_from_proto(
     )
 
 
-def _prediction_to_proto(prediction: ImagePrediction, labels: list[str]) -> pb.Prediction:
-    return pb.Prediction(
+def _add_prediction(response: pb.PredictResponse, prediction: ImagePrediction, labels: list[str]) -> None:
+    response.predictions.add(  # built in place: no message copied
         label=prediction.label,
         score=prediction.score,
         probabilities=prediction.probabilities.tolist(),
@@ -162,12 +156,14 @@ def cost_metadata(usd: float) -> tuple[tuple[str, str], ...]:
 
 def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.PredictResponse:
     """Convert a PredictionResult to a PredictResponse message; the servicer fills the cost once priced."""
-    return pb.PredictResponse(
-        predictions=[_prediction_to_proto(prediction, labels) for prediction in result.predictions],
+    response = pb.PredictResponse(
         model_version=result.model_version,
         server_seconds=result.server_seconds,
         decision_reason=result.decision_reason,
     )
+    for prediction in result.predictions:
+        _add_prediction(response, prediction, labels)
+    return response
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:

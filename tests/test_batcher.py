@@ -31,6 +31,11 @@ async def _wait_until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.001)
 
 
+async def _answers(*futures: asyncio.Future) -> list[Any]:
+    """The answers of ``futures`` (one list per queued part of a request), flattened in order."""
+    return [answer for part in await asyncio.gather(*futures) for answer in part]
+
+
 async def _hold_runtime(batcher: Batcher, spy: SpyRuntime, image: np.ndarray) -> asyncio.Future:
     """Start one image and keep the runtime busy with it until ``spy.gate`` opens."""
     spy.gate.clear()
@@ -45,7 +50,7 @@ def test_an_image_at_an_idle_runtime_does_not_wait_for_the_timeout(spy: SpyRunti
         batcher = Batcher(spy, max_batch_size=32, batch_timeout_s=3600, max_queue=64)
         await batcher.start()
         (future,) = batcher.submit([holdout.holdout_images[0]], deadline=None)
-        answer = await asyncio.wait_for(future, timeout=30)  # an hour-long timeout was not waited for
+        (answer,) = await asyncio.wait_for(future, timeout=30)  # an hour-long timeout was not waited for
         assert answer.batch_size == 1
         assert int(np.argmax(answer.probabilities)) == holdout.holdout_labels[0]
         await batcher.stop()
@@ -63,7 +68,8 @@ def test_images_arriving_while_busy_go_together_in_order(spy: SpyRuntime, holdou
         waiting = batcher.submit(list(images[1:]), deadline=None)
         assert batcher.queue_depth == 5
         spy.gate.set()
-        answers = await asyncio.gather(running, *waiting)
+        assert len(waiting) == 2  # a request's images queue as parts of at most max_batch_size
+        answers = await _answers(running, *waiting)
         assert spy.batches == [1, 4, 1]  # full batch at once, then the rest
         assert [answer.batch_size for answer in answers] == [1, 4, 4, 4, 4, 1]
         expected = spy.inner.predict(images)
@@ -123,7 +129,7 @@ def test_expired_and_cancelled_images_are_never_computed(spy: SpyRuntime, holdou
         await running
         with pytest.raises(DeadlineExceeded, match="not computed"):
             await expired
-        assert (await kept).batch_size == 1
+        assert (await kept)[0].batch_size == 1
         assert spy.batches == [1, 1] and batcher.expired_dropped == 1
         await batcher.stop()
 
@@ -144,7 +150,7 @@ def test_a_failed_batch_fails_its_callers_and_the_next_batch_is_served(spy: SpyR
             with pytest.raises(InferenceFailed, match="batch of 2: RuntimeError: poisoned batch"):
                 await future
         (after,) = batcher.submit([holdout.holdout_images[2]], deadline=None)
-        assert int(np.argmax((await after).probabilities)) == holdout.holdout_labels[2]
+        assert int(np.argmax((await after)[0].probabilities)) == holdout.holdout_labels[2]
         await batcher.stop()
 
     run(scenario)
@@ -175,7 +181,7 @@ def test_stop_answers_everything_queued(spy: SpyRuntime, holdout: Any) -> None:
         stopping = asyncio.ensure_future(batcher.stop())
         spy.gate.set()
         await stopping
-        answers = await asyncio.gather(running, *queued)
+        answers = await _answers(running, *queued)
         assert [int(np.argmax(a.probabilities)) for a in answers] == list(holdout.holdout_labels[:11])
         with pytest.raises(RuntimeError, match="not running"):
             batcher.submit([holdout.holdout_images[0]], deadline=None)
@@ -211,7 +217,7 @@ def test_uint8_levels_and_float_pixels_give_the_same_answers_as_own_read_only_ro
     async def scenario() -> None:
         batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64)
         await batcher.start()
-        answers = await asyncio.gather(*batcher.submit(mixed, deadline=None))
+        answers = await _answers(*batcher.submit(mixed, deadline=None))
         await batcher.stop()
         as_floats = [image / np.float32(255) if image.dtype == np.uint8 else image for image in mixed]
         expected = spy.inner.predict(np.stack(as_floats).astype(np.float32))
