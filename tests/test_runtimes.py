@@ -44,6 +44,15 @@ def test_rows_do_not_depend_on_their_batch(runtime: Runtime, holdout: Any) -> No
     np.testing.assert_allclose(together, alone, atol=tolerance, rtol=0)
 
 
+@pytest.mark.parametrize("count", [3, 45])
+def test_levels_give_exactly_the_answer_of_their_floats(runtime: Runtime, holdout: Any, count: int) -> None:
+    levels = np.random.default_rng(count).integers(0, 256, size=(count, 28, 28, 1), dtype=np.uint8)
+    levels[0] = np.round(holdout.holdout_images[0] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(
+        runtime.predict_levels(levels), runtime.predict(levels.astype(np.float32) / np.float32(255.0))
+    )
+
+
 def test_predictions_are_deterministic(runtime: Runtime, holdout: Any) -> None:
     images = _images(holdout, 5)
     np.testing.assert_array_equal(runtime.predict(images), runtime.predict(images))
