@@ -29,7 +29,7 @@ import numpy as np
 from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from costserve.server.metrics import LoopHistogram, ServiceMetrics
-from costserve.server.runtimes import Runtime
+from costserve.server.runtimes import LEVEL_FLOATS, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,11 @@ class _Waiting:
     arrived_busy: bool
 
 
-def model_batch(images: Sequence[np.ndarray]) -> np.ndarray:
-    """One float32 batch in [0, 1] from images given as uint8 levels or float32 pixels."""
+def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Classify images given as uint8 levels or float32 pixels in [0, 1], as one batch."""
     if all(image.dtype == np.uint8 for image in images):
-        return np.stack(images).astype(np.float32) / np.float32(255.0)
-    return np.stack(
-        [image.astype(np.float32) / np.float32(255.0) if image.dtype == np.uint8 else image for image in images]
-    )
+        return runtime.predict_levels(np.stack(images))
+    return runtime.predict(np.stack([np.take(LEVEL_FLOATS, image) if image.dtype == np.uint8 else image for image in images]))
 
 
 #: Weight of the newest batch in the recent time per image.
@@ -108,8 +106,14 @@ class Batcher:
         self.label = runtime.precision.value
         #: Images dropped before inference because their deadline had passed.
         self.expired_dropped = 0
-        #: Recent wall seconds of inference per image (EWMA over batches); None before the first batch.
+        #: Recent wall seconds per image as the queue drains (EWMA over batches); None before the first
+        #: batch. With images left waiting, it is the time from one batch's start to the next one's;
+        #: otherwise from handing a batch to the inference thread to having its answers back.
         self.seconds_per_image: float | None = None
+        #: How long the oldest image of each recent batch waited in the queue (EWMA), in seconds.
+        self.recent_wait_s = 0.0
+        #: Loop time and size of the last batch started while other images were left waiting.
+        self._backlogged_batch: tuple[float, int] | None = None
         self._entries: collections.deque[_Waiting] = collections.deque()
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -131,9 +135,15 @@ class Batcher:
         return self._waiting
 
     def predicted_wait_s(self) -> float:
-        """Seconds a new image would wait before its batch starts, from recent batch times."""
-        per_image = self.seconds_per_image or 0.0
-        return self._waiting * per_image
+        """Seconds a new image would wait before its batch starts.
+
+        The queued images times the recent seconds per image, but never less than what the
+        images starting recently waited while any are queued: under overload the drain rate
+        varies from batch to batch, and the wait measured is the one that does not lie.
+        """
+        if not self._waiting:
+            return 0.0
+        return max(self._waiting * (self.seconds_per_image or 0.0), self.recent_wait_s)
 
     async def start(self) -> None:
         """Create the inference thread and the dispatcher in the running loop."""
@@ -253,11 +263,22 @@ class Batcher:
                 live.append(waiting)
         return live
 
+    def _observe_seconds_per_image(self, per_image: float) -> None:
+        previous = self.seconds_per_image
+        self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
+
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         images = [image for waiting in batch for image in waiting.images]
         size = len(images)
+        if self._backlogged_batch is not None:
+            # Back to back under load: the queue drains one batch per start-to-start interval,
+            # which also counts the gaps between batches that the runtime's own time misses.
+            previous_start, previous_size = self._backlogged_batch
+            self._observe_seconds_per_image((started - previous_start) / previous_size)
+        self._backlogged_batch = (started, size) if self._waiting else None
+        self.recent_wait_s += EWMA_WEIGHT * (started - batch[0].enqueued_at - self.recent_wait_s)
         self._busy = True
         try:
             rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, images)
@@ -280,9 +301,9 @@ class Batcher:
                 waited = started - waiting.enqueued_at
                 for _ in waiting.images:
                     queue_duration.observe(waited)
-        per_image = seconds / size
-        previous = self.seconds_per_image
-        self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
+        if self._backlogged_batch is None:
+            # Nothing was waiting: from handing the batch over to having its answers back on the loop.
+            self._observe_seconds_per_image((loop.time() - started) / size)
         share = cpu_seconds / size
         row = 0
         for waiting in batch:
@@ -307,7 +328,7 @@ class Batcher:
         """
         assert self._loop_cpu is not None
         started, process_started, loop_started = time.perf_counter(), time.process_time(), self._loop_cpu.seconds()
-        probabilities = self.runtime.predict(model_batch(images))
+        probabilities = run_runtime(self.runtime, images)
         if len(probabilities) != len(images):
             raise InferenceFailed(f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(images)}")
         labels = probabilities.argmax(axis=1)

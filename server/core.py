@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _REJECTION_REASONS = {
     "InvalidInput": "invalid_input",
     "Overloaded": "queue_full",
+    "OverObjective": "over_objective",
     "DeadlineExceeded": "deadline_exceeded",
     "Unavailable": "unavailable",
     "BudgetExceeded": "budget",
@@ -43,6 +44,40 @@ _REJECTION_REASONS = {
 DEMAND_WINDOW_S = 1.0
 #: Longest the policy reuses one measurement of the load, in seconds.
 LOAD_SAMPLE_S = 0.005
+
+
+class LoopLag:
+    """How late the event loop runs a timer: what a request arriving now waits before its handler runs.
+
+    Under overload the requests gRPC has received queue on the loop before costserve sees
+    them; the batch queue's predicted wait misses that part. A timer every LOAD_SAMPLE_S
+    measures it; :attr:`seconds` is the recent lateness (EWMA, weight ``EWMA_WEIGHT``).
+    """
+
+    def __init__(self, interval_s: float = LOAD_SAMPLE_S) -> None:
+        self.interval_s = interval_s
+        #: Recent lateness of the loop, in seconds.
+        self.seconds = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Start measuring on the running loop."""
+        self._schedule(asyncio.get_running_loop())
+
+    def stop(self) -> None:
+        """Stop measuring."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        due = loop.time() + self.interval_s
+        self._timer = loop.call_at(due, self._tick, loop, due)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        late = max(loop.time() - due, 0.0)
+        self.seconds += EWMA_WEIGHT * (late - self.seconds)
+        self._schedule(loop)
 
 
 class InferenceCore:
@@ -63,7 +98,11 @@ class InferenceCore:
         self.meter = meter or CostMeter(Prices())
         self.policy = policy or Policy(
             {precision: model.metadata.variant(precision).accuracy for precision in model.runtimes},
-            PolicyConfig(mode=settings.policy, latency_slo_s=settings.latency_slo_s),
+            PolicyConfig(
+                mode=settings.policy,
+                latency_slo_s=settings.latency_slo_s,
+                refuse_over_slo=settings.over_slo == "refuse",
+            ),
         )
         self.ledger = ledger or TenantLedger(Budgets({}))
         #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction.
@@ -72,6 +111,7 @@ class InferenceCore:
         self._demand_total = 0
         self._load: Load | None = None
         self._load_measured_at = 0.0
+        self.loop_lag = LoopLag()
         self._requested = {precision: Decision(precision, "requested") for precision in model.runtimes}
         self._from_cache = {precision: Decision(precision, "cache") for precision in model.runtimes}
         self.cache = PredictionCache(settings.cache_size, on_evict=metrics.cache_evictions.inc)
@@ -113,6 +153,7 @@ class InferenceCore:
             self.metrics.tenant_budget.labels(tenant, budget.period).set(budget.usd)
         self.metrics.tenant_spend.labels(OTHER_TENANT)
         self.metrics.load_shedding.set_function(lambda: float(self.policy.shedding))
+        self.metrics.loop_lag.set_function(lambda: self.loop_lag.seconds)
         for precision, series in self._series.items():
             series.method("Predict")
             for reason in REASONS:
@@ -126,11 +167,13 @@ class InferenceCore:
             await loop.run_in_executor(None, runtime.warm_up, sizes)
         for batcher in self.batchers.values():
             await batcher.start()
+        self.loop_lag.start()
         self.ready = True
 
     async def stop(self) -> None:
         """Answer whatever is queued, then stop the batchers."""
         self.ready = False
+        self.loop_lag.stop()
         for batcher in self.batchers.values():
             await batcher.stop()
 
@@ -215,6 +258,7 @@ class InferenceCore:
                 demand_per_s=self._demand_per_s(now),
                 utilization=self.meter.utilization(),
                 predicted_cost_per_image_usd=dict(self.cost_per_image),
+                loop_lag_s=self.loop_lag.seconds,
             )
             self._load_measured_at = now
         return snapshot if budget is BudgetStatus.NONE else dataclasses.replace(snapshot, budget=budget)

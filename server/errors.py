@@ -28,6 +28,10 @@ class Overloaded(CostserveError):
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class OverObjective(Overloaded):
+    """An AUTO request no variant is predicted to answer within the latency objective (``--over-slo refuse``)."""
+
+
 class BudgetExceeded(CostserveError):
     """The tenant has spent its budget for the current period; retry after it resets."""
 

@@ -197,7 +197,7 @@ class ServiceMetrics:
         self.rejected = self._counter(
             "costserve_rejected_total",
             "Requests that got no answer, by reason "
-            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint).",
+            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint, over_objective).",
             ["reason"],
         )
         self.model_info = Gauge(
@@ -251,6 +251,12 @@ class ServiceMetrics:
             "Policy decisions, by precision chosen and reason (requested, cache, accuracy_floor, cost_ceiling, "
             "budget_near, load_shed, deadline, cost_first, accuracy_first).",
             ["precision", "reason"],
+        )
+        self.loop_lag = Gauge(
+            "costserve_event_loop_lag_seconds",
+            "How late the event loop runs a timer (recent average), in seconds: what a request waits "
+            "for the loop before and between its steps.",
+            registry=registry,
         )
         self.load_shedding = Gauge(
             "costserve_load_shedding",

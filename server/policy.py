@@ -15,6 +15,12 @@ and a reason from :data:`REASONS`, a bounded label value.
   (``load_shed``); a deadline that fp32's predicted wait would miss but int8's would
   not gets int8 (``deadline``); else the mode decides: ``cost_first`` takes int8,
   ``accuracy_first`` takes fp32.
+* With ``refuse_over_slo`` (``--over-slo refuse``), an ``AUTO`` request is held to
+  the objective: if its variant is predicted to wait (in the event loop and the batch
+  queue) more than ``admit_fraction`` of the objective, int8 answers when allowed and within it (``load_shed``), and
+  otherwise it is refused at once with :class:`OverObjective` (RESOURCE_EXHAUSTED),
+  so the requests accepted keep the objective under overload. Explicit precisions
+  are not held to it: they queue up to ``--max-queue`` and their deadline.
 * Load pressure has hysteresis. It starts when the predicted fp32 wait exceeds
   ``enter_fraction`` of the latency objective or CPU utilization reaches
   ``utilization_high``; it ends only after the predicted wait stayed under
@@ -37,7 +43,7 @@ from typing import Callable, Mapping
 
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import Precision, PredictionRequest
-from costserve.server.errors import ConstraintUnmet
+from costserve.server.errors import ConstraintUnmet, OverObjective
 
 POLICIES = ("cost_first", "accuracy_first")
 #: Every reason a decision may carry (the ``reason`` label of ``costserve_decisions_total``).
@@ -78,6 +84,8 @@ class Load:
     predicted_cost_per_image_usd: Mapping[Precision, float] = field(default_factory=dict)
     #: Where the request's tenant stands against its budget (OVER is refused before choosing).
     budget: BudgetStatus = BudgetStatus.NONE
+    #: How late the event loop runs (seconds): what a request waits before its handler runs.
+    loop_lag_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,12 @@ class PolicyConfig:
     utilization_high: float = 0.9
     exit_demand_fraction: float = 0.6
     hold_s: float = 3.0
+    #: Refuse AUTO requests no variant is predicted to answer within the objective (``--over-slo refuse``).
+    refuse_over_slo: bool = False
+    #: With ``refuse_over_slo``: the share of the objective a request may be predicted to wait in the
+    #: queue. Measured waits under overload spread to about four times their mean; the rest of the
+    #: objective covers that spread, computing, and the trip back.
+    admit_fraction: float = 0.25
 
 
 class Policy:
@@ -185,7 +199,12 @@ class Policy:
                     f"${ceiling:.3g} (the cheapest ${cheapest:.3g}); raise the ceiling or lower the floor"
                 )
             if len(affordable) < len(candidates):
-                return Decision(affordable[0], "cost_ceiling")
+                return self._held_to_objective(Decision(affordable[0], "cost_ceiling"), affordable, load)
+        return self._held_to_objective(self._choose_auto(request, load, candidates, shedding), candidates, load)
+
+    def _choose_auto(
+        self, request: PredictionRequest, load: Load, candidates: list[Precision], shedding: bool
+    ) -> Decision:
         if len(candidates) == 1:
             return Decision(candidates[0], "accuracy_floor")
         if Precision.INT8 in candidates and Precision.FP32 in candidates:
@@ -204,3 +223,24 @@ class Policy:
         if self.config.mode == "cost_first":
             return Decision(Precision.INT8 if Precision.INT8 in candidates else candidates[0], "cost_first")
         return Decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")
+
+    def _held_to_objective(self, decision: Decision, candidates: list[Precision], load: Load) -> Decision:
+        """With ``refuse_over_slo``: ``decision`` if its variant is predicted to start in time, else int8
+        if allowed and in time, else :class:`OverObjective`. Without it: ``decision``."""
+        if not self.config.refuse_over_slo:
+            return decision
+        # What a request arriving now waits before its handler runs counts against the objective too.
+        bound = self.config.admit_fraction * self.config.latency_slo_s - load.loop_lag_s
+        wait = load.predicted_wait_s
+        if wait.get(decision.precision, 0.0) <= bound:
+            return decision
+        # Only toward the cheaper variant: under overload the machine's CPU is what runs short.
+        if decision.precision is not Precision.INT8 and Precision.INT8 in candidates:
+            if wait.get(Precision.INT8, 0.0) <= bound:
+                return Decision(Precision.INT8, "load_shed")
+        shortest = min(wait.get(precision, 0.0) for precision in candidates) + load.loop_lag_s
+        raise OverObjective(
+            f"overloaded: the variants this request allows are predicted to wait at least "
+            f"{shortest * 1000:.0f} ms in the server, over {self.config.admit_fraction:.0%} of the latency objective of "
+            f"{self.config.latency_slo_s * 1000:.0f} ms; retry with backoff (or ask for an explicit precision to queue)"
+        )

@@ -74,6 +74,13 @@ class Settings:
         "Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
         "passes half of it, and back once load stays low.",
     )
+    over_slo: str = _option(
+        "queue",
+        "What a PRECISION_AUTO request gets when every variant it may use is predicted to wait in the "
+        "server for more than a quarter of the latency objective: queue (it waits, up to --max-queue and "
+        "its deadline) or refuse (RESOURCE_EXHAUSTED at once, so the requests accepted keep the objective "
+        "under overload). Explicit precisions always queue.",
+    )
     budgets: Path | None = _option(
         None,
         "TOML budgets file: USD per hour or per day for each tenant named by the x-costserve-tenant "
@@ -167,6 +174,8 @@ def validate(settings: Settings) -> None:
         problems.append("--max-message-bytes must be at least 1024")
     if settings.policy not in ("cost_first", "accuracy_first"):
         problems.append("--policy must be cost_first or accuracy_first")
+    if settings.over_slo not in ("queue", "refuse"):
+        problems.append("--over-slo must be queue or refuse")
     if not 0 < settings.latency_slo_ms < math.inf:
         problems.append("--latency-slo-ms must be a finite number above 0")
     if problems:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import ImageInput, Precision, PredictionRequest
-from costserve.server.errors import ConstraintUnmet
+from costserve.server.errors import ConstraintUnmet, OverObjective
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
 
 ACCURACY = {Precision.FP32: 0.98, Precision.INT8: 0.97}
@@ -199,3 +201,40 @@ def test_leaving_needs_demand_well_below_where_fp32_broke() -> None:
     for step in range(1, 100):
         clock.now = step * 0.1
         assert policy.choose(_request(), Load(demand_per_s=700.0)).reason == "load_shed"
+
+
+# --- held to the objective (--over-slo refuse) -------------------------------------------
+
+
+def _refusing(mode: str = "accuracy_first") -> Policy:
+    return Policy(ACCURACY, PolicyConfig(mode=mode, latency_slo_s=SLO, refuse_over_slo=True), clock=FakeClock())
+
+
+def test_over_slo_refuse_moves_auto_to_int8_while_int8_starts_in_time() -> None:
+    bound = 0.25 * SLO
+    load = Load(predicted_wait_s={Precision.FP32: 0.0, Precision.INT8: bound})
+    assert _refusing("cost_first").choose(_request(), load) == Decision(Precision.INT8, "cost_first")
+    backed_up = Load(predicted_wait_s={Precision.FP32: bound * 1.01, Precision.INT8: 0.0})
+    # Under the shedding threshold, so only the objective moves it.
+    assert _refusing().choose(_request(), backed_up) == Decision(Precision.INT8, "load_shed")
+
+
+def test_over_slo_refuse_refuses_auto_when_no_variant_starts_in_time() -> None:
+    load = Load(predicted_wait_s={Precision.FP32: 0.0, Precision.INT8: 0.3 * SLO})
+    with pytest.raises(OverObjective, match="latency objective"):
+        _refusing("cost_first").choose(_request(), load)  # never moved to the costlier fp32 for speed
+    with pytest.raises(OverObjective):
+        _refusing().choose(_request(min_accuracy=0.975), Load(predicted_wait_s={Precision.FP32: 0.3 * SLO}))
+
+
+def test_over_slo_refuse_counts_the_event_loop_lag() -> None:
+    load = Load(predicted_wait_s={Precision.FP32: 0.1 * SLO, Precision.INT8: 0.1 * SLO}, loop_lag_s=0.2 * SLO)
+    with pytest.raises(OverObjective):
+        _refusing().choose(_request(), load)
+    assert _refusing().choose(_request(), dataclasses.replace(load, loop_lag_s=0.1 * SLO)).precision is Precision.FP32
+
+
+def test_over_slo_refuse_never_refuses_an_explicit_precision_or_queue_mode() -> None:
+    load = Load(predicted_wait_s={Precision.FP32: SLO, Precision.INT8: SLO})
+    assert _refusing().choose(_request(Precision.FP32), load) == Decision(Precision.FP32, "requested")
+    assert _policy().choose(_request(), load).precision is Precision.INT8  # queue mode: shed, not refused

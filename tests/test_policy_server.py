@@ -158,6 +158,45 @@ def test_a_backed_up_fp32_queue_sheds_auto_to_int8_until_load_stays_low(
     assert _decisions(server, "int8", "load_shed") == 3
 
 
+def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
+    start_server: Callable[..., RunningServer], loaded_model: LoadedModel
+) -> None:
+    spies = {precision: SpyRuntime(runtime) for precision, runtime in loaded_model.runtimes.items()}
+    server = start_server(
+        model=dataclasses.replace(loaded_model, runtimes=dict(spies)),
+        latency_slo_ms=0.01,  # any queued image is predicted past a quarter of it
+        over_slo="refuse",
+        max_batch_size=1,
+        cache_size=0,
+    )
+    channel, stub = _stub(server)
+    with channel:
+        for seed, precision in ((50, pb.PRECISION_FP32), (51, pb.PRECISION_INT8)):
+            stub.Predict(_request(seed, precision), timeout=30)  # batch times to predict waits from
+        held = []
+        for spy, precision in ((spies[Precision.FP32], pb.PRECISION_FP32), (spies[Precision.INT8], pb.PRECISION_INT8)):
+            spy.gate.clear()
+            spy.entered.clear()
+            held += [stub.Predict.future(_request(60 + index + 10 * precision, precision), timeout=60) for index in range(3)]
+            assert spy.entered.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and min(b.queue_depth for b in server.core.batchers.values()) < 2:
+            time.sleep(0.01)
+
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Predict(_request(80), timeout=30)
+        assert time.monotonic() - started < 1.0  # at once, not after the queue
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "latency objective" in refused.value.details()
+        # An explicit precision is not held to the objective: it queues and is answered.
+        explicit = stub.Predict.future(_request(81, pb.PRECISION_INT8), timeout=60)
+        for spy in spies.values():
+            spy.gate.set()
+        assert all(future.result().predictions for future in [*held, explicit])
+    assert server.metric("costserve_rejected_total", {"reason": "over_objective"}) == 1
+
+
 def _budget_server(start_server: Callable[..., RunningServer], tmp_path: Path, usd: float) -> RunningServer:
     path = tmp_path / "budgets.toml"
     path.write_text(f"near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = {usd!r}\n[tenants.globex]\nusd_per_hour = 1.0\n")

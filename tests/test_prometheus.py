@@ -70,7 +70,7 @@ Key = tuple[str, frozenset]  # (sample name, labels)
 Vector = dict[frozenset, float]  # labels -> value, as an instant vector
 #: Series that change while the server idles. Their samples come from Prometheus, checked
 #: to lie between the server's own readings taken just before and after the scrape.
-DRIFTING = ("costserve_provisioned_cost_usd_total", "costserve_utilization")
+DRIFTING = ("costserve_provisioned_cost_usd_total", "costserve_utilization", "costserve_event_loop_lag_seconds")
 
 
 # --------------------------------------------------------------------------- tools
@@ -301,6 +301,7 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
             w.quantile(0.95, "costserve_inference_duration_seconds", ["precision"]),
             QUANTILE,
         ),
+        ("Queue wait and inference time (p95)", "C"): (w.gauge("costserve_event_loop_lag_seconds", how=max), EXACT),
         ("Cache hit ratio", "A"): (
             _div(
                 w.rate("costserve_cache_hits_total"),
@@ -806,6 +807,11 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
                 snapshot[(name, labels)] = value
             value = after[(name, frozenset(target.items()))]
             assert low <= value <= high, f"{name} at t2: Prometheus {value}, the server between {low} and {high}"
+        # The loop lag moves every few ms with no direction to bracket it by: Prometheus' samples.
+        for snapshot, at in ((before, t1), (after, t2)):
+            ((labels, value),) = prometheus.values("costserve_event_loop_lag_seconds", at).items()
+            snapshot[("costserve_event_loop_lag_seconds", labels)] = value
+            assert 0 <= value < 1.0, f"event loop lag {value} s"
         # The provisioned cost grows at the rate of the prices and resources the server reports.
         # Each scrape stamps its start but reads the value a few ms later; 5% covers that jitter.
         key = ("costserve_provisioned_cost_usd_total", frozenset(target.items()))

@@ -32,6 +32,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "log_level": ("DEBUG", "DEBUG"),
     "policy": ("cost_first", "cost_first"),
     "latency_slo_ms": ("250", 250.0),
+    "over_slo": ("refuse", "refuse"),
     "budgets": ("/etc/costserve/budgets.toml", Path("/etc/costserve/budgets.toml")),
 }
 
@@ -196,6 +197,7 @@ def test_invalid_flag_value_is_refused_by_the_parser() -> None:
         ([], {"COSTSERVE_MAX_QUEUE": "10"}, "--max-images-per-request"),
         (["--max-images-per-request", "0"], {}, "--max-images-per-request"),
         (["--batch-timeout-ms", "-0.1"], {}, "--batch-timeout-ms"),
+        (["--over-slo", "drop"], {}, "--over-slo"),
         (["--max-message-bytes", "100"], {}, "--max-message-bytes"),
     ],
 )
