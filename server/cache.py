@@ -17,14 +17,13 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 from cachetools import LRUCache
 
-from costserve.server.domain import Precision
-
 
 class CacheKey(NamedTuple):
     """Identity of a cached prediction."""
 
     model_version: str
-    precision: Precision
+    #: The variant's label (``Precision.value``): a string, so the key holds nothing the GC tracks.
+    variant: str
     pixels_digest: bytes
 
 
@@ -62,12 +61,12 @@ class PredictionCache:
     """Thread-safe LRU of answers, bounded to ``max_entries`` (0 = off).
 
     Values are stored as given and must not be changed afterwards; the core stores
-    each image's :class:`~costserve.server.domain.ImagePrediction` as a hit will return it.
+    each image's (read-only probabilities, label, score).
 
     Example::
 
         cache = PredictionCache(max_entries=10_000)
-        key = CacheKey("1", Precision.FP32, pixels_digest(pixels))
+        key = CacheKey("1", "fp32", pixels_digest(pixels))
         if (probabilities := cache.get(key)) is None:
             probabilities = runtime.predict(pixels[None])[0]
             cache.put(key, probabilities)

@@ -289,10 +289,25 @@ class InferenceCore:
         """Cached answers under ``precision``, in image order, up to and including the first miss (None)."""
         answers: list[ImagePrediction | None] = []
         for digest in digests:
-            answers.append(self.cache.get(CacheKey(self.model.version, precision, digest)))
+            answers.append(self._cached(precision, digest))
             if answers[-1] is None:
                 break
         return answers
+
+    def _cached(self, precision: Precision, digest: bytes) -> ImagePrediction | None:
+        entry = self.cache.get(CacheKey(self.model.version, precision.value, digest))
+        if entry is None:
+            return None
+        probabilities, label, score = entry
+        return ImagePrediction(probabilities, precision, True, 0, label, score)
+
+    def _remember(self, precision: Precision, digest: bytes, answer: BatchAnswer) -> None:
+        # Entries hold only strings, bytes, numbers and arrays, which the garbage collector
+        # stops tracking: a full cache then adds nothing to the collector's passes, which
+        # otherwise stall the event loop for tens of milliseconds as the cache grows.
+        self.cache.put(
+            CacheKey(self.model.version, precision.value, digest), (answer.probabilities, answer.label, answer.score)
+        )
 
     async def _predict(self, request: PredictionRequest) -> PredictionResult:
         started = time.perf_counter()
@@ -325,9 +340,8 @@ class InferenceCore:
         if digests is None:
             misses = list(range(count))
         else:
-            version = self.model.version
             for index, digest in enumerate(digests):
-                cached = looked_up[index] if index < len(looked_up) else self.cache.get(CacheKey(version, precision, digest))
+                cached = looked_up[index] if index < len(looked_up) else self._cached(precision, digest)
                 if cached is None:
                     misses.append(index)
                 else:
@@ -349,10 +363,7 @@ class InferenceCore:
                     answer.probabilities, precision, False, answer.batch_size, answer.label, answer.score
                 )
                 if digests is not None:
-                    self.cache.put(
-                        CacheKey(self.model.version, precision, digests[index]),
-                        ImagePrediction(answer.probabilities, precision, True, 0, answer.label, answer.score),
-                    )
+                    self._remember(precision, digests[index], answer)
 
         return PredictionResult(
             predictions,  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ def _probabilities(seed: int = 0) -> np.ndarray:
 
 
 def _key(n: int, version: str = "1", precision: Precision = Precision.FP32) -> CacheKey:
-    return CacheKey(version, precision, n.to_bytes(16, "big"))
+    return CacheKey(version, precision.value, n.to_bytes(16, "big"))
 
 
 class _EvictionCounter:
