@@ -49,7 +49,7 @@ class Settings:
     )
     cache_size: int = _option(
         100_000,
-        "Prediction cache capacity in entries (about 520 bytes each for 10 classes: 100,000 entries add ~50 MiB); 0 turns the cache off.",
+        "Prediction cache capacity in entries (about 520 bytes each for 10 classes: 100,000 entries add ~50-60 MiB); 0 turns the cache off.",
     )
     inference_threads: int = _option(
         1,
