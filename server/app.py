@@ -10,7 +10,6 @@ directory is empty), then ``SERVING``. SIGTERM or SIGINT drains: health goes
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import time
@@ -125,12 +124,6 @@ class CostserveServer:
         self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
         self.servicer.core = self.core
-        # TensorFlow and the loaded model leave some 370,000 long-lived objects the garbage
-        # collector tracks; a full collection walks them all and stalls the event loop for
-        # about 140 ms (more under load). Freezing moves them out of the collector's sight;
-        # they are still freed normally.
-        gc.collect()
-        gc.freeze()
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         metadata = self.model.metadata

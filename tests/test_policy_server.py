@@ -171,6 +171,8 @@ def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
     )
     channel, stub = _stub(server)
     with channel:
+        # A fresh, idle server serves AUTO: start-up's own stalls do not count as load.
+        assert stub.Predict(_request(49), timeout=30).predictions
         for seed, precision in ((50, pb.PRECISION_FP32), (51, pb.PRECISION_INT8)):
             stub.Predict(_request(seed, precision), timeout=30)  # batch times to predict waits from
         held = []
