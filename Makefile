@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models/digits
 
-.PHONY: serve test install install-test train proto bench bench-policy lint clean
+.PHONY: serve test install install-test train proto bench bench-policy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import csv
 import functools
+import importlib.util
 import json
 import math
 import multiprocessing
@@ -1130,12 +1131,10 @@ class MissingPlotExtra(ImportError):
 
 def require_matplotlib() -> None:
     """Raise :class:`MissingPlotExtra`, saying how to install it, when matplotlib cannot be imported."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         raise MissingPlotExtra(
             "--plot needs matplotlib, which comes with the `plot` extra: pip install 'costserve[plot]'"
-        ) from None
+        )
 
 
 def plot_report(report: LoadReport, path: Path) -> None:

@@ -15,8 +15,6 @@ import gc
 import logging
 import time
 
-import numpy as np
-
 from costserve.server.batcher import EWMA_WEIGHT, BatchAnswer, Batcher
 from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, TenantLedger
 from costserve.server.cache import CacheKey, PredictionCache

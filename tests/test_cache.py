@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-import pytest
 
 from costserve.server.cache import CacheKey, PredictionCache, pixels_digest
 from costserve.server.domain import Precision

@@ -6,7 +6,6 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
 
 import grpc
 import numpy as np

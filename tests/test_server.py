@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import re
 import threading
@@ -14,7 +13,6 @@ from typing import Any, Callable
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
 
