@@ -16,11 +16,12 @@ and a reason from :data:`REASONS`, a bounded label value.
   not gets int8 (``deadline``); else the mode decides: ``cost_first`` takes int8,
   ``accuracy_first`` takes fp32.
 * With ``refuse_over_slo`` (``--over-slo refuse``), an ``AUTO`` request is held to
-  the objective: if its variant is predicted to wait (in the event loop and the batch
-  queue) more than ``admit_fraction`` of the objective, int8 answers when allowed and within it (``load_shed``), and
-  otherwise it is refused at once with :class:`OverObjective` (RESOURCE_EXHAUSTED),
-  so the requests accepted keep the objective under overload. Explicit precisions
-  are not held to it: they queue up to ``--max-queue`` and their deadline.
+  the objective: if its variant is predicted to wait (in the event loop and the
+  batch queue) more than ``admit_fraction`` of the objective, int8 answers when
+  allowed and within it (``load_shed``), and otherwise the request is refused at
+  once with :class:`OverObjective` (RESOURCE_EXHAUSTED), so the requests accepted
+  keep the objective under overload. Explicit precisions are not held to it: they
+  queue up to ``--max-queue`` and their deadline.
 * Load pressure has hysteresis. It starts when the predicted fp32 wait exceeds
   ``enter_fraction`` of the latency objective or CPU utilization reaches
   ``utilization_high``; it ends only after the predicted wait stayed under
@@ -225,8 +226,11 @@ class Policy:
         return Decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")
 
     def _held_to_objective(self, decision: Decision, candidates: list[Precision], load: Load) -> Decision:
-        """With ``refuse_over_slo``: ``decision`` if its variant is predicted to start in time, else int8
-        if allowed and in time, else :class:`OverObjective`. Without it: ``decision``."""
+        """``decision``, held to the objective when ``refuse_over_slo`` is set.
+
+        That is ``decision`` if its variant is predicted to start in time, else int8 if
+        allowed and in time, else :class:`OverObjective`.
+        """
         if not self.config.refuse_over_slo:
             return decision
         # What a request arriving now waits before its handler runs counts against the objective too.
@@ -241,6 +245,7 @@ class Policy:
         shortest = min(wait.get(precision, 0.0) for precision in candidates) + load.loop_lag_s
         raise OverObjective(
             f"overloaded: the variants this request allows are predicted to wait at least "
-            f"{shortest * 1000:.0f} ms in the server, over {self.config.admit_fraction:.0%} of the latency objective of "
-            f"{self.config.latency_slo_s * 1000:.0f} ms; retry with backoff (or ask for an explicit precision to queue)"
+            f"{shortest * 1000:.0f} ms in the server, over {self.config.admit_fraction:.0%} of the latency "
+            f"objective of {self.config.latency_slo_s * 1000:.0f} ms; retry with backoff "
+            "(or ask for an explicit precision to queue)"
         )
