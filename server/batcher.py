@@ -29,7 +29,7 @@ import numpy as np
 from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from costserve.server.metrics import LoopHistogram, ServiceMetrics
-from costserve.server.runtimes import LEVEL_FLOATS, Runtime
+from costserve.server.runtimes import Runtime, levels_to_floats
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,18 @@ def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
     """Classify images given as uint8 levels or float32 pixels in [0, 1], as one batch."""
     if all(image.dtype == np.uint8 for image in images):
         return runtime.predict_levels(np.stack(images))
-    return runtime.predict(np.stack([np.take(LEVEL_FLOATS, image) if image.dtype == np.uint8 else image for image in images]))
+    return runtime.predict(
+        np.stack([levels_to_floats(image) if image.dtype == np.uint8 else image for image in images])
+    )
 
 
-#: Weight of the newest batch in the recent time per image.
+#: Weight of the newest sample in the recent averages (time per image, waits, cost per image).
 EWMA_WEIGHT = 0.2
+
+
+def ewma(previous: float | None, sample: float) -> float:
+    """The recent average after ``sample``; the first sample (``previous`` None) stands alone."""
+    return sample if previous is None else previous + EWMA_WEIGHT * (sample - previous)
 
 
 class Batcher:
@@ -86,7 +93,8 @@ class Batcher:
 
         batcher = Batcher(runtime, max_batch_size=32, batch_timeout_s=0.002, max_queue=1024)
         await batcher.start()
-        answers = [answer for part in await asyncio.gather(*batcher.submit([pixels_a, pixels_b], None)) for answer in part]
+        parts = await asyncio.gather(*batcher.submit([pixels_a, pixels_b], deadline=None))
+        answers = [answer for part in parts for answer in part]
         await batcher.stop()
     """
 
@@ -209,7 +217,8 @@ class Batcher:
                 continue
             first = self._entries[0]
             until = first.enqueued_at + self.batch_timeout_s
-            if first.arrived_busy and not self._stopping and self._waiting < self.max_batch_size and until > loop.time():
+            filling = first.arrived_busy and not self._stopping and self._waiting < self.max_batch_size
+            if filling and until > loop.time():
                 # Under load: wait for a full batch, at most until the first image's time is up.
                 await self._wait_for(self.max_batch_size, until)
             batch = self._take_batch()
@@ -263,10 +272,6 @@ class Batcher:
                 live.append(waiting)
         return live
 
-    def _observe_seconds_per_image(self, per_image: float) -> None:
-        previous = self.seconds_per_image
-        self.seconds_per_image = per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
-
     async def _run_batch(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -276,12 +281,14 @@ class Batcher:
             # Back to back under load: the queue drains one batch per start-to-start interval,
             # which also counts the gaps between batches that the runtime's own time misses.
             previous_start, previous_size = self._backlogged_batch
-            self._observe_seconds_per_image((started - previous_start) / previous_size)
+            self.seconds_per_image = ewma(self.seconds_per_image, (started - previous_start) / previous_size)
         self._backlogged_batch = (started, size) if self._waiting else None
-        self.recent_wait_s += EWMA_WEIGHT * (started - batch[0].enqueued_at - self.recent_wait_s)
+        self.recent_wait_s = ewma(self.recent_wait_s, started - batch[0].enqueued_at)
         self._busy = True
         try:
-            rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, images)
+            rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(
+                self._executor, self._predict, images
+            )
         except Exception as exc:  # the runtime failed: fail this batch only
             log.exception("%s batch of %d failed", self.label, size)
             error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(
@@ -298,12 +305,10 @@ class Batcher:
             inference_duration.observe(seconds)
             batch_size.observe(size)
             for waiting in batch:
-                waited = started - waiting.enqueued_at
-                for _ in waiting.images:
-                    queue_duration.observe(waited)
+                queue_duration.observe(started - waiting.enqueued_at, count=len(waiting.images))
         if self._backlogged_batch is None:
             # Nothing was waiting: from handing the batch over to having its answers back on the loop.
-            self._observe_seconds_per_image((loop.time() - started) / size)
+            self.seconds_per_image = ewma(self.seconds_per_image, (loop.time() - started) / size)
         share = cpu_seconds / size
         row = 0
         for waiting in batch:
@@ -330,7 +335,9 @@ class Batcher:
         started, process_started, loop_started = time.perf_counter(), time.process_time(), self._loop_cpu.seconds()
         probabilities = run_runtime(self.runtime, images)
         if len(probabilities) != len(images):
-            raise InferenceFailed(f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(images)}")
+            raise InferenceFailed(
+                f"{self.label} runtime returned {len(probabilities)} rows for a batch of {len(images)}"
+            )
         labels = probabilities.argmax(axis=1)
         scores = probabilities[np.arange(len(images)), labels].tolist()
         # A read-only row of its own per image: callers keep rows in the cache, where a view

@@ -33,7 +33,7 @@ def pixels_digest(pixels: np.ndarray) -> bytes:
 
 
 def buffer_digest(data: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> bytes:
-    """:func:`pixels_digest` of the row-major ``data`` of an array of ``dtype`` (numpy's ``dtype.str``) and ``shape``."""
+    """:func:`pixels_digest` of an array given by its row-major bytes, ``dtype.str`` and shape."""
     digest = hashlib.blake2b(_digest_prefix(dtype, shape), digest_size=16)
     digest.update(data)
     return digest.digest()

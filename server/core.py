@@ -15,7 +15,7 @@ import gc
 import logging
 import time
 
-from costserve.server.batcher import EWMA_WEIGHT, BatchAnswer, Batcher
+from costserve.server.batcher import BatchAnswer, Batcher, ewma
 from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, TenantLedger
 from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
@@ -50,7 +50,7 @@ class LoopLag:
 
     Under overload the requests gRPC has received queue on the loop before costserve sees
     them; the batch queue's predicted wait misses that part. A timer every LOAD_SAMPLE_S
-    measures it; :attr:`seconds` is the recent lateness (EWMA, weight ``EWMA_WEIGHT``).
+    measures it; :attr:`seconds` is the recent lateness (:func:`~costserve.server.batcher.ewma`).
     """
 
     def __init__(self, interval_s: float = LOAD_SAMPLE_S) -> None:
@@ -74,8 +74,7 @@ class LoopLag:
         self._timer = loop.call_at(due, self._tick, loop, due)
 
     def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        late = max(loop.time() - due, 0.0)
-        self.seconds += EWMA_WEIGHT * (late - self.seconds)
+        self.seconds = ewma(self.seconds, max(loop.time() - due, 0.0))
         self._schedule(loop)
 
 
@@ -111,8 +110,6 @@ class InferenceCore:
         self._load: Load | None = None
         self._load_measured_at = 0.0
         self.loop_lag = LoopLag()
-        self._requested = {precision: Decision(precision, "requested") for precision in model.runtimes}
-        self._from_cache = {precision: Decision(precision, "cache") for precision in model.runtimes}
         self.cache = PredictionCache(settings.cache_size, on_evict=metrics.cache_evictions.inc)
         self.batchers = {
             precision: Batcher(
@@ -232,11 +229,7 @@ class InferenceCore:
         self.ledger.charge(result.tenant, cost.usd)
         computed = len(result.predictions) - result.cache_hits
         if computed:
-            per_image = cost.usd / computed
-            previous = self.cost_per_image.get(result.precision)
-            self.cost_per_image[result.precision] = (
-                per_image if previous is None else previous + EWMA_WEIGHT * (per_image - previous)
-            )
+            self.cost_per_image[result.precision] = ewma(self.cost_per_image.get(result.precision), cost.usd / computed)
         return cost
 
     def _demand_per_s(self, now: float, images: int = 0) -> float:
@@ -259,7 +252,9 @@ class InferenceCore:
         if snapshot is None or now - self._load_measured_at >= LOAD_SAMPLE_S:
             snapshot = self._load = Load(
                 queue_depth={precision: batcher.queue_depth for precision, batcher in self.batchers.items()},
-                predicted_wait_s={precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()},
+                predicted_wait_s={
+                    precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()
+                },
                 demand_per_s=self._demand_per_s(now),
                 utilization=self.meter.utilization(),
                 predicted_cost_per_image_usd=dict(self.cost_per_image),
@@ -268,7 +263,9 @@ class InferenceCore:
             self._load_measured_at = now
         return snapshot if budget is BudgetStatus.NONE else dataclasses.replace(snapshot, budget=budget)
 
-    def _decide(self, request: PredictionRequest, digests: list[bytes] | None) -> tuple[Decision, list[ImagePrediction | None]]:
+    def _decide(
+        self, request: PredictionRequest, digests: list[bytes] | None
+    ) -> tuple[Decision, list[ImagePrediction | None]]:
         """Refuse a tenant over budget, answer AUTO from the cache when it can, else ask the policy.
 
         ``digests`` are the images' pixel digests, None when the cache is not to be used. Also
@@ -279,14 +276,12 @@ class InferenceCore:
         if state.status is BudgetStatus.OVER:
             self.metrics.budget_rejections.labels(self.ledger.label(request.tenant)).inc()
             raise BudgetExceeded(state.refusal(self.ledger.clock()))
-        if request.precision is not Precision.AUTO and not request.min_accuracy and not request.max_cost_usd:
-            return self._requested[request.precision], []  # nothing for the policy to weigh
         looked_up: dict[Precision, list[ImagePrediction | None]] = {}
         if digests is not None and request.precision is Precision.AUTO:
             for precision in self.policy.allowed(request):
                 answers = looked_up[precision] = self._lookup(precision, digests)
                 if len(answers) == len(digests) and answers[-1] is not None:
-                    return self._from_cache[precision], answers
+                    return self.policy.decision(precision, "cache"), answers
         decision = self.policy.choose(request, self.load(state.status))
         return decision, looked_up.get(decision.precision, [])
 
@@ -371,14 +366,14 @@ class InferenceCore:
                     self._remember(precision, digests[index], answer)
 
         return PredictionResult(
-            predictions,  # type: ignore[arg-type]
-            self.model.version,
-            time.perf_counter() - started,
-            waiting_cpu,
-            inference_cpu,
-            decision.reason,
-            request.tenant,
-            count - len(misses),
+            predictions=predictions,  # type: ignore[arg-type]
+            model_version=self.model.version,
+            server_seconds=time.perf_counter() - started,
+            waiting_loop_cpu_seconds=waiting_cpu,
+            inference_cpu_seconds=inference_cpu,
+            decision_reason=decision.reason,
+            tenant=request.tenant,
+            cache_hits=count - len(misses),
         )
 
     async def _compute(

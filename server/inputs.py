@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from costserve.server.cache import buffer_digest, pixels_digest
-from costserve.server.errors import InvalidInput
 from costserve.server.domain import ImageInput, PixelType, RawPixels
+from costserve.server.errors import InvalidInput
+from costserve.server.runtimes import levels_to_floats
 
 #: Largest decoded image accepted, in pixels (width x height); larger files are
 #: refused before they are decompressed (decompression-bomb guard).
@@ -82,7 +83,7 @@ class DecodedImage:
         if self._pixels is None:
             levels = self.levels
             assert levels is not None
-            self._pixels = levels.astype(np.float32) / np.float32(255.0)
+            self._pixels = levels_to_floats(levels)
         return self._pixels
 
 
@@ -177,7 +178,7 @@ def _decode_pixels(pixels: RawPixels, input_shape: tuple[int, int, int], index: 
     if pixels.dtype is PixelType.UINT8:
         if given_channels == channels:
             return DecodedImage(levels=array)
-        array = array.astype(np.float32) / np.float32(255.0)
+        array = levels_to_floats(array)
     else:
         if not np.isfinite(array).all():
             raise InvalidInput(f"{where}.data holds NaN or infinite values; expected floats in [0, 1]")

@@ -15,6 +15,7 @@ updates per request that was a tenth of a cache hit's time. Gauges stay
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left
 from typing import Callable, Iterator, Sequence
 
@@ -57,10 +58,10 @@ class LoopHistogram:
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        """Count one observation of ``value``."""
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, count: int = 1) -> None:
+        """Count ``count`` observations of ``value``."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.sum += value * count
 
 
 class LoopFamily:
@@ -94,10 +95,6 @@ class LoopFamily:
         """Add to the unlabelled counter."""
         self._unlabelled.inc(amount)  # type: ignore[union-attr]
 
-    def value(self) -> float:
-        """The unlabelled counter's value."""
-        return self._unlabelled.value  # type: ignore[union-attr]
-
     def family(self) -> Metric:
         """The family as ``prometheus_client`` exposes it, read now."""
         series = list(self._series.items())  # one C-level copy: the loop may add series meanwhile
@@ -110,11 +107,7 @@ class LoopFamily:
         edges = [floatToGoString(bound) for bound in self.buckets] + ["+Inf"]
         for values, histogram in series:
             counts, total = list(histogram.counts), histogram.sum  # type: ignore[union-attr]
-            cumulative, running = [], 0
-            for edge, count in zip(edges, counts):
-                running += count
-                cumulative.append((edge, running))
-            histograms.add_metric(values, cumulative, total)
+            histograms.add_metric(values, list(zip(edges, itertools.accumulate(counts))), total)
         return histograms
 
 
@@ -197,7 +190,8 @@ class ServiceMetrics:
         self.rejected = self._counter(
             "costserve_rejected_total",
             "Requests that got no answer, by reason "
-            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint, over_objective).",
+            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint, "
+            "over_objective).",
             ["reason"],
         )
         self.model_info = Gauge(

@@ -128,8 +128,17 @@ class Policy:
         self.clock = clock
         #: True while AUTO traffic is moved to int8 to hold the latency objective.
         self.shedding = False
+        self._decisions: dict[tuple[Precision, str], Decision] = {}
         self._entered_demand = 0.0
         self._calm_since: float | None = None
+
+    def decision(self, precision: Precision, reason: str) -> Decision:
+        """The one shared :class:`Decision` for ``precision`` and ``reason`` (built once, not per request)."""
+        key = (precision, reason)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decisions[key] = Decision(precision, reason)
+        return decision
 
     def allowed(self, request: PredictionRequest) -> list[Precision]:
         """Variants meeting the request's accuracy floor, most accurate first."""
@@ -164,9 +173,8 @@ class Policy:
     def choose(self, request: PredictionRequest, load: Load | None = None) -> Decision:
         """The variant for ``request`` under ``load``; raises :class:`ConstraintUnmet` when none fits."""
         load = load or Load()
-        shedding = self.observe(load)
         ceiling = request.max_cost_usd
-        if request.precision is not Precision.AUTO:
+        if request.precision is not Precision.AUTO:  # honoured or refused; the load state is AUTO's
             precision = request.precision
             if self.accuracy.get(precision, 0.0) < request.min_accuracy:
                 raise ConstraintUnmet(
@@ -181,8 +189,9 @@ class Policy:
                     f"precision {precision.value} is predicted to cost ${predicted:.3g} for this request, "
                     f"above its max_cost_usd ${ceiling:.3g}; raise the ceiling or ask for PRECISION_AUTO"
                 )
-            return Decision(precision, "requested")
+            return self.decision(precision, "requested")
 
+        shedding = self.observe(load)
         candidates = self.allowed(request)
         if not candidates:
             best = max(self.accuracy.values())
@@ -200,19 +209,19 @@ class Policy:
                     f"${ceiling:.3g} (the cheapest ${cheapest:.3g}); raise the ceiling or lower the floor"
                 )
             if len(affordable) < len(candidates):
-                return self._held_to_objective(Decision(affordable[0], "cost_ceiling"), affordable, load)
+                return self._held_to_objective(self.decision(affordable[0], "cost_ceiling"), affordable, load)
         return self._held_to_objective(self._choose_auto(request, load, candidates, shedding), candidates, load)
 
     def _choose_auto(
         self, request: PredictionRequest, load: Load, candidates: list[Precision], shedding: bool
     ) -> Decision:
         if len(candidates) == 1:
-            return Decision(candidates[0], "accuracy_floor")
+            return self.decision(candidates[0], "accuracy_floor")
         if Precision.INT8 in candidates and Precision.FP32 in candidates:
             if load.budget is BudgetStatus.NEAR:
-                return Decision(Precision.INT8, "budget_near")
+                return self.decision(Precision.INT8, "budget_near")
             if shedding:
-                return Decision(Precision.INT8, "load_shed")
+                return self.decision(Precision.INT8, "load_shed")
             remaining = request.time_remaining_s
             if (
                 self.config.mode == "accuracy_first"
@@ -220,10 +229,10 @@ class Policy:
                 and load.predicted_wait_s.get(Precision.FP32, 0.0) > remaining
                 and load.predicted_wait_s.get(Precision.INT8, 0.0) < remaining
             ):
-                return Decision(Precision.INT8, "deadline")
+                return self.decision(Precision.INT8, "deadline")
         if self.config.mode == "cost_first":
-            return Decision(Precision.INT8 if Precision.INT8 in candidates else candidates[0], "cost_first")
-        return Decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")
+            return self.decision(Precision.INT8 if Precision.INT8 in candidates else candidates[0], "cost_first")
+        return self.decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")
 
     def _held_to_objective(self, decision: Decision, candidates: list[Precision], load: Load) -> Decision:
         """``decision``, held to the objective when ``refuse_over_slo`` is set.
@@ -241,7 +250,7 @@ class Policy:
         # Only toward the cheaper variant: under overload the machine's CPU is what runs short.
         if decision.precision is not Precision.INT8 and Precision.INT8 in candidates:
             if wait.get(Precision.INT8, 0.0) <= bound:
-                return Decision(Precision.INT8, "load_shed")
+                return self.decision(Precision.INT8, "load_shed")
         shortest = min(wait.get(precision, 0.0) for precision in candidates) + load.loop_lag_s
         raise OverObjective(
             f"overloaded: the variants this request allows are predicted to wait at least "

@@ -27,6 +27,11 @@ from costserve.server.domain import Precision
 LEVEL_FLOATS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
+def levels_to_floats(levels: np.ndarray) -> np.ndarray:
+    """The model's float32 input in [0, 1] for uint8 levels 0..255: one table lookup."""
+    return np.take(LEVEL_FLOATS, levels)
+
+
 def allowed_batch_sizes(max_batch_size: int) -> list[int]:
     """Powers of two up to ``max_batch_size``, plus ``max_batch_size`` itself."""
     sizes = [1]
@@ -56,7 +61,7 @@ class Runtime(abc.ABC):
         GIL inside every large numpy operation and may wait milliseconds to get it back
         from a busy event loop, so fewer operations per batch keep the runtime busy.
         """
-        return self.predict(np.take(LEVEL_FLOATS, levels))
+        return self.predict(levels_to_floats(levels))
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size once so that no graph or tensor is built while serving."""
