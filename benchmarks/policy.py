@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
-import re
-import subprocess
 import sys
-import threading
+import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import numpy as np
 
+from benchmarks import serving
 from costserve.loadtest import load_holdout_digits, variant
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -64,64 +64,30 @@ MODES = (
 )
 
 
-class Server:
-    """``costserve-server serve`` on a free port, killed on exit."""
+@contextlib.contextmanager
+def costserve(model_dir: Path, workdir: Path, *flags: str) -> Iterator[serving.Server]:
+    """``costserve-server serve`` on a free port (the serving benchmark's), stopped on exit."""
+    with contextlib.ExitStack() as stack:
+        yield serving.start_costserve("costserve", model_dir, workdir, stack, [*SERVER_FLAGS, *flags])
 
-    def __init__(self, model_dir: Path, *flags: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "costserve.server.cli", "serve", "--model-dir", str(model_dir),
-             "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )  # fmt: skip
-        self.port = 0
-        self.metrics_port = 0
-        self.serving = threading.Event()
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
 
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if match := re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
-                self.port = int(match.group(1))
-                if metrics := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line):
-                    self.metrics_port = int(metrics.group(1))
-            if "SERVING" in line and "NOT_SERVING" not in line:
-                self.serving.set()
+async def serving_target(server: serving.Server) -> str:
+    """Wait (off the loop) until the server's model is warm; its address."""
+    await asyncio.get_running_loop().run_in_executor(None, serving.wait_serving, server)
+    return server.target
 
-    def wait(self, timeout: float = 600) -> str:
-        if not self.serving.wait(timeout) or self.process.poll() is not None:
-            raise RuntimeError("server did not start:\n" + "".join(self.lines[-30:]))
-        return f"127.0.0.1:{self.port}"
 
-    def cpu_split(self) -> dict[str, float]:
-        """CPU-seconds per image from the server's metrics: inference per computed image, handling per answer."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
-            text = reply.read().decode()
-        cpu = {"inference": 0.0, "handling": 0.0}
-        images = {"hit": 0.0, "miss": 0.0}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "costserve_cpu_seconds_total":
-                    cpu[sample.labels["phase"]] += sample.value
-                elif sample.name == "costserve_images_total":
-                    images[sample.labels["cache"]] += sample.value
-        return {
-            "inference_us": 1e6 * cpu["inference"] / max(images["miss"], 1),
-            "handling_us": 1e6 * cpu["handling"] / max(images["hit"] + images["miss"], 1),
-        }
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)
+def cpu_split(server: serving.Server) -> dict[str, float]:
+    """CPU-seconds per image from the server's metrics: inference per computed image, handling per answer."""
+    samples = serving.scrape(server)
+    images = serving.metric_sum(samples, "costserve_images_total")
+    computed = serving.metric_sum(samples, "costserve_images_total", cache="miss")
+    return {
+        "inference_us": 1e6 * serving.metric_sum(samples, "costserve_cpu_seconds_total", phase="inference")
+        / max(computed, 1),
+        "handling_us": 1e6 * serving.metric_sum(samples, "costserve_cpu_seconds_total", phase="handling")
+        / max(images, 1),
+    }
 
 
 @dataclass
@@ -411,11 +377,12 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
     return text
 
 
-async def run_mode(model_dir: Path, name: str, policy: str, precision: int, workload: Workload, inputs: Inputs) -> dict:
-    with Server(model_dir, "--policy", policy, *SERVER_FLAGS) as server:
-        target = await asyncio.get_running_loop().run_in_executor(None, server.wait)
-        outcomes = await drive(target, precision, workload, inputs)
-        split = server.cpu_split()
+async def run_mode(
+    model_dir: Path, workdir: Path, name: str, policy: str, precision: int, workload: Workload, inputs: Inputs
+) -> dict:
+    with costserve(model_dir, workdir, "--policy", policy) as server:
+        outcomes = await drive(await serving_target(server), precision, workload, inputs)
+        split = cpu_split(server)
     summary = {**summarize(outcomes), **split}
     print(
         f"{name:>20}: {summary['predictions']} predictions, compute ${summary['compute_per_1m']:.5f}/1M, resources ${summary['list_per_1m']:.5f}/1M, "
@@ -429,15 +396,16 @@ async def run_mode(model_dir: Path, name: str, policy: str, precision: int, work
 
 async def main_async(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    serving.ensure_model(args.model_dir)
     inputs = Inputs()
-    with Server(args.model_dir, *SERVER_FLAGS) as server:
-        target = await asyncio.get_running_loop().run_in_executor(None, server.wait)
-        capacity = await calibrate(target, inputs)
+    workdir = Path(tempfile.mkdtemp(prefix="costserve-policy-"))  # the servers' logs
+    with costserve(args.model_dir, workdir) as server:
+        capacity = await calibrate(await serving_target(server), inputs)
     print(f"fp32 capacity: {capacity:.0f} requests/s of {IMAGES_PER_REQUEST} images", flush=True)
     workload = make_workload(capacity, args.phase_seconds)
     results = {}
     for name, policy, precision in MODES:
-        results[name] = await run_mode(args.model_dir, name, policy, precision, workload, inputs)
+        results[name] = await run_mode(args.model_dir, workdir, name, policy, precision, workload, inputs)
     text = write_results(results, capacity, workload, args.phase_seconds, time.monotonic() - started)
     args.output.write_text(text)
     print(f"wrote {args.output}")
