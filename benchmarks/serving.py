@@ -719,10 +719,12 @@ def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from costserve.server.domain import Precision
     from costserve.server.model_store import latest_version_dir, load_model
+    from costserve.server.runtimes import configure_tensorflow_threads
 
     version_dir = latest_version_dir(model_dir)
     assert version_dir is not None
-    runtime = load_model(version_dir, max_batch_size=32).runtimes[Precision.FP32]
+    configure_tensorflow_threads(1)  # the server's default --inference-threads, set before any TensorFlow op
+    runtime = load_model(version_dir, max_batch_size=32, threads=1).runtimes[Precision.FP32]
     batch = (digit_pixels().astype(np.float32) / 255.0).reshape(1, *runtime.input_shape)
     for _ in range(20):
         runtime.predict(batch)

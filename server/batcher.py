@@ -326,13 +326,24 @@ class Batcher:
 
         Stacks ``images``, runs the runtime, checks it returned one row per image, and
         splits the answer into one read-only row per image with its label and score.
-        Returns those, the wall seconds and the CPU-seconds it all used. The runtime's
-        own threads are not ours to clock, so its CPU is the process's CPU over the call
-        less what the event loop used meanwhile (that is the handling of other requests,
-        which they are charged for).
+        Returns those, the wall seconds and the CPU-seconds it all used: this thread's
+        CPU when the runtime works on the calling thread alone (the default, one thread
+        per call). A runtime with threads of its own is measured by the process's CPU
+        over the call less what the event loop used meanwhile (the handling of other
+        requests, which they are charged for); that also takes in whatever else the
+        process's other threads did meanwhile, such as another variant's batch.
         """
+        if self.runtime.runs_on_calling_thread:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            rows, labels, scores = self._infer(images)
+            return rows, labels, scores, time.perf_counter() - started, time.thread_time() - cpu_started
         assert self._loop_cpu is not None
         started, process_started, loop_started = time.perf_counter(), time.process_time(), self._loop_cpu.seconds()
+        rows, labels, scores = self._infer(images)
+        cpu_seconds = (time.process_time() - process_started) - (self._loop_cpu.seconds() - loop_started)
+        return rows, labels, scores, time.perf_counter() - started, max(cpu_seconds, 0.0)
+
+    def _infer(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[int], list[float]]:
         probabilities = run_runtime(self.runtime, images)
         if len(probabilities) != len(images):
             raise InferenceFailed(
@@ -345,5 +356,4 @@ class Batcher:
         rows = [row.astype(np.float32) for row in probabilities]
         for row in rows:
             row.flags.writeable = False
-        cpu_seconds = (time.process_time() - process_started) - (self._loop_cpu.seconds() - loop_started)
-        return rows, labels.tolist(), scores, time.perf_counter() - started, max(cpu_seconds, 0.0)
+        return rows, labels.tolist(), scores

@@ -118,11 +118,11 @@ class LoadedModel:
         return self.runtimes[Precision.FP32].input_shape
 
 
-def load_model(version_dir: Path, max_batch_size: int, threads: int = 0) -> LoadedModel:
+def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> LoadedModel:
     """Load the fp32 and int8 variants of ``version_dir``; the input shape comes from the files."""
     metadata = read_metadata(version_dir)
     runtimes: dict[Precision, Runtime] = {
-        Precision.FP32: SavedModelRuntime(version_dir / metadata.variant(Precision.FP32).path),
+        Precision.FP32: SavedModelRuntime(version_dir / metadata.variant(Precision.FP32).path, threads=threads),
         Precision.INT8: LiteRTRuntime(
             version_dir / metadata.variant(Precision.INT8).path, max_batch_size=max_batch_size, threads=threads
         ),

@@ -1,7 +1,8 @@
 """Runtimes: one interface, ``predict(batch) -> probabilities``, two implementations.
 
-* :class:`SavedModelRuntime` (fp32) calls the SavedModel's ``serving_default``
-  concrete function directly (never ``Model.predict``, which costs ~100 ms a call).
+* :class:`SavedModelRuntime` (fp32) runs the SavedModel's ``serving_default``
+  signature through one session callable (never ``Model.predict``, which costs
+  ~100 ms a call).
 * :class:`LiteRTRuntime` (int8) runs the full-integer quantized ``.tflite`` on
   LiteRT (``ai_edge_litert``). It keeps one interpreter per allowed batch size, so
   no tensor is reallocated while serving; batches are zero-padded up to the next
@@ -49,6 +50,9 @@ class Runtime(abc.ABC):
     #: (height, width, channels), read from the model file.
     input_shape: tuple[int, int, int]
     num_classes: int
+    #: True when a call does all its work on the calling thread (one thread per call), so
+    #: that thread's CPU clock measures it exactly; otherwise other threads share the work.
+    runs_on_calling_thread: bool = False
 
     @abc.abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -74,7 +78,11 @@ class Runtime(abc.ABC):
 
 
 def configure_tensorflow_threads(threads: int) -> None:
-    """Limit TensorFlow's intra-op threads (0 = its default); call before the first TF op."""
+    """Limit TensorFlow's intra-op threads (0 = its default); call before the first TF op.
+
+    The pool is process-wide: the fp32 runtime's session uses it too, and with one
+    thread its ops run on the calling thread.
+    """
     if threads <= 0:
         return
     import tensorflow as tf
@@ -84,29 +92,52 @@ def configure_tensorflow_threads(threads: int) -> None:
 
 
 class SavedModelRuntime(Runtime):
-    """fp32: the ``serving_default`` signature of a TensorFlow SavedModel."""
+    """fp32: the ``serving_default`` signature of a TensorFlow SavedModel, run by a graph session.
+
+    The signature's graph runs through one ``Session.make_callable`` with every op on
+    the calling thread. Called as an eager concrete function instead, each call
+    spends ~100 us more in Python, holding the GIL the event loop needs, and hands its
+    ops to TensorFlow's own threads, whose CPU cannot be told apart from the rest of
+    the process's when the request is charged.
+    """
 
     precision = Precision.FP32
 
-    def __init__(self, saved_model_dir: Path) -> None:
+    def __init__(self, saved_model_dir: Path, threads: int = 1) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
-        self._tf = tf
-        self._loaded = tf.saved_model.load(str(saved_model_dir))
-        self._function = self._loaded.signatures["serving_default"]
-        (self._input_name, input_spec), = self._function.structured_input_signature[1].items()
-        (self._output_name, output_spec), = self._function.structured_outputs.items()
-        dims = input_spec.shape.as_list()
+        graph = tf.Graph()
+        config = tf.compat.v1.ConfigProto(
+            inter_op_parallelism_threads=-1,  # negative: every op runs on the calling thread
+            intra_op_parallelism_threads=max(threads, 0),
+        )
+        self._session = tf.compat.v1.Session(graph=graph, config=config)
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")  # the v1 loader's deprecation notice: this use is deliberate
+        try:
+            meta_graph = tf.compat.v1.saved_model.load(self._session, ["serve"], str(saved_model_dir))
+        finally:
+            logger.setLevel(level)
+        signature = meta_graph.signature_def["serving_default"]
+        (input_info,) = signature.inputs.values()
+        (output_info,) = signature.outputs.values()
+        input_tensor = graph.get_tensor_by_name(input_info.name)
+        output_tensor = graph.get_tensor_by_name(output_info.name)
+        dims = input_tensor.shape.as_list()
         if len(dims) != 4 or any(dim is None for dim in dims[1:]):
             raise ValueError(f"{saved_model_dir}: expected an input of shape (batch, h, w, c), got {dims}")
         self.input_shape = (dims[1], dims[2], dims[3])
-        self.num_classes = int(output_spec.shape[-1])
+        self.num_classes = int(output_tensor.shape[-1])
+        # The session's ops use TensorFlow's process-wide pool, sized by the first TensorFlow use
+        # in the process (see configure_tensorflow_threads): with one thread, ops run inline.
+        self.runs_on_calling_thread = threads == 1 and tf.config.threading.get_intra_op_parallelism_threads() == 1
+        self._call = self._session.make_callable(output_tensor, [input_tensor])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
-        outputs = self._function(**{self._input_name: self._tf.constant(batch, dtype=self._tf.float32)})
-        return outputs[self._output_name].numpy()
+        return self._call(np.asarray(batch, dtype=np.float32))
 
 
 class LiteRTRuntime(Runtime):
@@ -119,6 +150,7 @@ class LiteRTRuntime(Runtime):
 
         self._model = Path(tflite_path).read_bytes()
         self._threads = threads if threads > 0 else None
+        self.runs_on_calling_thread = threads == 1
         self._batch_sizes = allowed_batch_sizes(max_batch_size)
         probe = Interpreter(model_content=self._model, num_threads=self._threads)
         input_detail = probe.get_input_details()[0]

@@ -26,7 +26,12 @@ T = TypeVar("T")
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model, trained once per test run exactly as `costserve-server train` does."""
+    from costserve.server.runtimes import configure_tensorflow_threads
     from costserve.server.training import train_and_export
+
+    # As the server does before its first TensorFlow op (its default --inference-threads):
+    # runtimes then run each call on the calling thread alone.
+    configure_tensorflow_threads(1)
 
     base = tmp_path_factory.mktemp("models") / "digits"
     train_and_export(base)
