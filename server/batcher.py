@@ -8,6 +8,10 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
 * images that arrive while the runtime is busy accumulate; when it frees up they
   go together, up to ``max_batch_size``, and a batch that is not full waits for
   more at most until ``batch_timeout`` after its first image arrived;
+* a batch still not full then keeps waiting, up to ``batch_fill_timeout`` after its
+  first image arrived, only while images arrive fast enough to fill it by then:
+  under saturation full batches cost the least CPU per image, and below it no
+  image waits longer than ``batch_timeout``;
 * an image whose deadline passed, or whose caller went away, is dropped before
   inference and never computed;
 * a failed batch fails each of its callers and the next batch is served normally;
@@ -72,6 +76,9 @@ def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
     )
 
 
+#: Span over which the batcher measures how fast images arrive, in seconds.
+ARRIVAL_WINDOW_S = 0.25
+
 #: Weight of the newest sample in the recent averages (time per image, waits, cost per image).
 EWMA_WEIGHT = 0.2
 
@@ -105,10 +112,14 @@ class Batcher:
         batch_timeout_s: float,
         max_queue: int,
         metrics: ServiceMetrics | None = None,
+        batch_fill_timeout_s: float | None = None,
     ) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
+        #: Longest a batch keeps filling while images arrive fast enough to fill it, counted
+        #: from its first image's arrival, in seconds (never below ``batch_timeout_s``).
+        self.batch_fill_timeout_s = max(batch_timeout_s, batch_fill_timeout_s or 0.0)
         self.max_queue = max_queue
         self.metrics = metrics
         self.label = runtime.precision.value
@@ -129,6 +140,9 @@ class Batcher:
         self._stopping = False
         #: Images queued and not yet taken into a batch.
         self._waiting = 0
+        #: Images ever submitted, and (loop time, that count) marks for :meth:`_arrival_rate`.
+        self._arrived = 0
+        self._arrival_marks: collections.deque[tuple[float, int]] = collections.deque()
         self._loop_cpu: LoopCpuClock | None = None
         self._series: tuple[LoopHistogram, LoopHistogram, LoopHistogram] | None = None
         #: Resolved when the dispatcher may go on: an entry arrived, enough images for a full
@@ -193,6 +207,7 @@ class Batcher:
             self._entries.append(_Waiting(list(images[start : start + step]), future, deadline, now, arrived_busy))
             futures.append(future)
         self._waiting += count
+        self._arrived += count
         if self._wakeup is not None and self._waiting >= self._needed:
             self._wake()
         return futures
@@ -221,10 +236,35 @@ class Batcher:
             if filling and until > loop.time():
                 # Under load: wait for a full batch, at most until the first image's time is up.
                 await self._wait_for(self.max_batch_size, until)
+            if filling and self._fills_in_time(first, loop.time()):
+                await self._wait_for(self.max_batch_size, first.enqueued_at + self.batch_fill_timeout_s)
             batch = self._take_batch()
             live = self._drop_unwanted(batch, loop.time())
             if live:
                 await self._run_batch(live)
+
+    def _arrival_rate(self, now: float) -> float:
+        """Images submitted per second over the last ARRIVAL_WINDOW_S (0 until a window is seen)."""
+        marks = self._arrival_marks
+        marks.append((now, self._arrived))
+        while len(marks) > 2 and marks[1][0] <= now - ARRIVAL_WINDOW_S:
+            marks.popleft()
+        since, arrived_then = marks[0]
+        if now - since < ARRIVAL_WINDOW_S / 2:
+            return 0.0
+        return (self._arrived - arrived_then) / (now - since)
+
+    def _fills_in_time(self, first: _Waiting, now: float) -> bool:
+        """Whether images arriving at the recent rate fill the batch by its fill timeout.
+
+        The rate is measured over ARRIVAL_WINDOW_S, not over this batch's wait: clients
+        send in bursts, and a burst seen alone would promise a rate the load does not have.
+        """
+        missing = self.max_batch_size - self._waiting
+        if missing <= 0 or self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:
+            return False
+        rate = self._arrival_rate(now)
+        return rate > 0 and now + missing / rate <= first.enqueued_at + self.batch_fill_timeout_s
 
     async def _wait_for(self, images: int, until: float | None) -> None:
         """Sleep until ``images`` are queued, ``until`` (loop time) passes, or the batcher stops."""

@@ -116,6 +116,7 @@ class InferenceCore:
                 runtime,
                 max_batch_size=settings.max_batch_size,
                 batch_timeout_s=settings.batch_timeout_s,
+                batch_fill_timeout_s=settings.batch_fill_timeout_s,
                 max_queue=settings.max_queue,
                 metrics=metrics,
             )

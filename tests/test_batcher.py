@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
@@ -95,6 +96,60 @@ def test_under_load_a_batch_waits_up_to_the_timeout_for_more(spy: SpyRuntime, ho
         await batcher.stop()
 
     run(scenario)
+
+
+class SlowRuntime(SpyRuntime):
+    """A spy whose every batch takes ``seconds`` longer, as a busier model's would."""
+
+    def __init__(self, inner: Any, seconds: float) -> None:
+        super().__init__(inner)
+        self.seconds = seconds
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds)
+        return super().predict(batch)
+
+
+def _stream(
+    loaded_model: Any, images: np.ndarray, batch_seconds: float, every_s: float, batch_fill_timeout_s: float
+) -> tuple[SlowRuntime, list[Any]]:
+    """Submit one image every ``every_s`` seconds, as a steady stream of clients would, to a
+    batcher (8 per batch, 1 ms timeout) whose batches take ``batch_seconds``; its runtime and the answers."""
+    slow = SlowRuntime(loaded_model.runtimes[Precision.INT8], seconds=batch_seconds)
+
+    async def scenario() -> list[Any]:
+        batcher = Batcher(
+            slow, max_batch_size=8, batch_timeout_s=0.001, max_queue=len(images), batch_fill_timeout_s=batch_fill_timeout_s
+        )
+        await batcher.start()
+        futures = []
+        for image in images:
+            futures += batcher.submit([image], deadline=None)
+            await asyncio.sleep(every_s)
+        answers = await _answers(*futures)
+        await batcher.stop()
+        return answers
+
+    return slow, run(scenario)
+
+
+def test_under_saturation_batches_keep_filling_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
+    """Images arriving every ~1 ms while each batch takes 3 ms: full batches, not the 3-4 the timeout gives."""
+    images = holdout.holdout_images[:360]
+    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=0.001, batch_fill_timeout_s=1.0)
+    np.testing.assert_array_equal(np.array([answer.probabilities for answer in answers]), slow.inner.predict(images))
+    # Once the batcher has measured the rate for half its 0.25 s window (a third of the
+    # ~0.4 s run), every batch fills; before, none waits past the timeout.
+    assert slow.batches[-11:-1] == [8] * 10, slow.batches
+    assert max(slow.batches[:5]) < 8, slow.batches
+
+
+def test_below_saturation_no_batch_waits_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
+    """Images every ~30 ms, batches of 40 ms: filling 8 would take ~200 ms, past the fill timeout: none waits."""
+    images = holdout.holdout_images[:24]
+    slow, answers = _stream(loaded_model, images, batch_seconds=0.04, every_s=0.03, batch_fill_timeout_s=0.1)
+    assert len(answers) == sum(slow.batches) == len(images)
+    assert max(slow.batches) < 8, slow.batches
 
 
 def test_queue_bound_is_all_or_nothing(spy: SpyRuntime, holdout: Any) -> None:

@@ -24,6 +24,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "max_message_bytes": ("4096", 4096),
     "max_batch_size": ("4", 4),
     "batch_timeout_ms": ("0.5", 0.5),
+    "batch_fill_timeout_ms": ("5", 5.0),
     "max_queue": ("100", 100),
     "cache_size": ("0", 0),
     "inference_threads": ("2", 2),
