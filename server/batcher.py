@@ -9,9 +9,10 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
   go together, up to ``max_batch_size``, and a batch that is not full waits for
   more at most until ``batch_timeout`` after its first image arrived;
 * a batch still not full then keeps waiting, up to ``batch_fill_timeout`` after its
-  first image arrived, only while images arrive fast enough to fill it by then:
-  under saturation full batches cost the least CPU per image, and below it no
-  image waits longer than ``batch_timeout``;
+  first image arrived, only while images arrive fast enough to fill it by then and
+  every waiting image can still be computed before its deadline: under saturation
+  full batches cost the least CPU per image, and below it no image waits longer
+  than ``batch_timeout``;
 * an image whose deadline passed, or whose caller went away, is dropped before
   inference and never computed;
 * a failed batch fails each of its callers and the next batch is served normally;
@@ -131,6 +132,8 @@ class Batcher:
         self.seconds_per_image: float | None = None
         #: How long the oldest image of each recent batch waited in the queue (EWMA), in seconds.
         self.recent_wait_s = 0.0
+        #: Wall seconds of recent batches on the inference thread (EWMA).
+        self.recent_batch_s = 0.0
         #: Loop time and size of the last batch started while other images were left waiting.
         self._backlogged_batch: tuple[float, int] | None = None
         self._entries: collections.deque[_Waiting] = collections.deque()
@@ -236,8 +239,10 @@ class Batcher:
             if filling and until > loop.time():
                 # Under load: wait for a full batch, at most until the first image's time is up.
                 await self._wait_for(self.max_batch_size, until)
-            if filling and self._fills_in_time(first, loop.time()):
-                await self._wait_for(self.max_batch_size, first.enqueued_at + self.batch_fill_timeout_s)
+            if filling:
+                fill_until = self._fill_until(first, loop.time())
+                if fill_until is not None:
+                    await self._wait_for(self.max_batch_size, fill_until)
             batch = self._take_batch()
             live = self._drop_unwanted(batch, loop.time())
             if live:
@@ -254,17 +259,25 @@ class Batcher:
             return 0.0
         return (self._arrived - arrived_then) / (now - since)
 
-    def _fills_in_time(self, first: _Waiting, now: float) -> bool:
-        """Whether images arriving at the recent rate fill the batch by its fill timeout.
+    def _fill_until(self, first: _Waiting, now: float) -> float | None:
+        """When a batch not yet full should stop waiting for more, or None to go now.
 
-        The rate is measured over ARRIVAL_WINDOW_S, not over this batch's wait: clients
-        send in bursts, and a burst seen alone would promise a rate the load does not have.
+        It waits while images arriving at the recent rate fill it by the fill timeout, and
+        never so long that a waiting image could not be computed before its deadline. The
+        rate is measured over ARRIVAL_WINDOW_S, not over this batch's wait: clients send
+        in bursts, and a burst seen alone would promise a rate the load does not have.
         """
         missing = self.max_batch_size - self._waiting
         if missing <= 0 or self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:
-            return False
+            return None
+        until = first.enqueued_at + self.batch_fill_timeout_s
+        deadlines = [waiting.deadline for waiting in self._entries if waiting.deadline is not None]
+        if deadlines:
+            until = min(until, min(deadlines) - self.recent_batch_s)
         rate = self._arrival_rate(now)
-        return rate > 0 and now + missing / rate <= first.enqueued_at + self.batch_fill_timeout_s
+        if rate <= 0 or now + missing / rate > until:
+            return None
+        return until
 
     async def _wait_for(self, images: int, until: float | None) -> None:
         """Sleep until ``images`` are queued, ``until`` (loop time) passes, or the batcher stops."""
@@ -340,6 +353,7 @@ class Batcher:
             return
         finally:
             self._busy = False
+        self.recent_batch_s = ewma(self.recent_batch_s, seconds)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)

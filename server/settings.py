@@ -48,7 +48,8 @@ class Settings:
         20.0,
         "Under saturation, how long a batch that is not full by --batch-timeout-ms may keep waiting, "
         "counted from its first image's arrival, in milliseconds: only while images arrive fast enough "
-        "to fill it by then. Full batches cost the least CPU per image; below saturation nothing waits "
+        "to fill it by then, and never past what its images' deadlines allow. Full batches cost the least "
+        "CPU per image; below saturation nothing waits "
         "longer than --batch-timeout-ms. At most --batch-timeout-ms turns it off.",
     )
     max_queue: int = _option(

@@ -111,20 +111,28 @@ class SlowRuntime(SpyRuntime):
 
 
 def _stream(
-    loaded_model: Any, images: np.ndarray, batch_seconds: float, every_s: float, batch_fill_timeout_s: float
+    loaded_model: Any,
+    images: np.ndarray,
+    batch_seconds: float,
+    every_s: float,
+    batch_fill_timeout_s: float,
+    deadline_s: float | None = None,
 ) -> tuple[SlowRuntime, list[Any]]:
-    """Submit one image every ``every_s`` seconds, as a steady stream of clients would, to a
-    batcher (8 per batch, 1 ms timeout) whose batches take ``batch_seconds``; its runtime and the answers."""
+    """Submit one image every ``every_s`` seconds (each due ``deadline_s`` after it is sent), as
+    a steady stream of clients would, to a batcher (8 per batch, 1 ms timeout) whose batches
+    take ``batch_seconds``; its runtime and the answers."""
     slow = SlowRuntime(loaded_model.runtimes[Precision.INT8], seconds=batch_seconds)
 
     async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
         batcher = Batcher(
             slow, max_batch_size=8, batch_timeout_s=0.001, max_queue=len(images), batch_fill_timeout_s=batch_fill_timeout_s
         )
         await batcher.start()
         futures = []
         for image in images:
-            futures += batcher.submit([image], deadline=None)
+            deadline = None if deadline_s is None else loop.time() + deadline_s
+            futures += batcher.submit([image], deadline=deadline)
             await asyncio.sleep(every_s)
         answers = await _answers(*futures)
         await batcher.stop()
@@ -142,6 +150,16 @@ def test_under_saturation_batches_keep_filling_past_the_timeout(loaded_model: An
     # ~0.4 s run), every batch fills; before, none waits past the timeout.
     assert slow.batches[-11:-1] == [8] * 10, slow.batches
     assert max(slow.batches[:5]) < 8, slow.batches
+
+
+def test_a_filling_batch_goes_in_time_for_its_earliest_deadline(loaded_model: Any, holdout: Any) -> None:
+    """A batch every 30 ms, an image every ~10 ms due 60 ms after it is sent: the recent rate
+    would fill 8 within the 1 s fill timeout, but no image may wait past its deadline."""
+    images = holdout.holdout_images[:60]
+    slow, answers = _stream(
+        loaded_model, images, batch_seconds=0.03, every_s=0.01, batch_fill_timeout_s=1.0, deadline_s=0.06
+    )
+    assert len(answers) == sum(slow.batches) == len(images)  # none dropped as expired
 
 
 def test_below_saturation_no_batch_waits_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
