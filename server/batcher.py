@@ -9,10 +9,11 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
   go together, up to ``max_batch_size``, and a batch that is not full waits for
   more at most until ``batch_timeout`` after its first image arrived;
 * a batch still not full then keeps waiting, up to ``batch_fill_timeout`` after its
-  first image arrived, only while images arrive fast enough to fill it by then and
-  every waiting image can still be computed before its deadline: under saturation
-  full batches cost the least CPU per image, and below it no image waits longer
-  than ``batch_timeout``;
+  first image arrived, only while the server is saturated (the runtime had a batch, or
+  the event loop was on CPU, nearly all the recent time), images arrive fast enough to
+  fill it by then, and every waiting image can still start before its deadline: full
+  batches cost the least time per image, which is what a saturated server runs short
+  of; otherwise no image waits longer than ``batch_timeout``;
 * an image whose deadline passed, or whose caller went away, is dropped before
   inference and never computed;
 * a failed batch fails each of its callers and the next batch is served normally;
@@ -77,8 +78,13 @@ def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
     )
 
 
-#: Span over which the batcher measures how fast images arrive, in seconds.
+#: Span over which the batcher measures how fast images arrive and how busy its runtime is, in seconds.
 ARRIVAL_WINDOW_S = 0.25
+#: Share of that span the runtime must have had a batch for batches to wait to fill.
+SATURATED_DUTY = 0.9
+#: ... or share of it the event loop's thread must have been on CPU (it seldom gets all of
+#: it: the inference and gRPC threads take the GIL too).
+SATURATED_LOOP = 0.8
 
 #: Weight of the newest sample in the recent averages (time per image, waits, cost per image).
 EWMA_WEIGHT = 0.2
@@ -143,9 +149,15 @@ class Batcher:
         self._stopping = False
         #: Images queued and not yet taken into a batch.
         self._waiting = 0
-        #: Images ever submitted, and (loop time, that count) marks for :meth:`_arrival_rate`.
+        #: So far: images submitted, loop seconds the runtime had a batch, and loop seconds
+        #: batches spent waiting to fill; with (loop time, those three) marks back to
+        #: ARRIVAL_WINDOW_S ago.
         self._arrived = 0
-        self._arrival_marks: collections.deque[tuple[float, int]] = collections.deque()
+        self._busy_seconds = 0.0
+        self._filling_seconds = 0.0
+        self._marks: collections.deque[tuple[float, int, float, float, float]] = collections.deque()
+        #: Loop time a fill wait ends, while one runs (see :meth:`_fill_until`).
+        self._fill_end: float | None = None
         self._loop_cpu: LoopCpuClock | None = None
         self._series: tuple[LoopHistogram, LoopHistogram, LoopHistogram] | None = None
         #: Resolved when the dispatcher may go on: an entry arrived, enough images for a full
@@ -211,7 +223,7 @@ class Batcher:
             futures.append(future)
         self._waiting += count
         self._arrived += count
-        if self._wakeup is not None and self._waiting >= self._needed:
+        if self._wakeup is not None and (self._waiting >= self._needed or self._cuts_fill_short(deadline)):
             self._wake()
         return futures
 
@@ -239,33 +251,65 @@ class Batcher:
             if filling and until > loop.time():
                 # Under load: wait for a full batch, at most until the first image's time is up.
                 await self._wait_for(self.max_batch_size, until)
-            if filling:
-                fill_until = self._fill_until(first, loop.time())
-                if fill_until is not None:
+            while filling and (fill_until := self._fill_until(first, loop.time())) is not None:
+                # Saturated: keep filling. A new image due sooner wakes this wait to decide again.
+                self._fill_end = fill_until
+                fill_started = loop.time()
+                try:
                     await self._wait_for(self.max_batch_size, fill_until)
+                finally:
+                    self._fill_end = None
+                    self._filling_seconds += loop.time() - fill_started
             batch = self._take_batch()
             live = self._drop_unwanted(batch, loop.time())
             if live:
                 await self._run_batch(live)
 
-    def _arrival_rate(self, now: float) -> float:
-        """Images submitted per second over the last ARRIVAL_WINDOW_S (0 until a window is seen)."""
-        marks = self._arrival_marks
-        marks.append((now, self._arrived))
+    def _mark(self, now: float) -> None:
+        """Note the images arrived and the runtime's busy time by ``now``; keeps ARRIVAL_WINDOW_S of marks."""
+        marks = self._marks
+        marks.append((now, self._arrived, self._busy_seconds, self._filling_seconds, time.thread_time()))
         while len(marks) > 2 and marks[1][0] <= now - ARRIVAL_WINDOW_S:
             marks.popleft()
-        since, arrived_then = marks[0]
-        if now - since < ARRIVAL_WINDOW_S / 2:
-            return 0.0
-        return (self._arrived - arrived_then) / (now - since)
+
+    def _recent_load(self, now: float) -> tuple[float, float, float]:
+        """Over the last ARRIVAL_WINDOW_S: images submitted per second; the share of the time
+        the runtime had a batch, of the time batches did not spend waiting to fill; and the
+        share of the time the event loop's thread (this one) was on CPU. Zeros until half of
+        the window is seen."""
+        self._mark(now)
+        since, arrived_then, busy_then, filling_then, loop_cpu_then = self._marks[0]
+        span = now - since
+        if span < ARRIVAL_WINDOW_S / 2:
+            return 0.0, 0.0, 0.0
+        # Time spent waiting to fill was chosen, not spare: it counts neither way.
+        available = span - (self._filling_seconds - filling_then)
+        duty = (self._busy_seconds - busy_then) / available if available > 0 else 1.0
+        loop_share = (self._marks[-1][4] - loop_cpu_then) / span
+        return (self._arrived - arrived_then) / span, duty, loop_share
+
+    def _cuts_fill_short(self, deadline: float | None) -> bool:
+        """Whether an image due at ``deadline`` must start before the running fill wait ends."""
+        return deadline is not None and self._fill_end is not None and deadline - self._deadline_margin() < self._fill_end
+
+    def _deadline_margin(self) -> float:
+        """How long before an image's deadline its batch must start: twice the recent batch
+        time (a full batch takes longer than an average one) plus the batch timeout (the
+        loop runs timers late when it is busy)."""
+        return 2 * self.recent_batch_s + self.batch_timeout_s
 
     def _fill_until(self, first: _Waiting, now: float) -> float | None:
-        """When a batch not yet full should stop waiting for more, or None to go now.
+        """When a batch not yet full should stop waiting for more; None to go now.
 
-        It waits while images arriving at the recent rate fill it by the fill timeout, and
-        never so long that a waiting image could not be computed before its deadline. The
-        rate is measured over ARRIVAL_WINDOW_S, not over this batch's wait: clients send
-        in bursts, and a burst seen alone would promise a rate the load does not have.
+        It waits only while the server is saturated: the runtime had a batch at least
+        SATURATED_DUTY of the recent time that batches did not spend filling, or the event
+        loop was on CPU at least SATURATED_LOOP of it (fuller batches then spare it hand-offs
+        and wake-ups per request). With time to spare, smaller batches cost nothing and
+        waiting would only add latency. It also waits only while images arriving at the recent rate fill it by the
+        fill timeout, and never so long that a waiting image could not start before its
+        deadline. Rate and busy time are measured over ARRIVAL_WINDOW_S, not over this
+        batch's wait: clients send in bursts, and a burst seen alone would promise a rate
+        the load does not have.
         """
         missing = self.max_batch_size - self._waiting
         if missing <= 0 or self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:
@@ -273,9 +317,9 @@ class Batcher:
         until = first.enqueued_at + self.batch_fill_timeout_s
         deadlines = [waiting.deadline for waiting in self._entries if waiting.deadline is not None]
         if deadlines:
-            until = min(until, min(deadlines) - self.recent_batch_s)
-        rate = self._arrival_rate(now)
-        if rate <= 0 or now + missing / rate > until:
+            until = min(until, min(deadlines) - self._deadline_margin())
+        rate, duty, loop_share = self._recent_load(now)
+        if (duty < SATURATED_DUTY and loop_share < SATURATED_LOOP) or rate <= 0 or now + missing / rate > until:
             return None
         return until
 
@@ -337,6 +381,7 @@ class Batcher:
             self.seconds_per_image = ewma(self.seconds_per_image, (started - previous_start) / previous_size)
         self._backlogged_batch = (started, size) if self._waiting else None
         self.recent_wait_s = ewma(self.recent_wait_s, started - batch[0].enqueued_at)
+        self._mark(started)
         self._busy = True
         try:
             rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(
@@ -353,6 +398,7 @@ class Batcher:
             return
         finally:
             self._busy = False
+            self._busy_seconds += loop.time() - started
         self.recent_batch_s = ewma(self.recent_batch_s, seconds)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series

@@ -6,9 +6,10 @@
   ``deploy/prices.toml``, with their source and date).
 * ``T_cpu``: CPU-seconds the request used, measured: its own handling on the
   event-loop thread (thread CPU time around its synchronous steps) plus an equal
-  share of each inference batch it was part of (process CPU time around the
-  runtime call, less the event loop's own CPU over that interval). A cache hit
-  has no inference share.
+  share of each inference batch it was part of (the inference thread's CPU time
+  when the runtime works on that thread alone, the default; otherwise process
+  CPU time around the runtime call, less the event loop's own CPU over that
+  interval). A cache hit has no inference share.
 * ``T_mem``: GB-seconds of provisioned memory it held. Memory comes with the CPU
   it is provisioned beside, so a request holds ``memory_gb / vcpus`` GB for each
   CPU-second it uses.
@@ -198,3 +199,4 @@ class LoopCpuClock:
     def seconds(self) -> float:
         """CPU-seconds the thread has used so far."""
         return time.clock_gettime(self._clock_id)
+

@@ -119,7 +119,11 @@ class LoadedModel:
 
 
 def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> LoadedModel:
-    """Load the fp32 and int8 variants of ``version_dir``; the input shape comes from the files."""
+    """Load the fp32 and int8 variants of ``version_dir``; the input shape comes from the files.
+
+    ``threads`` is what each runtime may use within one call: 1 (the server's default
+    ``--inference-threads``) keeps all of a call on its calling thread; 0 lets each choose.
+    """
     metadata = read_metadata(version_dir)
     runtimes: dict[Precision, Runtime] = {
         Precision.FP32: SavedModelRuntime(version_dir / metadata.variant(Precision.FP32).path, threads=threads),

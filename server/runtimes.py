@@ -67,6 +67,9 @@ class Runtime(abc.ABC):
         """
         return self.predict(levels_to_floats(levels))
 
+    def close(self) -> None:
+        """Release what the runtime holds beyond Python objects (a no-op unless it holds some)."""
+
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run every batch size once so that no graph or tensor is built while serving."""
         for size in batch_sizes:
@@ -132,12 +135,17 @@ class SavedModelRuntime(Runtime):
         self.num_classes = int(output_tensor.shape[-1])
         # The session's ops use TensorFlow's process-wide pool, sized by the first TensorFlow use
         # in the process (see configure_tensorflow_threads): with one thread, ops run inline.
+        # The eager setting is what this reads; the server and the tests set it before any other
+        # TensorFlow use, so the pool is the one it names.
         self.runs_on_calling_thread = threads == 1 and tf.config.threading.get_intra_op_parallelism_threads() == 1
         self._call = self._session.make_callable(output_tensor, [input_tensor])
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self._check_batch(batch)
         return self._call(np.asarray(batch, dtype=np.float32))
+
+    def close(self) -> None:
+        self._session.close()
 
 
 class LiteRTRuntime(Runtime):

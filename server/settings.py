@@ -47,10 +47,11 @@ class Settings:
     batch_fill_timeout_ms: float = _option(
         20.0,
         "Under saturation, how long a batch that is not full by --batch-timeout-ms may keep waiting, "
-        "counted from its first image's arrival, in milliseconds: only while images arrive fast enough "
-        "to fill it by then, and never past what its images' deadlines allow. Full batches cost the least "
-        "CPU per image; below saturation nothing waits "
-        "longer than --batch-timeout-ms. At most --batch-timeout-ms turns it off.",
+        "counted from its first image's arrival, in milliseconds. It waits only while the server is "
+        "saturated (over the last 0.25 s the runtime had a batch nine tenths of the time, or the event loop was on "
+        "CPU eight tenths of it), images arrive fast enough to fill it by then, and its images' deadlines allow. "
+        "Full batches cost the least time per image; otherwise nothing waits longer than "
+        "--batch-timeout-ms. At most --batch-timeout-ms turns it off.",
     )
     max_queue: int = _option(
         1024, "Images that may wait per variant; past it requests get RESOURCE_EXHAUSTED."

@@ -172,20 +172,24 @@ def train_and_export(
 
         fp32 = SavedModelRuntime(saved_model)
         int8 = LiteRTRuntime(staging / INT8_FILE, max_batch_size=32)
-        variants = {
-            Precision.FP32.value: VariantInfo(
-                path=SAVED_MODEL_DIR,
-                format="saved_model",
-                accuracy=accuracy(fp32, dataset.holdout_images, dataset.holdout_labels),
-                size_bytes=sum(path.stat().st_size for path in saved_model.rglob("*") if path.is_file()),
-            ),
-            Precision.INT8.value: VariantInfo(
-                path=INT8_FILE,
-                format="tflite",
-                accuracy=accuracy(int8, dataset.holdout_images, dataset.holdout_labels),
-                size_bytes=(staging / INT8_FILE).stat().st_size,
-            ),
-        }
+        try:
+            variants = {
+                Precision.FP32.value: VariantInfo(
+                    path=SAVED_MODEL_DIR,
+                    format="saved_model",
+                    accuracy=accuracy(fp32, dataset.holdout_images, dataset.holdout_labels),
+                    size_bytes=sum(path.stat().st_size for path in saved_model.rglob("*") if path.is_file()),
+                ),
+                Precision.INT8.value: VariantInfo(
+                    path=INT8_FILE,
+                    format="tflite",
+                    accuracy=accuracy(int8, dataset.holdout_images, dataset.holdout_labels),
+                    size_bytes=(staging / INT8_FILE).stat().st_size,
+                ),
+            }
+        finally:
+            fp32.close()
+            int8.close()
         metadata = ModelMetadata(
             name=name,
             version=version,

@@ -117,22 +117,27 @@ def _stream(
     every_s: float,
     batch_fill_timeout_s: float,
     deadline_s: float | None = None,
+    deadline_every: int = 1,
 ) -> tuple[SlowRuntime, list[Any]]:
-    """Submit one image every ``every_s`` seconds (each due ``deadline_s`` after it is sent), as
-    a steady stream of clients would, to a batcher (8 per batch, 1 ms timeout) whose batches
-    take ``batch_seconds``; its runtime and the answers."""
+    """Submit one image every ``every_s`` seconds, as a steady stream of clients would, to a
+    batcher (8 per batch, 1 ms timeout) whose batches take ``batch_seconds``; every
+    ``deadline_every``-th image is due ``deadline_s`` after it is sent. Its runtime and the answers."""
     slow = SlowRuntime(loaded_model.runtimes[Precision.INT8], seconds=batch_seconds)
 
     async def scenario() -> list[Any]:
         loop = asyncio.get_running_loop()
         batcher = Batcher(
-            slow, max_batch_size=8, batch_timeout_s=0.001, max_queue=len(images), batch_fill_timeout_s=batch_fill_timeout_s
+            slow,
+            max_batch_size=8,
+            batch_timeout_s=0.001,
+            max_queue=len(images),
+            batch_fill_timeout_s=batch_fill_timeout_s,
         )
         await batcher.start()
         futures = []
-        for image in images:
-            deadline = None if deadline_s is None else loop.time() + deadline_s
-            futures += batcher.submit([image], deadline=deadline)
+        for index, image in enumerate(images):
+            due = deadline_s is not None and index % deadline_every == 0
+            futures += batcher.submit([image], deadline=loop.time() + deadline_s if due else None)
             await asyncio.sleep(every_s)
         answers = await _answers(*futures)
         await batcher.stop()
@@ -147,19 +152,51 @@ def test_under_saturation_batches_keep_filling_past_the_timeout(loaded_model: An
     slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=0.001, batch_fill_timeout_s=1.0)
     np.testing.assert_array_equal(np.array([answer.probabilities for answer in answers]), slow.inner.predict(images))
     # Once the batcher has measured the rate for half its 0.25 s window (a third of the
-    # ~0.4 s run), every batch fills; before, none waits past the timeout.
+    # ~0.4 s run), every batch fills.
     assert slow.batches[-11:-1] == [8] * 10, slow.batches
-    assert max(slow.batches[:5]) < 8, slow.batches
 
 
-def test_a_filling_batch_goes_in_time_for_its_earliest_deadline(loaded_model: Any, holdout: Any) -> None:
-    """A batch every 30 ms, an image every ~10 ms due 60 ms after it is sent: the recent rate
-    would fill 8 within the 1 s fill timeout, but no image may wait past its deadline."""
+def test_a_runtime_with_time_to_spare_does_not_make_batches_wait(loaded_model: Any, holdout: Any) -> None:
+    """An image every ~5 ms, batches of 3 ms: the rate would fill 8 within the 1 s fill timeout,
+    but the runtime is idle ~40% of the time, so no batch waits to fill."""
+    images = holdout.holdout_images[:120]
+    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=0.005, batch_fill_timeout_s=1.0)
+    assert len(answers) == sum(slow.batches) == len(images)
+    assert max(slow.batches) < 8, slow.batches
+
+
+def test_the_batcher_measures_how_busy_its_event_loop_thread_is(spy: SpyRuntime) -> None:
+    """The third signal of saturation: the event loop's thread on CPU most of the recent time."""
+    batcher = Batcher(spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=8, batch_fill_timeout_s=0.02)
+    started = time.monotonic()
+    batcher._recent_load(started)
+    while time.monotonic() < started + 0.2:  # on CPU all the time
+        pass
+    assert batcher._recent_load(time.monotonic())[2] > 0.8
+    time.sleep(0.3)  # off CPU: the window now holds mostly sleep
+    assert batcher._recent_load(time.monotonic())[2] < 0.5
+
+
+def test_a_batch_does_not_wait_to_fill_past_what_its_deadlines_allow(loaded_model: Any, holdout: Any) -> None:
+    """An image every ~10 ms, batches of 12 ms, each image due 60 ms after it is sent: the rate
+    fills 8 within the 1 s fill timeout (~70 ms), too late for the deadlines, so none waits that long."""
     images = holdout.holdout_images[:60]
     slow, answers = _stream(
-        loaded_model, images, batch_seconds=0.03, every_s=0.01, batch_fill_timeout_s=1.0, deadline_s=0.06
+        loaded_model, images, batch_seconds=0.012, every_s=0.01, batch_fill_timeout_s=1.0, deadline_s=0.06
     )
     assert len(answers) == sum(slow.batches) == len(images)  # none dropped as expired
+
+
+def test_an_image_due_soon_cuts_a_running_fill_wait_short(loaded_model: Any, holdout: Any) -> None:
+    """The same stream with no deadlines but on every 7th image (due 40 ms after it is sent):
+    those arrive while a batch waits to fill and must not wait with it."""
+    images = holdout.holdout_images[:120]
+    slow, answers = _stream(
+        loaded_model, images, batch_seconds=0.012, every_s=0.01, batch_fill_timeout_s=1.0,
+        deadline_s=0.04, deadline_every=7,
+    )  # fmt: skip
+    assert len(answers) == sum(slow.batches) == len(images)  # none dropped as expired
+    assert max(slow.batches) == 8  # the images without deadlines still fill batches
 
 
 def test_below_saturation_no_batch_waits_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
@@ -168,6 +205,47 @@ def test_below_saturation_no_batch_waits_past_the_timeout(loaded_model: Any, hol
     slow, answers = _stream(loaded_model, images, batch_seconds=0.04, every_s=0.03, batch_fill_timeout_s=0.1)
     assert len(answers) == sum(slow.batches) == len(images)
     assert max(slow.batches) < 8, slow.batches
+
+
+class HelperThreadRuntime(SpyRuntime):
+    """A spy doing 30 ms of CPU on a helper thread inside every call, as a runtime with threads of its own does."""
+
+    def __init__(self, inner: Any, runs_on_calling_thread: bool) -> None:
+        super().__init__(inner)
+        self.runs_on_calling_thread = runs_on_calling_thread
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        def burn() -> None:
+            end = time.thread_time() + 0.03
+            while time.thread_time() < end:
+                pass
+
+        helper = threading.Thread(target=burn)
+        helper.start()
+        helper.join()
+        return super().predict(batch)
+
+
+@pytest.mark.parametrize("runs_on_calling_thread", [True, False])
+def test_a_batch_is_charged_by_the_clock_its_runtime_allows(
+    loaded_model: Any, holdout: Any, runs_on_calling_thread: bool
+) -> None:
+    """The inference thread's own clock when the runtime says all its work is there (the helper's
+    30 ms then goes uncounted); otherwise the process's CPU over the call, which counts it."""
+    runtime = HelperThreadRuntime(loaded_model.runtimes[Precision.INT8], runs_on_calling_thread)
+
+    async def scenario() -> float:
+        batcher = Batcher(runtime, max_batch_size=8, batch_timeout_s=0, max_queue=8)
+        await batcher.start()
+        (answer,) = await _answers(*batcher.submit([holdout.holdout_images[0]], deadline=None))
+        await batcher.stop()
+        return answer.cpu_seconds
+
+    cpu_seconds = run(scenario)
+    if runs_on_calling_thread:
+        assert cpu_seconds < 0.015
+    else:
+        assert cpu_seconds >= 0.025
 
 
 def test_queue_bound_is_all_or_nothing(spy: SpyRuntime, holdout: Any) -> None:
