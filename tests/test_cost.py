@@ -220,4 +220,3 @@ def test_costs_add_up_to_the_provisioned_bill(model_dir: Path, tmp_path: Path) -
         assert charged_total == pytest.approx(sum(cost.usd for _, cost in completed), rel=1e-6)
     finally:
         server.stop()
-
