@@ -290,7 +290,9 @@ class Batcher:
 
     def _cuts_fill_short(self, deadline: float | None) -> bool:
         """Whether an image due at ``deadline`` must start before the running fill wait ends."""
-        return deadline is not None and self._fill_end is not None and deadline - self._deadline_margin() < self._fill_end
+        if deadline is None or self._fill_end is None:
+            return False
+        return deadline - self._deadline_margin() < self._fill_end
 
     def _deadline_margin(self) -> float:
         """How long before an image's deadline its batch must start: twice the recent batch

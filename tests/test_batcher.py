@@ -114,15 +114,18 @@ def _stream(
     loaded_model: Any,
     images: np.ndarray,
     batch_seconds: float,
-    every_s: float,
+    every_s: float | tuple[float, ...],
     batch_fill_timeout_s: float,
     deadline_s: float | None = None,
     deadline_every: int = 1,
 ) -> tuple[SlowRuntime, list[Any]]:
-    """Submit one image every ``every_s`` seconds, as a steady stream of clients would, to a
-    batcher (8 per batch, 1 ms timeout) whose batches take ``batch_seconds``; every
-    ``deadline_every``-th image is due ``deadline_s`` after it is sent. Its runtime and the answers."""
+    """Submit one image every ``every_s`` seconds (or after each of those gaps in turn), as a
+    stream of clients would, to a batcher (8 per batch, 1 ms timeout) whose batches take
+    ``batch_seconds``; every ``deadline_every``-th image is due ``deadline_s`` after it is
+    sent. Its runtime and the answers."""
     slow = SlowRuntime(loaded_model.runtimes[Precision.INT8], seconds=batch_seconds)
+
+    gaps = every_s if isinstance(every_s, tuple) else (every_s,)
 
     async def scenario() -> list[Any]:
         loop = asyncio.get_running_loop()
@@ -138,7 +141,7 @@ def _stream(
         for index, image in enumerate(images):
             due = deadline_s is not None and index % deadline_every == 0
             futures += batcher.submit([image], deadline=loop.time() + deadline_s if due else None)
-            await asyncio.sleep(every_s)
+            await asyncio.sleep(gaps[index % len(gaps)])
         answers = await _answers(*futures)
         await batcher.stop()
         return answers
@@ -157,10 +160,11 @@ def test_under_saturation_batches_keep_filling_past_the_timeout(loaded_model: An
 
 
 def test_a_runtime_with_time_to_spare_does_not_make_batches_wait(loaded_model: Any, holdout: Any) -> None:
-    """An image every ~5 ms, batches of 3 ms: the rate would fill 8 within the 1 s fill timeout,
-    but the runtime is idle ~40% of the time, so no batch waits to fill."""
+    """Images in pairs 1 ms apart every 10 ms, batches of 3 ms: each pair's second image finds the
+    runtime busy and the rate would fill 8 within the 1 s fill timeout, but the runtime has a
+    batch only ~60% of the time, so no batch waits to fill."""
     images = holdout.holdout_images[:120]
-    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=0.005, batch_fill_timeout_s=1.0)
+    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=(0.001, 0.009), batch_fill_timeout_s=1.0)
     assert len(answers) == sum(slow.batches) == len(images)
     assert max(slow.batches) < 8, slow.batches
 
