@@ -307,11 +307,11 @@ class Batcher:
         SATURATED_DUTY of the recent time that batches did not spend filling, or the event
         loop was on CPU at least SATURATED_LOOP of it (fuller batches then spare it hand-offs
         and wake-ups per request). With time to spare, smaller batches cost nothing and
-        waiting would only add latency. It also waits only while images arriving at the recent rate fill it by the
-        fill timeout, and never so long that a waiting image could not start before its
-        deadline. Rate and busy time are measured over ARRIVAL_WINDOW_S, not over this
-        batch's wait: clients send in bursts, and a burst seen alone would promise a rate
-        the load does not have.
+        waiting would only add latency. It also waits only while images arriving at the
+        recent rate fill it by the fill timeout, and never so long that a waiting image could
+        not start before its deadline. Rate and busy time are measured over ARRIVAL_WINDOW_S,
+        not over this batch's wait: clients send in bursts, and a burst seen alone would
+        promise a rate the load does not have.
         """
         missing = self.max_batch_size - self._waiting
         if missing <= 0 or self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:

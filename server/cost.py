@@ -199,4 +199,3 @@ class LoopCpuClock:
     def seconds(self) -> float:
         """CPU-seconds the thread has used so far."""
         return time.clock_gettime(self._clock_id)
-
