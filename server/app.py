@@ -2,9 +2,15 @@
 
 Start-up binds the ports first and reports ``NOT_SERVING`` on the health service
 while the model loads and warms (training the default model when the model
-directory is empty), then ``SERVING``. SIGTERM or SIGINT drains: health goes
-``NOT_SERVING``, new RPCs are refused, every request already accepted is answered
-(up to ``--drain-seconds``), and the process exits 0.
+directory is empty), then ``SERVING``. Every service is registered behind the
+:mod:`~costserve.server.rpc_gate`: undecodable messages get ``INVALID_ARGUMENT``, and
+prediction calls past ``--max-concurrent-rpcs`` get ``RESOURCE_EXHAUSTED``, counted.
+
+SIGTERM or SIGINT drains: health goes ``NOT_SERVING`` and new calls are still answered
+for ``--drain-grace-seconds`` (clients and load balancers need a moment to see it);
+then new calls get ``UNAVAILABLE`` (a status clients retry), the calls in flight finish
+(up to ``--drain-seconds``), and the process exits 0. No call the server accepted is
+cancelled.
 """
 
 from __future__ import annotations
@@ -12,37 +18,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
 from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
 from costserve.server.cost import CostMeter, load_prices
+from costserve.server.errors import CostserveError
+from costserve.server.logs import quiet_client_errors
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.model_store import LoadedModel, latest_version_dir, load_model
+from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
-from costserve.server.servicer import SERVICE_NAME, ClassifierServicer
+from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
 from costserve.v1 import classifier_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-#: During a drain, how long no new call may start before new calls are refused, in seconds.
-DRAIN_QUIET_S = 0.25
+#: After the drain's calls in flight are done, how long the transport may take to close, in
+#: seconds: what it still holds then are refusals (UNAVAILABLE) and health watches.
+TRANSPORT_CLOSE_S = 0.5
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message size limits and keepalive policy."""
+    """Channel arguments of the server: message size limits, stream limits and keepalive policy."""
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # Count streams as HTTP/2 does, so a client at the limit waits for a stream rather than
+        # having new ones refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE and uncounted) while
+        # finished ones are still being freed.
+        ("grpc.http.overload_protection", 0),
+        # Calls gRPC has received but the event loop has not taken up yet: past these, gRPC core
+        # would drop them before any handler sees them (uncounted, as CANCELLED). costserve's own
+        # bound (--max-concurrent-rpcs) refuses the excess instead, visibly, so core's stay far above.
+        ("grpc.server.max_pending_requests", 1 << 20),
+        ("grpc.server.max_pending_requests_hard_limit", 1 << 21),
         # Let clients keep idle channels alive with pings every 10 s or more.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -85,6 +104,8 @@ class CostserveServer:
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
+        #: Admission of prediction calls: the in-flight bound, and the drain's refusal of new calls.
+        self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused)
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._stopped = asyncio.Event()
@@ -92,11 +113,21 @@ class CostserveServer:
 
     async def start(self) -> None:
         """Bind gRPC and metrics, load (or train) and warm the model, then report SERVING."""
+        quiet_client_errors(asyncio.get_running_loop())
         self._grpc = grpc.aio.server(options=grpc_options(self.settings))
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, self._grpc)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        services = MethodCollector()
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)), services
+        )
+        guard_services(
+            self._grpc,
+            services,
+            self.gate,
+            gated={SERVICE_NAME},
+            on_malformed=self._count_refused,
+            parsers=request_parsers(self.settings.max_images_per_request),
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._grpc.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
@@ -135,33 +166,41 @@ class CostserveServer:
             ", ".join(f"{name} accuracy {info.accuracy:.4f}" for name, info in metadata.variants.items()),
         )
 
+    def _count_refused(self, method: str, error: CostserveError) -> None:
+        """Count a call refused before it reached the core (its precision unknown: counted as asked, auto)."""
+        self.metrics.count_refused(method, "auto", error)
+
     async def _set_health(self, status: int) -> None:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain: NOT_SERVING, refuse new RPCs, answer those accepted (up to ``grace_s``), stop."""
+        """Drain: NOT_SERVING, answer new calls for the drain grace, then refuse them and finish those in flight.
+
+        ``grace_s`` bounds the calls in flight after the grace (default ``--drain-seconds``).
+        """
         if self._stopping:
             await self._stopped.wait()
             return
         self._stopping = True
-        grace_s = self.settings.drain_seconds if grace_s is None else grace_s
-        log.info("draining: answering requests in flight (up to %.0f s)", grace_s)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         loop = asyncio.get_running_loop()
+        grace_s = self.settings.drain_seconds if grace_s is None else grace_s
+        log.info(
+            "draining: NOT_SERVING; answering new calls for %.1f s more, then finishing those in flight (up to %.0f s)",
+            self.settings.drain_grace_seconds,
+            grace_s,
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(self.settings.drain_grace_seconds)
+        self.gate.accepting = False  # new calls now get UNAVAILABLE, a status clients retry elsewhere
         deadline = loop.time() + grace_s
-        # Calls clients sent before they saw the drain are still answered: keep serving until
-        # nothing is in flight and no call has started for a moment. Stopping the transport
-        # earlier would cancel the calls it holds but has not handed to a handler yet.
-        while loop.time() < deadline and (
-            self.servicer.calls.in_flight > 0 or time.monotonic() - self.servicer.calls.last_call_at < DRAIN_QUIET_S
-        ):
-            await asyncio.sleep(0.02)
-        # Then refuse with UNAVAILABLE (a status clients retry) before closing the transport.
-        self.servicer.calls.accepting = False
-        await asyncio.sleep(min(DRAIN_QUIET_S, max(0.0, deadline - loop.time())))
+        while self.gate.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self.gate.in_flight:
+            log.warning("%d calls still in flight after %.0f s: stopping anyway", self.gate.in_flight, grace_s)
         if self._grpc is not None:
-            await self._grpc.stop(max(0.0, deadline - loop.time()))
+            # What the transport still holds are refusals and health watches: they end at once or may be cut.
+            await self._grpc.stop(TRANSPORT_CLOSE_S)
         if self.core is not None:
             await self.core.stop()
         if self._metrics_http is not None:

@@ -20,9 +20,9 @@ from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, Tenant
 from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
 from costserve.server.domain import CostBreakdown, ImagePrediction, Precision, PredictionRequest, PredictionResult
-from costserve.server.errors import BudgetExceeded, CostserveError, DeadlineExceeded, InvalidInput, Unavailable
-from costserve.server.inputs import DecodedImage, decode
-from costserve.server.metrics import PrecisionSeries, ServiceMetrics
+from costserve.server.errors import BudgetExceeded, CostserveError, DeadlineExceeded, Unavailable
+from costserve.server.inputs import DecodedImage, DecodePool, ImageLimits, decode_all
+from costserve.server.metrics import REJECTION_REASONS, PrecisionSeries, ServiceMetrics
 from costserve.server.model_store import LoadedModel
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
 from costserve.server.runtimes import allowed_batch_sizes
@@ -30,15 +30,6 @@ from costserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_REJECTION_REASONS = {
-    "InvalidInput": "invalid_input",
-    "Overloaded": "queue_full",
-    "OverObjective": "over_objective",
-    "DeadlineExceeded": "deadline_exceeded",
-    "Unavailable": "unavailable",
-    "BudgetExceeded": "budget",
-    "ConstraintUnmet": "constraint",
-}
 #: Window over which the demand (images to compute per second) is measured, in seconds.
 DEMAND_WINDOW_S = 1.0
 #: Longest the policy reuses one measurement of the load, in seconds.
@@ -122,6 +113,11 @@ class InferenceCore:
             )
             for precision, runtime in model.runtimes.items()
         }
+        #: What one request may ask of the decoder; pixel caps sized from the model's input unless set.
+        self.limits = ImageLimits.for_model(
+            model.input_shape, settings.max_images_per_request, settings.max_image_pixels, settings.max_request_pixels
+        )
+        self.decode_pool = DecodePool(settings.decode_threads, settings.max_decode_queue)
         self.ready = False
         self._series = {precision: PrecisionSeries(metrics, precision.value) for precision in model.runtimes}
         metrics.track_cache_entries(lambda: len(self.cache))
@@ -141,9 +137,8 @@ class InferenceCore:
 
     def _create_series(self) -> None:
         """Create the labelled series at 0, so dashboards show 0 rather than no data before traffic."""
-        for reason in _REJECTION_REASONS.values():
+        for reason in REJECTION_REASONS:
             self.metrics.rejected.labels(reason)
-        self.metrics.rejected.labels("cancelled")
         for tenant, budget in self.ledger.budgets.tenants.items():
             self.metrics.tenant_spend.labels(tenant)
             self.metrics.budget_rejections.labels(tenant)
@@ -179,6 +174,7 @@ class InferenceCore:
         self.loop_lag.stop()
         for batcher in self.batchers.values():
             await batcher.stop()
+        self.decode_pool.close()
 
     async def predict(self, request: PredictionRequest, method: str = "Predict") -> PredictionResult:
         """Classify every image of ``request``; raises :class:`CostserveError` subclasses on failure."""
@@ -204,10 +200,7 @@ class InferenceCore:
 
     def count_failure(self, method: str, precision_label: str, error: CostserveError) -> None:
         """Count a failed request; front ends call it for requests refused before :meth:`predict`."""
-        self.metrics.requests.labels(method, precision_label, error.status.name).inc()
-        reason = _REJECTION_REASONS.get(type(error).__name__)
-        if reason:
-            self.metrics.rejected.labels(reason).inc()
+        self.metrics.count_refused(method, precision_label, error)
 
     def charge(self, result: PredictionResult, network_bytes: int, handling_cpu_seconds: float) -> CostBreakdown:
         """Price an answered request; counts the cost in the metrics and returns it.
@@ -315,21 +308,14 @@ class InferenceCore:
         if not self.ready:
             raise Unavailable("the model is loading or the server is shutting down; retry shortly")
         count = len(request.images)
-        if count == 0:
-            raise InvalidInput(f"the request has no images; send 1 to {self.settings.max_images_per_request}")
-        if count > self.settings.max_images_per_request:
-            raise InvalidInput(
-                f"the request has {count} images; at most {self.settings.max_images_per_request} per request "
-                "(split it, or use PredictStream)"
-            )
+        self.limits.check_count(count)
         deadline = None
         if request.time_remaining_s is not None:
             if request.time_remaining_s <= 0:
                 raise DeadlineExceeded("the request's deadline had passed when it arrived")
             deadline = asyncio.get_running_loop().time() + request.time_remaining_s
 
-        input_shape = self.model.input_shape
-        images = [decode(image, input_shape, index) for index, image in enumerate(request.images)]
+        images = await self._decode(request)
         use_cache = self.cache.enabled and not request.skip_cache
         digests = [image.digest for image in images] if use_cache else None
         decision, looked_up = self._decide(request, digests)
@@ -354,6 +340,8 @@ class InferenceCore:
 
         inference_cpu = waiting_cpu = 0.0
         if misses:
+            if deadline is not None:
+                self._refuse_if_late(precision, deadline)
             self._demand_per_s(time.monotonic(), len(misses))
             cpu_mark = time.thread_time()
             answers = await self._compute(precision, [images[index] for index in misses], deadline)
@@ -376,6 +364,28 @@ class InferenceCore:
             tenant=request.tenant,
             cache_hits=count - len(misses),
         )
+
+    def _refuse_if_late(self, precision: Precision, deadline: float) -> None:
+        """Refuse now a request its batch queue is predicted to hold past its deadline.
+
+        Under overload, computing it would spend the capacity that answers others in time
+        on an answer nobody waits for; refusing at once costs almost nothing.
+        """
+        wait_s = self.batchers[precision].predicted_wait_s() + self.loop_lag.seconds
+        left_s = deadline - asyncio.get_running_loop().time()
+        if wait_s > left_s:
+            raise DeadlineExceeded(
+                f"the {precision.value} queue is predicted to hold the request {wait_s:.3f} s, past its deadline "
+                f"({max(left_s, 0.0):.3f} s left); it was not computed. Retry with a longer deadline or later"
+            )
+
+    async def _decode(self, request: PredictionRequest) -> list[DecodedImage]:
+        """Decode the request's images: inline when light, on a decode thread when heavy (see ImageLimits)."""
+        heavy = self.limits.check_pixels(request.images)
+        arguments = (request.images, self.model.input_shape, self.limits.max_image_pixels)
+        if not heavy:
+            return decode_all(*arguments)
+        return await self.decode_pool.run(decode_all, *arguments)
 
     async def _compute(
         self, precision: Precision, images: list[DecodedImage], deadline: float | None

@@ -14,28 +14,53 @@ class CostserveError(Exception):
     """Base class: a failure with a status code and a message a person can act on."""
 
     status: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: The ``reason`` label of ``costserve_rejected_total`` it counts under; "" counts none.
+    reason: str = ""
 
 
 class InvalidInput(CostserveError):
     """The request itself is wrong (shape, encoding, values, counts)."""
 
     status = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "invalid_input"
+
+
+class Malformed(InvalidInput):
+    """The message is not a valid protobuf of the method's request type."""
+
+    reason = "malformed"
 
 
 class Overloaded(CostserveError):
     """A bounded resource is full (the batch queue); retry later."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "queue_full"
+
+
+class DecodeQueueFull(Overloaded):
+    """Every image-decoding thread is busy and ``--max-decode-queue`` requests already wait for one."""
+
+    reason = "decode_queue_full"
+
+
+class ServerBusy(Overloaded):
+    """The server already has ``--max-concurrent-rpcs`` calls in flight."""
+
+    reason = "server_busy"
 
 
 class OverObjective(Overloaded):
     """An AUTO request no variant is predicted to answer within the latency objective (``--over-slo refuse``)."""
+
+    reason = "over_objective"
 
 
 class BudgetExceeded(CostserveError):
     """The tenant has spent its budget for the current period; retry after it resets."""
 
     status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "budget"
 
 
 class ConstraintUnmet(CostserveError):
@@ -46,18 +71,21 @@ class ConstraintUnmet(CostserveError):
     """
 
     status = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "constraint"
 
 
 class DeadlineExceeded(CostserveError):
     """The request's deadline passed before it could be computed."""
 
     status = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "deadline_exceeded"
 
 
 class Unavailable(CostserveError):
     """The service cannot take requests now (starting, or draining for shutdown)."""
 
     status = grpc.StatusCode.UNAVAILABLE
+    reason = "unavailable"
 
 
 class InferenceFailed(CostserveError):

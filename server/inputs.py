@@ -9,21 +9,40 @@ and what was expected.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
+import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from costserve.server.cache import buffer_digest, pixels_digest
 from costserve.server.domain import ImageInput, PixelType, RawPixels
-from costserve.server.errors import InvalidInput
+from costserve.server.errors import DecodeQueueFull, InvalidInput
 from costserve.server.runtimes import levels_to_floats
 
-#: Largest decoded image accepted, in pixels (width x height); larger files are
-#: refused before they are decompressed (decompression-bomb guard).
-MAX_ENCODED_PIXELS = 40_000_000
+#: The automatic per-image pixel cap is this many times the model input's pixels...
+AUTO_IMAGE_PIXELS_PER_INPUT_PIXEL = 1024
+#: ... at least this (1 MP) ...
+AUTO_IMAGE_PIXELS_FLOOR = 1 << 20
+#: ... and at most this (16 MP), whatever the model.
+AUTO_IMAGE_PIXELS_CEILING = 1 << 24
+#: The automatic per-request pixel total is this many times the per-image cap.
+AUTO_REQUEST_PIXELS_PER_IMAGE_CAP = 4
+#: A request whose encoded images declare at most this many pixels together, in at most
+#: INLINE_DECODE_BYTES, is decoded on the event loop (under ~0.3 ms); any larger goes to the
+#: decode threads: handing it over costs less than it would stall everyone else.
+INLINE_DECODE_PIXELS = 65_536
+INLINE_DECODE_BYTES = 65_536
+#: A JPEG at least twice the model's input each way is decoded by libjpeg at 1/2, 1/4 or 1/8
+#: scale (draft mode), to no less than this many times the input each way.
+JPEG_DRAFT_FACTOR = 2
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _ITEMSIZE = {PixelType.UINT8: 1, PixelType.FLOAT32: 4}
 _NUMPY_DTYPE = {PixelType.UINT8: np.dtype(np.uint8), PixelType.FLOAT32: np.dtype("<f4")}
@@ -87,22 +106,149 @@ class DecodedImage:
         return self._pixels
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may ask of the decoder, checked before any image is decoded."""
+
+    #: Most images in one request.
+    max_images: int
+    #: Largest image, in pixels (width x height), as its header or shape declares it.
+    max_image_pixels: int = AUTO_IMAGE_PIXELS_CEILING
+    #: Most pixels the images of one request may declare together.
+    max_request_pixels: int = AUTO_REQUEST_PIXELS_PER_IMAGE_CAP * AUTO_IMAGE_PIXELS_CEILING
+
+    @classmethod
+    def for_model(
+        cls, input_shape: tuple[int, int, int], max_images: int, max_image_pixels: int = 0, max_request_pixels: int = 0
+    ) -> "ImageLimits":
+        """Limits for a model of ``input_shape``; a pixel limit of 0 is sized from the input (see the constants)."""
+        input_pixels = input_shape[0] * input_shape[1]
+        image_cap = max_image_pixels or min(
+            max(AUTO_IMAGE_PIXELS_PER_INPUT_PIXEL * input_pixels, AUTO_IMAGE_PIXELS_FLOOR), AUTO_IMAGE_PIXELS_CEILING
+        )
+        return cls(max_images, image_cap, max_request_pixels or AUTO_REQUEST_PIXELS_PER_IMAGE_CAP * image_cap)
+
+    def check_count(self, count: int) -> None:
+        """Refuse a request of no images or of more than :attr:`max_images`."""
+        if count == 0:
+            raise InvalidInput(f"the request has no images; send 1 to {self.max_images}")
+        if count > self.max_images:
+            raise InvalidInput(
+                f"the request has {count} images; at most {self.max_images} per request (split it, or use PredictStream)"
+            )
+
+    def check_pixels(self, images: Sequence[ImageInput]) -> bool:
+        """Refuse images that declare too many pixels, from their headers; True when decoding them is heavy.
+
+        Heavy: the encoded images declare more than INLINE_DECODE_PIXELS together, or
+        take more than INLINE_DECODE_BYTES, so they are decoded off the event loop.
+        """
+        total = encoded_pixels = encoded_bytes = 0
+        for index, image in enumerate(images):
+            pixels = declared_pixels(image)
+            if pixels > self.max_image_pixels:
+                raise InvalidInput(
+                    f"images[{index}] declares {pixels:,} pixels; at most {self.max_image_pixels:,} per image "
+                    "(--max-image-pixels): scale it down before sending"
+                )
+            total += pixels
+            if image.encoded is not None:
+                encoded_pixels += pixels
+                encoded_bytes += len(image.encoded)
+        if total > self.max_request_pixels:
+            raise InvalidInput(
+                f"the request's images declare {total:,} pixels together; at most {self.max_request_pixels:,} "
+                "per request (--max-request-pixels): split it or scale the images down"
+            )
+        return encoded_pixels > INLINE_DECODE_PIXELS or encoded_bytes > INLINE_DECODE_BYTES
+
+
+def declared_pixels(image: ImageInput) -> int:
+    """Width x height an image declares, read without decoding it: raw pixels' shape, or the
+    header of a PNG (fixed offsets) or JPEG (its frame header); 0 when there is none to read
+    (the decoder then says what is wrong)."""
+    if image.pixels is not None:
+        shape = image.pixels.shape
+        return shape[0] * shape[1] if len(shape) >= 2 else 0
+    data = image.encoded or b""
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
+    if data.startswith(b"\xff\xd8"):
+        try:
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as opened:
+                return opened.width * opened.height
+        except Exception:  # not a readable JPEG header: the decoder reports it
+            return 0
+    return 0
+
+
 def decode_image(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> np.ndarray:
     """Decode one image to float32 ``input_shape`` in [0, 1]; ``index`` names it in errors."""
     return decode(image, input_shape, index).pixels
 
 
-def decode(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> DecodedImage:
-    """Validate one image and decode it as far as its digest; ``index`` names it in errors."""
+def decode(
+    image: ImageInput, input_shape: tuple[int, int, int], index: int = 0, max_pixels: int = AUTO_IMAGE_PIXELS_CEILING
+) -> DecodedImage:
+    """Validate one image and decode it as far as its digest; ``index`` names it in errors.
+
+    ``max_pixels`` bounds an encoded image's width x height, checked from its header
+    before anything is decompressed.
+    """
     if (image.encoded is None) == (image.pixels is None):
         raise InvalidInput(f"images[{index}]: set exactly one of `encoded` (PNG/JPEG bytes) or `pixels`")
     if image.encoded is not None:
-        return _decode_encoded(image.encoded, input_shape, index)
+        return _decode_encoded(image.encoded, input_shape, index, max_pixels)
     assert image.pixels is not None
     return _decode_pixels(image.pixels, input_shape, index)
 
 
-def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) -> DecodedImage:
+def decode_all(
+    images: Sequence[ImageInput], input_shape: tuple[int, int, int], max_pixels: int
+) -> list[DecodedImage]:
+    """:func:`decode` every image of a request, in order."""
+    return [decode(image, input_shape, index, max_pixels) for index, image in enumerate(images)]
+
+
+Result = TypeVar("Result")
+
+
+class DecodePool:
+    """Threads that decode heavy images off the event loop, with a bounded wait for them.
+
+    Pillow releases the GIL while it decompresses and resizes, so the loop keeps serving.
+    Past ``threads + max_waiting`` requests in the pool, :meth:`run` refuses with
+    :class:`DecodeQueueFull` rather than queue without bound.
+    """
+
+    def __init__(self, threads: int, max_waiting: int) -> None:
+        self.threads = threads
+        self.max_waiting = max_waiting
+        #: Requests decoding or waiting for a decode thread.
+        self.pending = 0
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+
+    async def run(self, work: Callable[..., Result], *args: object) -> Result:
+        """Run ``work(*args)`` on a decode thread, or raise :class:`DecodeQueueFull`."""
+        if self.pending >= self.threads + self.max_waiting:
+            raise DecodeQueueFull(
+                f"{self.pending} requests are decoding or waiting to decode large images "
+                f"(--decode-threads {self.threads}, --max-decode-queue {self.max_waiting}); retry with backoff, "
+                "or send images nearer the model's input size"
+            )
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        finally:
+            self.pending -= 1
+
+    def close(self) -> None:
+        """Drop waiting work and let the threads end once their current image is done."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int, max_pixels: int) -> DecodedImage:
     height, width, channels = input_shape
     if not data:
         raise InvalidInput(f"images[{index}].encoded is empty; expected the bytes of a PNG or JPEG file")
@@ -110,13 +256,16 @@ def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as opened:
-                if opened.width * opened.height > MAX_ENCODED_PIXELS:
+                if opened.width * opened.height > max_pixels:
                     raise InvalidInput(
                         f"images[{index}] is {opened.width}x{opened.height} pixels; "
-                        f"at most {MAX_ENCODED_PIXELS} pixels are accepted"
+                        f"at most {max_pixels:,} pixels are accepted (--max-image-pixels)"
                     )
+                if opened.format == "JPEG":
+                    # Decode at 1/2..1/8 scale when the file is far larger than the input.
+                    opened.draft("L" if channels == 1 else "RGB", (JPEG_DRAFT_FACTOR * width, JPEG_DRAFT_FACTOR * height))
                 opened.load()
-                picture = _to_mode(opened, channels)
+                picture = _to_mode(opened, channels, (width, height))
     except InvalidInput:
         raise
     except UnidentifiedImageError:
@@ -132,13 +281,15 @@ def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int) 
     return DecodedImage(levels=np.asarray(picture, dtype=np.uint8).reshape(input_shape))
 
 
-def _to_mode(picture: Image.Image, channels: int) -> Image.Image:
+def _to_mode(picture: Image.Image, channels: int, size: tuple[int, int]) -> Image.Image:
     if picture.mode in ("RGBA", "LA", "PA") or (picture.mode == "P" and "transparency" in picture.info):
         # Transparent pixels take black, the background the digit models were trained on.
         rgba = picture.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         picture = Image.alpha_composite(background, rgba)
     if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if picture.size != size:  # resized first: the scaling below makes a float64 array of every pixel
+            picture = picture.convert("I").resize(size, Image.Resampling.BILINEAR)
         picture = Image.fromarray((np.asarray(picture, dtype=np.float64) / 257.0).round().astype(np.uint8))
     return picture.convert("L" if channels == 1 else "RGB")
 

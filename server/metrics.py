@@ -26,6 +26,22 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from costserve.server.errors import CostserveError
+
+#: Label values of ``costserve_rejected_total``: every :attr:`CostserveError.reason`, and cancelled.
+REJECTION_REASONS = (
+    "invalid_input",
+    "malformed",
+    "server_busy",
+    "queue_full",
+    "decode_queue_full",
+    "over_objective",
+    "deadline_exceeded",
+    "cancelled",
+    "unavailable",
+    "budget",
+    "constraint",
+)
 #: Request latency buckets, in seconds (0.5 ms .. 10 s).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
 #: Batch size buckets, in images.
@@ -189,9 +205,7 @@ class ServiceMetrics:
         self.cache_entries = Gauge("costserve_cache_entries", "Entries in the prediction cache.", registry=registry)
         self.rejected = self._counter(
             "costserve_rejected_total",
-            "Requests that got no answer, by reason "
-            "(invalid_input, queue_full, deadline_exceeded, cancelled, unavailable, budget, constraint, "
-            "over_objective).",
+            "Requests that got no answer, by reason (" + ", ".join(REJECTION_REASONS) + ").",
             ["reason"],
         )
         self.model_info = Gauge(
@@ -287,6 +301,12 @@ class ServiceMetrics:
             self.registry.register(_LoopFamilies(self._loop_families))
         self._loop_families.append(family)
         return family
+
+    def count_refused(self, method: str, precision: str, error: CostserveError) -> None:
+        """Count a call that ended with ``error``: its status under ``method`` and ``precision``, and its reason."""
+        self.requests.labels(method, precision, error.status.name).inc()
+        if error.reason:
+            self.rejected.labels(error.reason).inc()
 
     def track_cost(self, provisioned_usd: Callable[[], float], utilization: Callable[[], float]) -> None:
         """Read the provisioned cost and the utilization at scrape time."""

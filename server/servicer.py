@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import time
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import grpc
 
@@ -28,6 +28,7 @@ from costserve.server.domain import (
     RawPixels,
 )
 from costserve.server.errors import CostserveError, InvalidInput, Unavailable
+from costserve.server.rpc_gate import Undecodable, count_top_level_field, tolerant
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -57,7 +58,34 @@ COST_FIELD_BYTES = (
     + 2
 )
 
+#: A PredictRequest larger than this, in bytes, has its images counted from its wire bytes
+#: before it is parsed; a smaller one parses in well under a millisecond whatever it holds.
+SCAN_FROM_BYTES = 4096
+#: PredictRequest.images' field number.
+IMAGES_FIELD = pb.PredictRequest.DESCRIPTOR.fields_by_name["images"].number
+
 Response = TypeVar("Response")
+
+
+def request_parsers(max_images: int) -> Mapping[str, Callable[[bytes], object]]:
+    """Deserializers of the prediction methods that refuse more than ``max_images`` images before parsing.
+
+    A 16 MiB message can hold 8 million empty images; parsing it alone takes most of a
+    second. Its images are counted from the wire bytes, stopping past ``max_images``.
+    """
+    parse = tolerant(pb.PredictRequest.FromString, pb.PredictRequest.DESCRIPTOR.full_name)
+
+    def parse_request(raw: bytes) -> object:
+        if len(raw) > SCAN_FROM_BYTES and count_top_level_field(raw, IMAGES_FIELD, max_images) > max_images:
+            return Undecodable(
+                InvalidInput(
+                    f"the request has more than {max_images} images (or repeats its fields); at most "
+                    f"{max_images} per request (split it, or use PredictStream)"
+                )
+            )
+        return parse(raw)
+
+    return {f"{SERVICE_NAME}/Predict": parse_request, f"{SERVICE_NAME}/PredictStream": parse_request}
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
@@ -86,9 +114,17 @@ def abort_on_error(
 
 
 def request_from_proto(
-    message: pb.PredictRequest, time_remaining_s: float | None, tenant: str = ""
+    message: pb.PredictRequest, time_remaining_s: float | None, tenant: str = "", max_images: int | None = None
 ) -> PredictionRequest:
-    """Convert a PredictRequest message; unknown enum values and impossible constraints are InvalidInput."""
+    """Convert a PredictRequest message; unknown enum values and impossible constraints are InvalidInput.
+
+    More than ``max_images`` images are refused before any is converted.
+    """
+    if max_images is not None and len(message.images) > max_images:
+        raise InvalidInput(
+            f"the request has {len(message.images)} images; at most {max_images} per request "
+            "(split it, or use PredictStream)"
+        )
     if not 0 <= message.min_accuracy <= 1:
         raise InvalidInput(f"min_accuracy {message.min_accuracy} must lie in [0, 1] (0 sets no floor)")
     if not 0 <= message.max_cost_usd < math.inf:
@@ -103,6 +139,11 @@ def request_from_proto(
         kind = image.WhichOneof("data")
         if kind == "pixels":
             pixels = image.pixels
+            if len(pixels.shape) > 3:  # before the shape is copied: it may hold millions of entries
+                raise InvalidInput(
+                    f"images[{index}].pixels.shape has {len(pixels.shape)} dimensions; expected "
+                    "[height, width] or [height, width, channels]"
+                )
             dtype = PIXEL_TYPE_FROM_PROTO.get(pixels.dtype)
             if dtype is None:
                 raise InvalidInput(
@@ -174,36 +215,11 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
     return ""
 
 
-class CallTracker:
-    """Counts the prediction calls in flight for the drain, and refuses new ones once it closes.
-
-    A plain context manager: ``contextlib.contextmanager`` costs a generator per call.
-    """
-
-    def __init__(self) -> None:
-        #: False once the drain refuses new calls (they get UNAVAILABLE).
-        self.accepting = True
-        #: Prediction calls being handled now.
-        self.in_flight = 0
-        #: time.monotonic() when the last prediction call started.
-        self.last_call_at = 0.0
-
-    def __enter__(self) -> None:
-        if not self.accepting:
-            raise Unavailable("the server is shutting down; retry on another replica or after it restarts")
-        self.in_flight += 1
-        self.last_call_at = time.monotonic()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.in_flight -= 1
-
-
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """costserve.v1.Classifier over an :class:`InferenceCore` (None until the model is loaded)."""
 
     def __init__(self, core: InferenceCore | None = None) -> None:
         self.core = core
-        self.calls = CallTracker()
 
     def _ready_core(self) -> InferenceCore:
         if self.core is None:
@@ -216,7 +232,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Convert, predict, convert back, and charge the request for what it used."""
         cpu_started = time.thread_time()  # the event loop's CPU clock
         try:
-            request = request_from_proto(message, context.time_remaining(), tenant_of(context))
+            request = request_from_proto(
+                message, context.time_remaining(), tenant_of(context), core.settings.max_images_per_request
+            )
         except InvalidInput as error:
             core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
             raise
@@ -229,19 +247,17 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        with self.calls:
-            response = await self._answer(self._ready_core(), request, context, "Predict")
-            context.set_trailing_metadata(cost_metadata(response.cost.usd))
-            return response
+        response = await self._answer(self._ready_core(), request, context, "Predict")
+        context.set_trailing_metadata(cost_metadata(response.cost.usd))
+        return response
 
     async def PredictStream(
         self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
         """Answers each request in order; requests are computed up to STREAM_WINDOW ahead."""
         try:
-            with self.calls:
-                async for response in self._predict_stream(request_iterator, context):
-                    yield response
+            async for response in self._predict_stream(request_iterator, context):
+                yield response
         except Unavailable as error:
             await _abort(context, error)
 

@@ -38,6 +38,33 @@ class Settings:
     max_message_bytes: int = _option(
         16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes (default 16 MiB)."
     )
+    max_image_pixels: int = _option(
+        0,
+        "Largest image accepted, in pixels (width x height), checked from the file's header before it is "
+        "decoded; 0 sizes it from the model's input: 1024 times its pixels, at least 1,048,576 (1 MP) and "
+        "at most 16,777,216 (16 MP).",
+    )
+    max_request_pixels: int = _option(
+        0, "Most pixels the images of one request may declare together; 0 means 4 times --max-image-pixels."
+    )
+    decode_threads: int = _option(
+        1,
+        "Threads that decode and resize large PNG/JPEG images off the event loop (small ones are decoded "
+        "inline: a hand-off would cost more than the decoding).",
+    )
+    max_decode_queue: int = _option(
+        16, "Requests that may wait for a decode thread; past it requests get RESOURCE_EXHAUSTED."
+    )
+    max_concurrent_rpcs: int = _option(
+        512,
+        "Prediction calls (Predict, PredictStream, GetModelInfo) handled at once, server-wide; past it calls "
+        "get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
+    )
+    max_streams_per_connection: int = _option(
+        256,
+        "Concurrent streams one HTTP/2 connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); a client "
+        "past it waits for a stream to free before sending.",
+    )
     max_batch_size: int = _option(32, "Most images in one runtime call; 1 turns batching off.")
     batch_timeout_ms: float = _option(
         2.0,
@@ -65,8 +92,15 @@ class Settings:
         "Threads each runtime may use inside one call; 0 lets the runtime choose (one per core). One keeps "
         "a small model's call on one core and the others free for the event loop; raise it for large models.",
     )
+    drain_grace_seconds: float = _option(
+        2.0,
+        "On SIGTERM/SIGINT, how long the server keeps answering new calls after health turns NOT_SERVING "
+        "(so that clients and load balancers see it), in seconds; then new calls get UNAVAILABLE.",
+    )
     drain_seconds: float = _option(
-        30.0, "On SIGTERM/SIGINT, how long in-flight requests may take to finish, in seconds."
+        30.0,
+        "After that grace, how long calls in flight may take to finish before the server stops anyway, "
+        "in seconds.",
     )
     prices: Path | None = _option(
         None,
@@ -176,6 +210,20 @@ def validate(settings: Settings) -> None:
         problems.append("--batch-timeout-ms must be a finite number, 0 or more")
     if not 0 <= settings.batch_fill_timeout_ms < math.inf:
         problems.append("--batch-fill-timeout-ms must be a finite number, 0 or more")
+    if settings.max_image_pixels < 0:
+        problems.append("--max-image-pixels must be 0 (sized from the model) or more")
+    if settings.max_request_pixels < 0:
+        problems.append("--max-request-pixels must be 0 (4 times --max-image-pixels) or more")
+    if settings.decode_threads < 1:
+        problems.append("--decode-threads must be at least 1")
+    if settings.max_decode_queue < 0:
+        problems.append("--max-decode-queue must be 0 or more")
+    if settings.max_concurrent_rpcs < 1:
+        problems.append("--max-concurrent-rpcs must be at least 1")
+    if settings.max_streams_per_connection < 1:
+        problems.append("--max-streams-per-connection must be at least 1")
+    if not 0 <= settings.drain_grace_seconds < math.inf:
+        problems.append("--drain-grace-seconds must be a finite number, 0 or more")
     if not 0 <= settings.drain_seconds < math.inf:
         problems.append("--drain-seconds must be a finite number, 0 or more")
     if not 0 <= settings.port <= 65535:

@@ -92,7 +92,11 @@ def start_server(loaded_model: Any, model_dir: Path) -> Iterator[Callable[..., R
 
     def start(model: Any = None, **overrides: Any) -> RunningServer:
         settings = dataclasses.replace(
-            Settings(host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5), **overrides
+            # No drain grace: an in-process test server has no load balancer to tell.
+            Settings(
+                host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5, drain_grace_seconds=0
+            ),
+            **overrides,
         )
         validate(settings)
         server = RunningServer(settings, model or loaded_model)

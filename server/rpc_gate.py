@@ -1,0 +1,284 @@
+"""The gate every RPC passes before its handler: undecodable messages, the in-flight bound, the drain.
+
+gRPC's own code would answer a message that is not valid protobuf with ``UNKNOWN``
+(``INTERNAL`` on a stream) and log a traceback per call, and would let any number of
+calls queue. Every service costserve serves is registered through :func:`guard_services`
+instead, which wraps each method handler so that:
+
+* a message that does not parse reaches the handler as :class:`Undecodable` and the
+  call ends with ``INVALID_ARGUMENT``, counted, with no traceback;
+* a request-specific parser can refuse a message from its wire bytes before it is
+  parsed (see :func:`count_top_level_field`): a 16 MiB message of millions of empty
+  images is refused in microseconds, not converted;
+* calls to the gated services (the prediction API) are counted in flight; past
+  ``max_in_flight`` a call gets ``RESOURCE_EXHAUSTED`` at once, and once the drain
+  closes the gate, ``UNAVAILABLE``. Health and reflection are never gated: probes keep
+  working under overload and while draining.
+
+Example::
+
+    gate = CallGate(max_in_flight=512, on_refused=count)
+    collector = MethodCollector()
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, collector)
+    guard_services(server, collector, gate, gated={"costserve.v1.Classifier"}, on_malformed=count)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from typing import Any, AsyncIterator, Callable, Collection, Mapping
+
+import grpc
+
+from costserve.server.errors import CostserveError, InvalidInput, Malformed, ServerBusy, Unavailable
+
+#: Called with the method's short name (``Predict``) and the error a call was refused with.
+RefusalCounter = Callable[[str, CostserveError], None]
+
+
+class Undecodable:
+    """What a tolerant deserializer returns in place of a message: the refusal it stands for."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidInput) -> None:
+        self.error = error
+
+
+def tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes], Any]:
+    """A deserializer that returns :class:`Undecodable` instead of raising on bad bytes."""
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception as error:  # DecodeError, or RuntimeError for recursion too deep
+            return Undecodable(
+                Malformed(f"the message ({len(raw)} bytes) is not a valid {type_name}: {type(error).__name__}")
+            )
+
+    return deserialize
+
+
+def count_top_level_field(raw: bytes, field_number: int, stop_after: int) -> int:
+    """How many times ``field_number`` occurs at the top level of protobuf wire bytes ``raw``.
+
+    Walks tags and lengths without parsing anything, and stops once the count passes
+    ``stop_after`` or more than ``4 * stop_after + 64`` fields were seen (a valid request
+    never repeats its scalar fields), so its cost is bounded whatever ``raw`` holds.
+    Malformed bytes end the walk early: the parser then says what is wrong.
+    """
+    count = seen = position = 0
+    end = len(raw)
+    most_fields = 4 * stop_after + 64
+    while position < end and count <= stop_after and seen <= most_fields:
+        tag, position = _varint(raw, position)
+        wire_type = tag & 7
+        if wire_type == 0:
+            _, position = _varint(raw, position)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 2:
+            length, position = _varint(raw, position)
+            position += length
+        elif wire_type == 5:
+            position += 4
+        else:  # groups, or not protobuf: leave it to the parser
+            break
+        seen += 1
+        if tag >> 3 == field_number:
+            count += 1
+    if seen > most_fields:
+        return max(count, stop_after + 1)
+    return count
+
+
+def _varint(raw: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    end = min(len(raw), position + 10)
+    while position < end:
+        byte = raw[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
+    return 0, len(raw)  # truncated: ends the walk
+
+
+class CallGate:
+    """Admission of prediction calls: the server-wide in-flight bound and the drain.
+
+    A plain context manager (``with gate.admit("Predict"):``) entered at the start of a
+    call's handler, so a call is counted exactly while its handler runs: the bound is
+    checked and the count raised in one step of the event loop, and a flood of calls
+    arriving together is refused beyond the bound rather than admitted as a whole.
+    """
+
+    def __init__(self, max_in_flight: int, on_refused: RefusalCounter | None = None) -> None:
+        #: Most calls admitted at once; past it, calls get RESOURCE_EXHAUSTED.
+        self.max_in_flight = max_in_flight
+        #: False once the drain refuses new calls (they get UNAVAILABLE).
+        self.accepting = True
+        #: Calls being handled now.
+        self.in_flight = 0
+        #: Calls refused because the bound was reached, since start.
+        self.refused_busy = 0
+        self._on_refused = on_refused
+
+    def admit(self, method: str) -> "CallGate":
+        """Admit a call to ``method`` or raise :class:`ServerBusy` / :class:`Unavailable` (counted)."""
+        if not self.accepting:
+            error: CostserveError = Unavailable(
+                "the server is shutting down; retry on another replica or after it restarts"
+            )
+        elif self.in_flight >= self.max_in_flight:
+            self.refused_busy += 1
+            error = ServerBusy(
+                f"the server has {self.in_flight} calls in flight, its limit (--max-concurrent-rpcs); "
+                "retry with backoff"
+            )
+        else:
+            return self
+        if self._on_refused is not None:
+            self._on_refused(method, error)
+        raise error
+
+    def __enter__(self) -> None:
+        self.in_flight += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.in_flight -= 1
+
+
+class MethodCollector:
+    """Stands in for a server when generated ``add_*Servicer_to_server`` functions run: keeps their handlers."""
+
+    def __init__(self) -> None:
+        #: Method handlers by service name, then by method name.
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: generated code registers the same handlers through both calls."""
+
+    def add_registered_method_handlers(self, service_name: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        """Keep ``handlers`` of ``service_name``."""
+        self.services.setdefault(service_name, {}).update(handlers)
+
+
+async def abort_with(context: grpc.aio.ServicerContext, error: CostserveError) -> None:
+    """End the call with ``error``'s status and message."""
+    await context.abort(error.status, str(error))
+
+
+def guard_services(
+    server: grpc.aio.Server,
+    collector: MethodCollector,
+    gate: CallGate,
+    gated: Collection[str],
+    on_malformed: RefusalCounter,
+    parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+) -> None:
+    """Register every collected service on ``server`` behind the gate.
+
+    ``gated`` names the services whose calls count against the in-flight bound and the
+    drain; ``parsers`` maps ``"<service>/<method>"`` to a request parser of its own (one
+    that may return :class:`Undecodable` before parsing), used instead of the generated
+    deserializer.
+    """
+    parsers = parsers or {}
+    for service, handlers in collector.services.items():
+        guarded = {
+            method: _guard(
+                handler,
+                method,
+                gate if service in gated else None,
+                on_malformed,
+                parsers.get(f"{service}/{method}"),
+            )
+            for method, handler in handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        server.add_registered_method_handlers(service, guarded)
+
+
+def _guard(
+    handler: grpc.RpcMethodHandler,
+    method: str,
+    gate: CallGate | None,
+    on_malformed: RefusalCounter,
+    parser: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    deserializer = parser or tolerant(handler.request_deserializer, _type_name(handler.request_deserializer))
+    if handler.request_streaming:
+        behaviour = handler.stream_unary or handler.stream_stream
+    else:
+        behaviour = handler.unary_unary or handler.unary_stream
+    wrapped = _wrap(behaviour, method, gate, on_malformed, handler.request_streaming)
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+
+def _type_name(deserializer: Callable[[bytes], Any]) -> str:
+    owner = getattr(deserializer, "__self__", None)  # FromString is a classmethod of the message class
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    return descriptor.full_name if descriptor is not None else "message"
+
+
+def _wrap(
+    behaviour: Callable[..., Any],
+    method: str,
+    gate: CallGate | None,
+    on_malformed: RefusalCounter,
+    request_streaming: bool,
+) -> Callable[..., Any]:
+    """The handler behind the gate, of the same kind (coroutine or async generator) as ``behaviour``."""
+
+    def admit(request: Any) -> tuple[Any, CallGate | None]:
+        """The request (a checked iterator for a stream) and the entered gate, or the call's refusal."""
+        if request_streaming:
+            request = _checked(request, method, on_malformed)
+        elif isinstance(request, Undecodable):
+            on_malformed(method, request.error)
+            raise request.error
+        return request, gate.admit(method) if gate is not None else None
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        @functools.wraps(behaviour)
+        async def stream_handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                request, entered = admit(request)
+                with entered or contextlib.nullcontext():
+                    async for response in behaviour(request, context):
+                        yield response
+            except CostserveError as error:
+                await abort_with(context, error)
+
+        return stream_handler
+
+    @functools.wraps(behaviour)
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request, entered = admit(request)
+            with entered or contextlib.nullcontext():
+                return await behaviour(request, context)
+        except CostserveError as error:
+            await abort_with(context, error)
+
+    return handler
+
+
+async def _checked(requests: AsyncIterator[Any], method: str, on_malformed: RefusalCounter) -> AsyncIterator[Any]:
+    """The messages of a request stream; an undecodable one raises its refusal, in order."""
+    async for message in requests:
+        if isinstance(message, Undecodable):
+            on_malformed(method, message.error)
+            raise message.error
+        yield message
