@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models/digits
 
-.PHONY: serve test install install-test train proto bench bench-policy clean
+.PHONY: serve test install install-test train proto bench bench-policy bench-reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: install-test
 ## bench-policy: one load ramp served fp32-only, int8-only and AUTO; writes benchmarks/RESULTS-policy.md
 bench-policy: install-test
 	$(BIN)/python -m benchmarks.policy
+
+## bench-reliability: fuzzing, worst requests, overload, flood and SIGTERM; writes benchmarks/RESULTS-reliability.md
+bench-reliability: install-test
+	$(BIN)/python -m benchmarks.reliability
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info

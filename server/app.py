@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
@@ -32,6 +32,7 @@ from costserve.server.cost import CostMeter, load_prices
 from costserve.server.errors import CostserveError
 from costserve.server.logs import quiet_client_errors
 from costserve.server.metrics import ServiceMetrics
+from costserve.server.metrics_http import MetricsHttpServer, start_metrics_server
 from costserve.server.model_store import LoadedModel, latest_version_dir, load_model
 from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
@@ -107,7 +108,7 @@ class CostserveServer:
         #: Admission of prediction calls: the in-flight bound, and the drain's refusal of new calls.
         self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused)
         self._grpc: grpc.aio.Server | None = None
-        self._metrics_http = None
+        self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -135,10 +136,8 @@ class CostserveServer:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._grpc.start()
         if self.settings.metrics_port >= 0:
-            self._metrics_http, _ = start_http_server(
-                self.settings.metrics_port, addr=self.settings.host, registry=self.registry
-            )
-            self.metrics_port = self._metrics_http.server_port
+            self._metrics_http = start_metrics_server(self.registry, self.settings.host, self.settings.metrics_port)
+            self.metrics_port = self._metrics_http.port
         log.info(
             "gRPC on %s:%d (NOT_SERVING until the model is warm)%s",
             self.settings.host,
@@ -204,8 +203,7 @@ class CostserveServer:
         if self.core is not None:
             await self.core.stop()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            self._metrics_http.close()
         log.info("stopped")
         self._stopped.set()
 
