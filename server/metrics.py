@@ -162,7 +162,7 @@ class ServiceMetrics:
             ProcessCollector(registry=registry)
         self.requests = self._counter(
             "costserve_requests_total",
-            "Prediction requests answered, by method, precision that answered (or was asked) and status code.",
+            "Calls to costserve.v1 by method, precision that answered (or was asked; auto when none was) and status code.",
             ["method", "precision", "code"],
         )
         self.images = self._counter(
@@ -301,6 +301,10 @@ class ServiceMetrics:
             self.registry.register(_LoopFamilies(self._loop_families))
         self._loop_families.append(family)
         return family
+
+    def count_answered(self, method: str, precision: str = "auto") -> None:
+        """Count a call answered OK that the core does not count itself (``GetModelInfo``)."""
+        self.requests.labels(method, precision, "OK").inc()
 
     def count_refused(self, method: str, precision: str, error: CostserveError) -> None:
         """Count a call that ended with ``error``: its status under ``method`` and ``precision``, and its reason."""

@@ -301,6 +301,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         core = self._ready_core()
         metadata = core.model.metadata
+        core.metrics.count_answered("GetModelInfo")
         return pb.ModelInfo(
             name=metadata.name,
             version=metadata.version,
