@@ -153,6 +153,8 @@ class CostserveServer:
             )
         self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
+        core = self.core
+        self.gate.watch_loop_lag(lambda: core.loop_lag.seconds, self.settings.latency_slo_s / 2)
         self.servicer.core = self.core
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Window over which the demand (images to compute per second) is measured, in seconds.
 DEMAND_WINDOW_S = 1.0
+#: A cancelled call this close to its deadline (or past it) was cancelled by the deadline, in seconds.
+DEADLINE_SLACK_S = 0.002
 #: Longest the policy reuses one measurement of the load, in seconds.
 LOAD_SAMPLE_S = 0.005
 
@@ -178,14 +180,20 @@ class InferenceCore:
 
     async def predict(self, request: PredictionRequest, method: str = "Predict") -> PredictionResult:
         """Classify every image of ``request``; raises :class:`CostserveError` subclasses on failure."""
+        started = time.monotonic()
         try:
             result = await self._predict(request)
         except CostserveError as error:
             self.count_failure(method, request.precision.value, error)
             raise
-        except asyncio.CancelledError:  # the caller went away (or its deadline passed)
-            self.metrics.requests.labels(method, request.precision.value, "CANCELLED").inc()
-            self.metrics.rejected.labels("cancelled").inc()
+        except asyncio.CancelledError:
+            # gRPC cancels the handler both when the caller goes away and when its deadline
+            # passes; the caller sees DEADLINE_EXCEEDED for the latter, and so do the counts.
+            remaining = request.time_remaining_s
+            expired = remaining is not None and time.monotonic() - started >= remaining - DEADLINE_SLACK_S
+            code, reason = ("DEADLINE_EXCEEDED", "deadline_exceeded") if expired else ("CANCELLED", "cancelled")
+            self.metrics.requests.labels(method, request.precision.value, code).inc()
+            self.metrics.rejected.labels(reason).inc()
             raise
         series = self._series[result.precision]
         answered, duration = series.method(method)

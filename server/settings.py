@@ -115,7 +115,8 @@ class Settings:
     latency_slo_ms: float = _option(
         100.0,
         "Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
-        "passes half of it, and back once load stays low.",
+        "passes half of it, and back once load stays low; new calls are refused (RESOURCE_EXHAUSTED) "
+        "while the event loop runs more than half of it behind.",
     )
     over_slo: str = _option(
         "queue",

@@ -28,7 +28,7 @@ from conftest import EXAMPLES, RunningServer, ServerProcess
 from helpers import SpyRuntime
 from costserve import image_message
 from costserve.server.domain import ImageInput, PixelType, Precision, RawPixels
-from costserve.server.errors import DecodeQueueFull, InvalidInput
+from costserve.server.errors import DecodeQueueFull, InvalidInput, ServerBusy, Unavailable
 from costserve.server.inputs import (
     AUTO_IMAGE_PIXELS_CEILING,
     AUTO_IMAGE_PIXELS_FLOOR,
@@ -39,7 +39,7 @@ from costserve.server.inputs import (
     decode_image,
 )
 from costserve.server.logs import RateLimitedLog, quiet_client_errors
-from costserve.server.rpc_gate import Undecodable, count_top_level_field
+from costserve.server.rpc_gate import CallGate, Undecodable, count_top_level_field
 from costserve.server.servicer import SERVICE_NAME, request_parsers
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -141,6 +141,32 @@ def test_a_large_jpeg_decodes_close_to_the_same_picture_at_model_size() -> None:
     large = decode_image(ImageInput(encoded=_jpeg(pixels)), (28, 28, 1))
     small = np.asarray(Image.fromarray(pixels).resize((28, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255
     np.testing.assert_allclose(large[:, :, 0], small, atol=0.03)
+
+
+# --- the gate ---------------------------------------------------------------------------
+
+
+def test_the_gate_admits_up_to_its_bound_and_refuses_while_the_loop_runs_behind() -> None:
+    refused: list[tuple[str, str]] = []
+    gate = CallGate(max_in_flight=2, on_refused=lambda method, error: refused.append((method, error.reason)))
+    lag = [0.0]
+    gate.watch_loop_lag(lambda: lag[0], max_loop_lag_s=0.05)
+    with gate.admit("Predict"), gate.admit("Predict"):
+        assert gate.in_flight == 2
+        with pytest.raises(ServerBusy, match="--max-concurrent-rpcs"):
+            gate.admit("Predict")
+    assert gate.in_flight == 0
+    lag[0] = 0.2
+    with pytest.raises(ServerBusy, match="runs 200 ms behind"):
+        gate.admit("PredictStream")
+    lag[0] = 0.01
+    with gate.admit("Predict"):
+        pass
+    gate.accepting = False
+    with pytest.raises(Unavailable, match="shutting down"):
+        gate.admit("Predict")
+    assert refused == [("Predict", "server_busy"), ("PredictStream", "server_busy"), ("Predict", "unavailable")]
+    assert gate.refused_busy == 2
 
 
 # --- the decode pool --------------------------------------------------------------------
