@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +41,7 @@ from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
+from costserve.server.transport import TransportCalls, server_ids
 from costserve.v1 import classifier_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,11 +62,12 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         # having new ones refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE and uncounted) while
         # finished ones are still being freed.
         ("grpc.http.overload_protection", 0),
-        # Calls gRPC has received but the event loop has not taken up yet: past these, gRPC core
-        # would drop them before any handler sees them (uncounted, as CANCELLED). costserve's own
-        # bound (--max-concurrent-rpcs) refuses the excess instead, visibly, so core's stay far above.
-        ("grpc.server.max_pending_requests", 1 << 20),
-        ("grpc.server.max_pending_requests_hard_limit", 1 << 21),
+        # Calls gRPC has received but the event loop has not taken up yet. The loop takes them
+        # first come first served, so an unbounded backlog under sustained overload holds only
+        # calls whose deadline passed while they waited, and nothing gets answered. Past these
+        # bounds gRPC drops new calls before the loop pays for them (counted by channelz).
+        ("grpc.server.max_pending_requests", settings.max_pending_calls // 2),
+        ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
         # Let clients keep idle channels alive with pings every 10 s or more.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -115,7 +120,11 @@ class CostserveServer:
     async def start(self) -> None:
         """Bind gRPC and metrics, load (or train) and warm the model, then report SERVING."""
         quiet_client_errors(asyncio.get_running_loop())
+        servers_before = server_ids()
         self._grpc = grpc.aio.server(options=grpc_options(self.settings))
+        transport = TransportCalls.of_new_server(servers_before)
+        if transport is not None:
+            self.metrics.track_transport(transport.read)
         services = MethodCollector()
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, services)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
@@ -153,8 +162,6 @@ class CostserveServer:
             )
         self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
-        core = self.core
-        self.gate.watch_loop_lag(lambda: core.loop_lag.seconds, self.settings.latency_slo_s / 2)
         self.servicer.core = self.core
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -175,10 +182,12 @@ class CostserveServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, status)
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, close_transport: bool = True) -> None:
         """Drain: NOT_SERVING, answer new calls for the drain grace, then refuse them and finish those in flight.
 
         ``grace_s`` bounds the calls in flight after the grace (default ``--drain-seconds``).
+        ``close_transport=False`` leaves gRPC's connections for the process's exit to close
+        (see :func:`serve`).
         """
         if self._stopping:
             await self._stopped.wait()
@@ -199,7 +208,7 @@ class CostserveServer:
             await asyncio.sleep(0.01)
         if self.gate.in_flight:
             log.warning("%d calls still in flight after %.0f s: stopping anyway", self.gate.in_flight, grace_s)
-        if self._grpc is not None:
+        if self._grpc is not None and close_transport:
             # What the transport still holds are refusals and health watches: they end at once or may be cut.
             await self._grpc.stop(TRANSPORT_CLOSE_S)
         if self.core is not None:
@@ -214,8 +223,8 @@ class CostserveServer:
         await self._stopped.wait()
 
 
-async def serve(settings: Settings) -> int:
-    """Run a server until SIGTERM or SIGINT, drain, and return the exit status (0)."""
+async def serve(settings: Settings) -> NoReturn:
+    """Run a server until SIGTERM or SIGINT, drain, and exit the process with status 0."""
     server = CostserveServer(settings)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
@@ -228,6 +237,13 @@ async def serve(settings: Settings) -> int:
         await stop_requested.wait()
     else:
         start.cancel()
-    await server.stop()
-    return 0
+    await server.stop(close_transport=False)
+    # Every call costserve accepted is answered. gRPC's own shutdown would now end the calls
+    # it has received but not handed over yet with CANCELLED, a status clients do not retry;
+    # connections the exiting process closes end them with UNAVAILABLE, which clients retry
+    # elsewhere. So the process exits here, before asyncio and gRPC tear down.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import os
 import struct
+import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -214,6 +217,20 @@ def decode_all(
 Result = TypeVar("Result")
 
 
+#: Nice value of the decode threads: the scheduler runs the event loop and the inference
+#: threads first, so a heavy request takes the CPU they leave and delays only itself.
+DECODE_NICE = 10
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread the nice value DECODE_NICE (on Linux, nice is per thread)."""
+    if sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+        except OSError:  # not permitted here: decoding still works, at normal priority
+            pass
+
+
 class DecodePool:
     """Threads that decode heavy images off the event loop, with a bounded wait for them.
 
@@ -227,7 +244,9 @@ class DecodePool:
         self.max_waiting = max_waiting
         #: Requests decoding or waiting for a decode thread.
         self.pending = 0
-        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self._executor = ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="decode", initializer=lower_thread_priority
+        )
 
     async def run(self, work: Callable[..., Result], *args: object) -> Result:
         """Run ``work(*args)`` on a decode thread, or raise :class:`DecodeQueueFull`."""

@@ -152,6 +152,23 @@ class _ProvisionedCost(Collector):
         yield family
 
 
+class _TransportCalls(Collector):
+    """``costserve_grpc_calls_started_total``: gRPC's own count of calls received, read at scrape time."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "costserve_grpc_calls_started",
+            "Calls gRPC received, every service included, whether or not they reached costserve's handlers: "
+            "less costserve_requests_total and health/reflection calls, the calls gRPC dropped "
+            "(--max-pending-calls) or that expired before the event loop took them up.",
+        )
+        calls.add_metric([], self._read())
+        yield calls
+
+
 class ServiceMetrics:
     """Every metric costserve exports, registered on ``registry``."""
 
@@ -316,6 +333,10 @@ class ServiceMetrics:
         """Read the provisioned cost and the utilization at scrape time."""
         self.registry.register(_ProvisionedCost(provisioned_usd))
         self.utilization.set_function(utilization)
+
+    def track_transport(self, read: Callable[[], int]) -> None:
+        """Read the calls gRPC received at scrape time."""
+        self.registry.register(_TransportCalls(read))
 
     def track_queue_depth(self, precision: str, depth: Callable[[], int]) -> None:
         """Read a batcher's queue depth at scrape time."""

@@ -123,21 +123,9 @@ class CallGate:
         self.accepting = True
         #: Calls being handled now.
         self.in_flight = 0
-        #: Calls refused because the server was busy, since start.
+        #: Calls refused because the bound was reached, since start.
         self.refused_busy = 0
         self._on_refused = on_refused
-        self._loop_lag_s: Callable[[], float] = lambda: 0.0
-        self._max_loop_lag_s = float("inf")
-
-    def watch_loop_lag(self, loop_lag_s: Callable[[], float], max_loop_lag_s: float) -> None:
-        """Also refuse calls while ``loop_lag_s()`` (how late the event loop runs, in seconds) passes ``max_loop_lag_s``.
-
-        Past the in-flight bound's reach, calls queue in gRPC before the loop takes them up,
-        and expire there unseen. A refusal costs the loop a fraction of an answer, so
-        refusing while it runs behind lets it catch up, and every call gets a status.
-        """
-        self._loop_lag_s = loop_lag_s
-        self._max_loop_lag_s = max_loop_lag_s
 
     def admit(self, method: str) -> "CallGate":
         """Admit a call to ``method`` or raise :class:`ServerBusy` / :class:`Unavailable` (counted)."""
@@ -150,12 +138,6 @@ class CallGate:
             error = ServerBusy(
                 f"the server has {self.in_flight} calls in flight, its limit (--max-concurrent-rpcs); "
                 "retry with backoff"
-            )
-        elif (lag_s := self._loop_lag_s()) > self._max_loop_lag_s:
-            self.refused_busy += 1
-            error = ServerBusy(
-                f"the server is overloaded: its event loop runs {lag_s * 1000:.0f} ms behind "
-                f"(more than half of --latency-slo-ms); retry with backoff"
             )
         else:
             return self

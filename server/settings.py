@@ -60,8 +60,15 @@ class Settings:
         "Prediction calls (Predict, PredictStream, GetModelInfo) handled at once, server-wide; past it calls "
         "get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
     )
+    max_pending_calls: int = _option(
+        512,
+        "Calls gRPC may hold before the event loop takes them up. Past half of it gRPC starts "
+        "dropping new calls at random, past it every new call (CANCELLED at the client, counted in "
+        "costserve_grpc_calls_ended_total): under sustained overload the loop then only takes up calls "
+        "that can still be answered in time, instead of a backlog that expired while it waited.",
+    )
     max_streams_per_connection: int = _option(
-        256,
+        128,
         "Concurrent streams one HTTP/2 connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); a client "
         "past it waits for a stream to free before sending.",
     )
@@ -115,8 +122,7 @@ class Settings:
     latency_slo_ms: float = _option(
         100.0,
         "Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
-        "passes half of it, and back once load stays low; new calls are refused (RESOURCE_EXHAUSTED) "
-        "while the event loop runs more than half of it behind.",
+        "passes half of it, and back once load stays low.",
     )
     over_slo: str = _option(
         "queue",
@@ -221,6 +227,8 @@ def validate(settings: Settings) -> None:
         problems.append("--max-decode-queue must be 0 or more")
     if settings.max_concurrent_rpcs < 1:
         problems.append("--max-concurrent-rpcs must be at least 1")
+    if settings.max_pending_calls < 4:
+        problems.append("--max-pending-calls must be at least 4")
     if settings.max_streams_per_connection < 1:
         problems.append("--max-streams-per-connection must be at least 1")
     if not 0 <= settings.drain_grace_seconds < math.inf:

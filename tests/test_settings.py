@@ -27,6 +27,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "decode_threads": ("2", 2),
     "max_decode_queue": ("0", 0),
     "max_concurrent_rpcs": ("100", 100),
+    "max_pending_calls": ("64", 64),
     "max_streams_per_connection": ("32", 32),
     "max_batch_size": ("4", 4),
     "batch_timeout_ms": ("0.5", 0.5),
@@ -213,6 +214,7 @@ def test_invalid_flag_value_is_refused_by_the_parser() -> None:
         (["--max-decode-queue", "-1"], {}, "--max-decode-queue"),
         ([], {"COSTSERVE_MAX_CONCURRENT_RPCS": "0"}, "--max-concurrent-rpcs"),
         (["--max-streams-per-connection", "0"], {}, "--max-streams-per-connection"),
+        (["--max-pending-calls", "3"], {}, "--max-pending-calls"),
         (["--drain-grace-seconds", "-1"], {}, "--drain-grace-seconds"),
     ],
 )
