@@ -59,7 +59,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
@@ -1287,14 +1287,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table)
     print()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    notes = existing_notes(args.output) or "\n(no notes yet)\n"
-    args.output.write_text(render_report(results, rows, notes))
-    print(f"wrote {args.output} ({results['elapsed_s']:.0f} s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    write_results(args.output, args.json, results, lambda notes: render_report(results, rows, notes))
     return 0
+
+
+def write_results(output: Path, json_path: Path | None, results: dict[str, Any], render: Callable[[str], str]) -> None:
+    """Write the report ``render(notes)`` to ``output``, keeping its hand-written notes, and the figures as JSON."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    notes = existing_notes(output) or "\n(no notes yet)\n"
+    output.write_text(render(notes))
+    print(f"wrote {output} ({results['elapsed_s']:.0f} s)")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -37,3 +40,28 @@ class SpyRuntime(Runtime):
         if self.poison_value is not None and np.any(np.all(batch == self.poison_value, axis=(1, 2, 3))):
             raise RuntimeError("poisoned batch")
         return self.inner.predict(batch)
+
+
+def run_quick_benchmark(module: str, model_dir: Path, output: Path, figures: Path) -> str:
+    """Run ``python -m <module> --quick`` from the repository root; return the report it wrote."""
+    repo_root = Path(__file__).resolve().parent.parent
+    command = [
+        sys.executable, "-m", module, "--quick",
+        "--output", str(output), "--json", str(figures), "--model-dir", str(model_dir),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return output.read_text()
+
+
+def report_table(report: str, header_start: str) -> dict[str, list[str]]:
+    """The rows of the Markdown table whose header line starts with ``header_start``: first cell -> the others."""
+    lines = report.splitlines()
+    header = next(index for index, line in enumerate(lines) if line.startswith(header_start))
+    table = {}
+    for line in lines[header + 2 :]:
+        if not line.startswith("|"):
+            break  # the table ends at its first non-row line
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        table[cells[0]] = cells[1:]
+    return table

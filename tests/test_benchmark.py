@@ -13,13 +13,11 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import report_table, run_quick_benchmark
 
 #: Rows of the report's table, by the start of their first cell.
 ROWS = (
@@ -51,22 +49,8 @@ def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_p
     model_dir: Path = request.getfixturevalue("model_dir")  # trained only once the check above passed
     output = tmp_path / "RESULTS.md"
     figures = tmp_path / "results.json"
-    command = [
-        sys.executable, "-m", "benchmarks.serving", "--quick",
-        "--output", str(output), "--json", str(figures), "--model-dir", str(model_dir),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-
-    report = output.read_text()
-    lines = report.splitlines()
-    header = next(index for index, line in enumerate(lines) if line.startswith("|  | measured | target | result"))
-    table = {}
-    for line in lines[header + 2 :]:
-        if not line.startswith("|"):
-            break  # the results table ends at its first non-row line
-        cells = [cell.strip() for cell in line.split("|")[1:-1]]
-        table[cells[0]] = cells[1:]
+    report = run_quick_benchmark("benchmarks.serving", model_dir, output, figures)
+    table = report_table(report, "|  | measured | target | result")
     for row in ROWS:
         matches = [cells for name, cells in table.items() if name.startswith(row)]
         assert matches, f"row {row!r} missing from the report:\n{report}"
