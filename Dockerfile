@@ -20,9 +20,11 @@ COPY pyproject.toml README.md ./
 COPY protos/ protos/
 COPY client/ client/
 COPY server/ server/
-# A regular (non-editable) install: everything lands in /opt/venv, so /src is
-# not needed at runtime. Versions are constrained by pyproject.toml.
-RUN pip install --no-cache-dir .
+# A regular (non-editable) install with the server's extra (the package alone
+# is the client): everything lands in /opt/venv, so /src is not needed at
+# runtime. Versions are constrained by pyproject.toml. ("./[server]", not
+# ".[server]": hadolint takes only the former for a local path.)
+RUN pip install --no-cache-dir "./[server]"
 
 
 FROM python:3.11-slim

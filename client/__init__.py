@@ -4,15 +4,40 @@ Example::
 
     from costserve import Client
 
-    with Client("127.0.0.1:50051") as client:
+    with Client("127.0.0.1:50051", tenant="acme") as client:
         response = client.predict(["examples/digits/digit_7.png"], precision="int8")
         print(response.predictions[0].label, response.cost.usd)
 
-The server lives in :mod:`costserve.server`; this package imports neither it nor
-TensorFlow.
+:class:`AsyncClient` is the same on ``grpc.aio``. The server lives in
+:mod:`costserve.server` (``pip install 'costserve[server]'``); this package imports
+neither it nor TensorFlow.
 """
 
-from costserve.client import Client, ImageLike, image_message
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["Client", "ImageLike", "image_message"]
-__version__ = "0.1.0"
+from costserve.client import (
+    COST_METADATA_KEY,
+    TENANT_METADATA_KEY,
+    AsyncClient,
+    Client,
+    ImageLike,
+    cost_usd,
+    image_message,
+    predict_request,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "COST_METADATA_KEY",
+    "ImageLike",
+    "TENANT_METADATA_KEY",
+    "cost_usd",
+    "image_message",
+    "predict_request",
+]
+
+try:
+    __version__ = version("costserve")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed
+    __version__ = "0+unknown"

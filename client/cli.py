@@ -3,17 +3,21 @@
 ::
 
     costserve predict examples/digits/*.png [--precision auto|fp32|int8] [--json]
+                      [--tenant NAME] [--min-accuracy 0..1] [--max-cost-usd USD]
     costserve info
     costserve health        # exit 0 only when the server is SERVING
     costserve loadtest --sweep-concurrency 1,4,16 --requests 1000 [--json] [--plot sweep.png]
     costserve cost [--metrics-url URL | --prometheus URL [--window 1h]] [--json]
 
-``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051.
+``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051;
+``--tenant`` (or ``COSTSERVE_TENANT``) the tenant predictions are charged to.
+``costserve --version`` prints the installed version.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -23,13 +27,35 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format
 
-from costserve import cost_report, loadtest
+from costserve import __version__, cost_report, loadtest
 from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _fraction(text: str) -> float:
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _usd(text: str) -> float:
+    value = _number(text)
+    if not value >= 0.0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"{text} is not a cost of 0 USD or more")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``costserve``."""
     parser = argparse.ArgumentParser(prog="costserve", description="Client of a costserve server.")
+    parser.add_argument("--version", action="version", version=f"costserve {__version__}")
     parser.add_argument(
         "--target",
         default=os.environ.get("COSTSERVE_TARGET", "127.0.0.1:50051"),
@@ -44,6 +70,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--precision", choices=sorted(PRECISIONS), default="auto")
     predict.add_argument("--skip-cache", action="store_true", help="compute even if the server has the answer cached")
     predict.add_argument("--json", action="store_true", help="print one JSON document")
+    predict.add_argument(
+        "--tenant",
+        default=os.environ.get("COSTSERVE_TENANT") or None,
+        help="tenant the predictions are charged to [env COSTSERVE_TENANT, default none]",
+    )
+    predict.add_argument(
+        "--min-accuracy",
+        type=_fraction,
+        default=0.0,
+        metavar="FRACTION",
+        help="only a variant with at least this held-out accuracy (0..1) may answer (default 0: any)",
+    )
+    predict.add_argument(
+        "--max-cost-usd",
+        type=_usd,
+        default=0.0,
+        metavar="USD",
+        help="refuse the request when the server predicts it costs more than this (default 0: no ceiling)",
+    )
     info = commands.add_parser("info", help="describe the served model and its variants")
     info.add_argument("--json", action="store_true")
     commands.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
@@ -64,7 +109,14 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
     if missing:
         print(f"costserve: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    response = client.predict(args.files, precision=args.precision, skip_cache=args.skip_cache)
+    response = client.predict(
+        args.files,
+        precision=args.precision,
+        skip_cache=args.skip_cache,
+        tenant=args.tenant,
+        min_accuracy=args.min_accuracy,
+        max_cost_usd=args.max_cost_usd,
+    )
     rows = [
         {
             "file": str(path),
@@ -121,6 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cost_report.run(args)
     try:
         if args.command == "loadtest":
+            # Its inputs are scikit-learn's bundled digits; the client alone does not install it.
+            if importlib.util.find_spec("sklearn") is None:
+                print(
+                    "costserve loadtest: needs scikit-learn, which comes with the `loadtest` extra: "
+                    "pip install 'costserve[loadtest]'",
+                    file=sys.stderr,
+                )
+                return 2
             return loadtest.main(args)
         with Client(args.target, timeout=args.timeout) as client:
             if args.command == "health":

@@ -1,11 +1,14 @@
-"""The costserve client library: a gRPC channel with a timeout on every call."""
+"""The costserve client library: sync and asyncio clients with a timeout on every call."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Protocol, Sequence, Union
 
 import grpc
+import grpc.aio
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -15,6 +18,8 @@ from costserve.v1 import classifier_pb2_grpc as pb_grpc
 #: An image: a path to a PNG/JPEG file, its bytes, or an array of pixels
 #: (uint8 0..255 or float32 0..1, shape (h, w) or (h, w, c)).
 ImageLike = Union[str, Path, bytes, np.ndarray]
+#: gRPC metadata as it arrives: (key, value) pairs.
+Metadata = Iterable[tuple[str, Union[str, bytes]]]
 
 PRECISIONS = {"auto": pb.PRECISION_AUTO, "fp32": pb.PRECISION_FP32, "int8": pb.PRECISION_INT8}
 PRECISION_NAMES = {value: name for name, value in PRECISIONS.items()}
@@ -22,6 +27,11 @@ PRECISION_NAMES = {value: name for name, value in PRECISIONS.items()}
 DEFAULT_TIMEOUT_S = 10.0
 #: Largest message the client sends or accepts, in bytes (the server's default limit).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The two keys are also defined in costserve.server.servicer: the client never imports the server.
+#: Request metadata key naming the tenant a call is charged to.
+TENANT_METADATA_KEY = "x-costserve-tenant"
+#: Trailing metadata key holding a call's cost in USD (a stream's: the sum over its responses).
+COST_METADATA_KEY = "x-costserve-cost-usd"
 
 
 def image_message(image: ImageLike) -> pb.Image:
@@ -50,36 +60,111 @@ def precision_value(precision: str | int) -> int:
     return int(precision)
 
 
-class Client:
+def predict_request(
+    images: Sequence[ImageLike],
+    *,
+    precision: str | int = "auto",
+    skip_cache: bool = False,
+    min_accuracy: float = 0.0,
+    max_cost_usd: float = 0.0,
+) -> pb.PredictRequest:
+    """The PredictRequest for ``images``; prepared once, it can be sent many times.
+
+    ``precision``: ``"auto"`` (the server chooses), ``"fp32"`` or ``"int8"``.
+    ``skip_cache``: compute even if the server has the answer cached (the cache is neither read nor filled).
+    ``min_accuracy``: accuracy floor, 0..1 (0 = none); only a variant whose held-out accuracy reaches it may answer.
+    ``max_cost_usd``: cost ceiling for the whole request, in USD (0 = none).
+    A request the server cannot serve within these is refused with ``FAILED_PRECONDITION``.
+    """
+    return pb.PredictRequest(
+        images=[image_message(image) for image in images],
+        precision=precision_value(precision),
+        skip_cache=skip_cache,
+        min_accuracy=min_accuracy,
+        max_cost_usd=max_cost_usd,
+    )
+
+
+def tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
+    """The request metadata that charges a call to ``tenant`` (none for ``None`` or ``""``)."""
+    return ((TENANT_METADATA_KEY, tenant),) if tenant else ()
+
+
+def cost_usd(trailing_metadata: Metadata | None) -> float | None:
+    """The call's cost in USD from its trailing metadata, or None when the server sent none.
+
+    For a stream this is the sum over its responses. Sync: ``cost_usd(call.trailing_metadata())``;
+    asyncio: ``cost_usd(await call.trailing_metadata())``.
+    """
+    for key, value in trailing_metadata or ():
+        if key == COST_METADATA_KEY:
+            return float(value.decode() if isinstance(value, bytes) else value)
+    return None
+
+
+class ResponseStream(Protocol):
+    """What :meth:`Client.predict_stream` returns: an iterator of responses that is also the gRPC call."""
+
+    def __iter__(self) -> Iterator[pb.PredictResponse]: ...
+
+    def __next__(self) -> pb.PredictResponse: ...
+
+    def trailing_metadata(self) -> Metadata | None:
+        """The call's trailing metadata; blocks until the stream has ended."""
+
+    def cancel(self) -> bool:
+        """Cancel the stream."""
+
+
+class _Defaults:
+    """What both clients keep: the target, the default timeout and the default tenant."""
+
+    def __init__(self, target: str, timeout: float, tenant: str | None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.tenant = tenant
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    def _metadata(self, tenant: str | None) -> tuple[tuple[str, str], ...]:
+        return tenant_metadata(self.tenant if tenant is None else tenant)
+
+
+def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        *options,
+    ]
+
+
+class Client(_Defaults):
     """A costserve client over one gRPC channel; use it as a context manager.
 
-    Every call takes ``timeout`` (seconds, default the client's); errors raise
-    ``grpc.RpcError`` with the server's status code and message.
+    ``timeout`` is the default per-call timeout in seconds; every call can override
+    it. ``tenant`` is the default tenant calls are charged to (request metadata
+    ``x-costserve-tenant``); ``predict(..., tenant=...)`` overrides it per call.
+    Errors raise ``grpc.RpcError`` with the server's status code and message.
 
     Example::
 
         with Client("127.0.0.1:50051", timeout=5) as client:
             print(client.health())                      # "SERVING"
             info = client.model_info()
-            reply = client.predict([pixels], precision="fp32")
+            reply = client.predict([pixels], precision="fp32", tenant="acme")
+            print(reply.predictions[0].label, reply.cost.usd)
     """
 
     def __init__(
         self,
         target: str = "127.0.0.1:50051",
         timeout: float = DEFAULT_TIMEOUT_S,
-        options: Sequence[tuple[str, object]] = (),
+        options: Sequence[tuple[str, Any]] = (),
+        tenant: str | None = None,
     ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                *options,
-            ],
-        )
+        super().__init__(target, timeout, tenant)
+        self._channel = grpc.insecure_channel(target, options=_channel_options(options))
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -96,42 +181,205 @@ class Client:
     def predict(
         self,
         images: Sequence[ImageLike],
+        *,
         precision: str | int = "auto",
         skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
         timeout: float | None = None,
     ) -> pb.PredictResponse:
-        """Classify ``images`` in one request; one prediction per image, in order."""
-        request = self.request(images, precision=precision, skip_cache=skip_cache)
-        return self._stub.Predict(request, timeout=timeout or self.timeout)
+        """Classify ``images`` in one request; one prediction per image, in order.
+
+        The options are those of :func:`predict_request`; ``tenant`` (default the
+        client's; ``""`` for none) is who the call is charged to.
+        """
+        return self.predict_with_call(
+            images,
+            precision=precision,
+            skip_cache=skip_cache,
+            tenant=tenant,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
+            timeout=timeout,
+        )[0]
+
+    def predict_with_call(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        precision: str | int = "auto",
+        skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
+        timeout: float | None = None,
+    ) -> tuple[pb.PredictResponse, grpc.Call]:
+        """:meth:`predict`, also returning the finished gRPC call (its metadata, e.g. for :func:`cost_usd`)."""
+        request = predict_request(
+            images, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+        )
+        return self._stub.Predict.with_call(request, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
 
     def predict_stream(
         self,
         batches: Iterable[Sequence[ImageLike]],
+        *,
         precision: str | int = "auto",
         skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
         timeout: float | None = None,
-    ) -> Iterator[pb.PredictResponse]:
+    ) -> ResponseStream:
         """Send each element of ``batches`` as one request on a PredictStream; yield the answers in order.
 
-        ``timeout`` bounds the whole stream.
+        The options apply to every request; ``timeout`` bounds the whole stream. The
+        result is also the call: once iterated, ``cost_usd(stream.trailing_metadata())``
+        is the stream's total cost.
         """
-        requests = (self.request(images, precision=precision, skip_cache=skip_cache) for images in batches)
-        return self._stub.PredictStream(requests, timeout=timeout or self.timeout)
+        build = functools.partial(
+            predict_request, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+        )
+        requests = (build(images) for images in batches)
+        return self._stub.PredictStream(requests, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
 
-    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         """The served model: version, input shape, labels, and each variant's accuracy and size."""
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
 
-    def health(self, service: str = "", timeout: float | None = None) -> str:
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name: ``SERVING``, ``NOT_SERVING``, ...; raises on no answer."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout)
+        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
-    @staticmethod
-    def request(images: Sequence[ImageLike], precision: str | int = "auto", skip_cache: bool = False) -> pb.PredictRequest:
-        """Build the PredictRequest for ``images`` (prepared once, it can be sent many times)."""
-        return pb.PredictRequest(
-            images=[image_message(image) for image in images],
-            precision=precision_value(precision),
+
+class AsyncClient(_Defaults):
+    """The :class:`Client` on ``grpc.aio``: the same calls, awaited.
+
+    Create it inside a coroutine (its channel belongs to the running event loop)
+    and use it as an async context manager, or ``await client.close()``.
+
+    Example::
+
+        import asyncio
+        from costserve import AsyncClient, cost_usd
+
+        paths = [f"examples/digits/digit_{digit}.png" for digit in range(10)]
+
+        async def main() -> None:
+            async with AsyncClient("127.0.0.1:50051", timeout=5, tenant="acme") as client:
+                print(await client.health())                 # "SERVING"
+                reply = await client.predict(paths[7:8], min_accuracy=0.95)
+                print(reply.predictions[0].label, reply.cost.usd)
+                replies = await asyncio.gather(*(client.predict([path]) for path in paths))  # concurrent calls
+                print([r.predictions[0].label for r in replies])
+                stream = client.predict_stream([[path] for path in paths], precision="int8")
+                async for reply in stream:
+                    print(reply.predictions[0].label)
+                print(cost_usd(await stream.trailing_metadata()))   # the whole stream's cost
+
+        asyncio.run(main())
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:50051",
+        timeout: float = DEFAULT_TIMEOUT_S,
+        options: Sequence[tuple[str, Any]] = (),
+        tenant: str | None = None,
+    ) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("create an AsyncClient inside a coroutine: its channel belongs to the running event loop") from None
+        super().__init__(target, timeout, tenant)
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(options))
+        self._stub = pb_grpc.ClassifierStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (calls still running are cancelled)."""
+        await self._channel.close()
+
+    async def predict(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        precision: str | int = "auto",
+        skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
+        timeout: float | None = None,
+    ) -> pb.PredictResponse:
+        """Classify ``images`` in one request; as :meth:`Client.predict`."""
+        response, _ = await self.predict_with_call(
+            images,
+            precision=precision,
             skip_cache=skip_cache,
+            tenant=tenant,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
+            timeout=timeout,
         )
+        return response
+
+    async def predict_with_call(
+        self,
+        images: Sequence[ImageLike],
+        *,
+        precision: str | int = "auto",
+        skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
+        timeout: float | None = None,
+    ) -> tuple[pb.PredictResponse, grpc.aio.UnaryUnaryCall]:
+        """:meth:`predict`, also returning the finished call: ``cost_usd(await call.trailing_metadata())``."""
+        request = predict_request(
+            images, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+        )
+        call = self._stub.Predict(request, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
+        return await call, call
+
+    def predict_stream(
+        self,
+        batches: Iterable[Sequence[ImageLike]] | AsyncIterable[Sequence[ImageLike]],
+        *,
+        precision: str | int = "auto",
+        skip_cache: bool = False,
+        tenant: str | None = None,
+        min_accuracy: float = 0.0,
+        max_cost_usd: float = 0.0,
+        timeout: float | None = None,
+    ) -> grpc.aio.StreamStreamCall:
+        """One PredictStream request per element of ``batches`` (an iterable or async iterable); ``async for`` the answers.
+
+        As :meth:`Client.predict_stream`; the returned call also gives
+        ``cost_usd(await stream.trailing_metadata())``.
+        """
+        build = functools.partial(
+            predict_request, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+        )
+        requests: Iterator[pb.PredictRequest] | AsyncIterator[pb.PredictRequest]
+        if isinstance(batches, AsyncIterable):
+            requests = (build(images) async for images in batches)
+        else:
+            requests = (build(images) for images in batches)
+        return self._stub.PredictStream(requests, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
+
+    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        """The served model, as :meth:`Client.model_info`."""
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The gRPC health status name, as :meth:`Client.health`."""
+        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

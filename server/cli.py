@@ -4,18 +4,21 @@
 
     costserve-server serve [--host H] [--port P] [--model-dir DIR] ...   # every flag: --help
     costserve-server train [--model-dir DIR] [--data mnist.npz] [--epochs N]
+    costserve-server --version
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+from costserve import __version__
 from costserve.server.cost import PriceFileError, load_prices
 from costserve.server.settings import Settings, add_settings_arguments, env_var, settings_from_args
 
@@ -28,6 +31,7 @@ def _configure_logging(level: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``costserve-server``."""
     parser = argparse.ArgumentParser(prog="costserve-server", description="costserve: the inference server.")
+    parser.add_argument("--version", action="version", version=f"costserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
         "serve",
@@ -61,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.data is not None and not args.data.is_file():
             print(f"costserve-server: --data {args.data} does not exist", file=sys.stderr)
             return 2
-        from costserve.server.training import train_and_export
+        with _needs_server_extra():
+            from costserve.server.training import train_and_export
 
         version_dir = train_and_export(args.model_dir, data_path=args.data, epochs=args.epochs)
         print(f"exported {version_dir}")
@@ -72,9 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PriceFileError as error:
         raise SystemExit(f"costserve-server: {error}") from None
     _configure_logging(settings.log_level)
-    from costserve.server.app import serve
+    with _needs_server_extra():
+        from costserve.server.app import serve
 
     return asyncio.run(serve(settings))
+
+
+@contextlib.contextmanager
+def _needs_server_extra() -> Iterator[None]:
+    """Turn a missing server dependency (a client-only ``pip install costserve``) into a clear exit."""
+    try:
+        yield
+    except ModuleNotFoundError as missing:
+        raise SystemExit(
+            f"costserve-server: {missing.name} is not installed; the server needs the server extra: "
+            "pip install 'costserve[server]'"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -278,10 +278,8 @@ def test_by_tenant_lists_spend_beside_budgets(
     server = start_server(budgets=budgets)
     spent = {"acme": 0.0, "other": 0.0}
     with Client(server.target, timeout=30) as client:
-        for tenant, metadata in (("acme", (("x-costserve-tenant", "acme"),)), ("other", (("x-costserve-tenant", "zed"),)), ("other", ())):
-            request = client.request(EXAMPLES[:2], skip_cache=True)
-            reply = client._stub.Predict(request, timeout=30, metadata=metadata)
-            spent[tenant] += reply.cost.usd
+        for label, tenant in (("acme", "acme"), ("other", "zed"), ("other", None)):
+            spent[label] += client.predict(EXAMPLES[:2], skip_cache=True, tenant=tenant).cost.usd
 
     assert main(["cost", "--metrics-url", metrics_url(server), "--by-tenant", "--json"]) == 0
     rows = {row["tenant"]: row for row in json.loads(capsys.readouterr().out)["tenants"]}

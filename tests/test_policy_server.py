@@ -14,14 +14,12 @@ import pytest
 
 from conftest import RunningServer
 from helpers import SpyRuntime
-from costserve import image_message
+from costserve import Client, image_message
 from costserve.server.budgets import period_start
 from costserve.server.domain import Precision
 from costserve.server.model_store import LoadedModel
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
-
-TENANT_KEY = "x-costserve-tenant"
 
 
 def _pixels(seed: int) -> np.ndarray:
@@ -78,41 +76,39 @@ def test_accuracy_floor_is_honoured_or_refused(
     }
     model = dataclasses.replace(loaded_model, metadata=dataclasses.replace(metadata, variants=variants))
     server = start_server(model=model, policy="cost_first")
-    channel, stub = _stub(server)
-    with channel:
-        assert stub.Predict(_request(4), timeout=30).decision_reason == "cost_first"
-        reply = stub.Predict(_request(5, min_accuracy=0.97), timeout=30)
+    with Client(server.target, timeout=30) as client:
+        assert client.predict([_pixels(4)]).decision_reason == "cost_first"
+        reply = client.predict([_pixels(5)], min_accuracy=0.97)
         assert reply.decision_reason == "accuracy_floor" and reply.predictions[0].precision == pb.PRECISION_FP32
-        assert stub.Predict(_request(6, pb.PRECISION_FP32, min_accuracy=0.98), timeout=30).decision_reason == "requested"
+        assert client.predict([_pixels(6)], precision="fp32", min_accuracy=0.98).decision_reason == "requested"
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(7, pb.PRECISION_INT8, min_accuracy=0.97), timeout=30)
+            client.predict([_pixels(7)], precision="int8", min_accuracy=0.97)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "int8 has held-out accuracy 0.9600, below the request's min_accuracy 0.9700" in error.value.details()
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(8, min_accuracy=0.99), timeout=30)
+            client.predict([_pixels(8)], min_accuracy=0.99)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "no variant reaches min_accuracy 0.9900" in error.value.details()
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(9, min_accuracy=1.5), timeout=30)
+            client.predict([_pixels(9)], min_accuracy=1.5)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert server.metric("costserve_rejected_total", {"reason": "constraint"}) == 2
     assert server.metric("costserve_rejected_total", {"reason": "invalid_input"}) == 1
 
 
 def test_cost_ceiling_refuses_an_explicit_precision_predicted_above_it(server: RunningServer) -> None:
-    channel, stub = _stub(server)
-    with channel:
+    with Client(server.target, timeout=30) as client:
         for seed in range(10, 15):  # recent costs per variant: the ceiling's prediction
-            stub.Predict(_request(seed, pb.PRECISION_FP32, skip_cache=True), timeout=30)
-            stub.Predict(_request(seed, pb.PRECISION_INT8, skip_cache=True), timeout=30)
+            client.predict([_pixels(seed)], precision="fp32", skip_cache=True)
+            client.predict([_pixels(seed)], precision="int8", skip_cache=True)
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(20, pb.PRECISION_FP32, max_cost_usd=1e-15), timeout=30)
+            client.predict([_pixels(20)], precision="fp32", max_cost_usd=1e-15)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "above its max_cost_usd" in error.value.details()
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(21, max_cost_usd=1e-15), timeout=30)
+            client.predict([_pixels(21)], max_cost_usd=1e-15)
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        generous = stub.Predict(_request(22, pb.PRECISION_FP32, max_cost_usd=1.0), timeout=30)
+        generous = client.predict([_pixels(22)], precision="fp32", max_cost_usd=1.0)
         assert generous.decision_reason == "requested" and generous.cost.usd < 1.0
 
 
@@ -207,14 +203,12 @@ def _budget_server(start_server: Callable[..., RunningServer], tmp_path: Path, u
 
 def test_budget_degrades_then_refuses_then_resets(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
     server = _budget_server(start_server, tmp_path, usd=1e-6)
-    acme = ((TENANT_KEY, "acme"),)
-    channel, stub = _stub(server)
     reasons: list[str] = []
     spent: list[float] = []
-    with channel:
+    with Client(server.target, timeout=30) as client:
         for seed in range(1000, 2000):
             try:
-                reply = stub.Predict(_request(seed, skip_cache=True), timeout=30, metadata=acme)
+                reply = client.predict([_pixels(seed)], skip_cache=True, tenant="acme")
             except grpc.RpcError as error:
                 refusal = error
                 break
@@ -230,16 +224,15 @@ def test_budget_degrades_then_refuses_then_resets(start_server: Callable[..., Ru
         assert reasons.index("budget_near") > 0 and set(reasons[reasons.index("budget_near"):]) == {"budget_near"}
         # Still refused, also for an explicit precision, while other tenants are served as usual.
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(_request(1, pb.PRECISION_INT8), timeout=30, metadata=acme)
+            client.predict([_pixels(1)], precision="int8", tenant="acme")
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         for tenant in ("globex", "someone", None):
-            metadata = ((TENANT_KEY, tenant),) if tenant else ()
-            assert stub.Predict(_request(2, skip_cache=True), timeout=30, metadata=metadata).decision_reason == "accuracy_first"
+            assert client.predict([_pixels(2)], skip_cache=True, tenant=tenant).decision_reason == "accuracy_first"
         # The next hour starts: acme is served again.
         ledger = server.core.ledger
         next_hour = period_start(time.time(), "hour") + 3600
         ledger.clock = lambda: next_hour
-        assert stub.Predict(_request(3, skip_cache=True), timeout=30, metadata=acme).decision_reason == "accuracy_first"
+        assert client.predict([_pixels(3)], skip_cache=True, tenant="acme").decision_reason == "accuracy_first"
     assert server.metric("costserve_budget_rejections_total", {"tenant": "acme"}) == 2
     assert server.metric("costserve_budget_rejections_total", {"tenant": "globex"}) == 0
     assert server.metric("costserve_rejected_total", {"reason": "budget"}) == 2
