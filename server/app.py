@@ -64,9 +64,10 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http.overload_protection", 0),
         # Calls gRPC has received but the event loop has not taken up yet. The loop takes them
         # first come first served, so an unbounded backlog under sustained overload holds only
-        # calls whose deadline passed while they waited, and nothing gets answered. Past these
-        # bounds gRPC drops new calls before the loop pays for them (counted by channelz).
-        ("grpc.server.max_pending_requests", settings.max_pending_calls // 2),
+        # calls whose deadline passed while they waited, and nothing gets answered. Past the
+        # bound gRPC drops new calls before the loop pays for them (counted by channelz). Soft
+        # and hard limit alike: no random early drops, so a burst within the bound is whole.
+        ("grpc.server.max_pending_requests", settings.max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
         # Let clients keep idle channels alive with pings every 10 s or more.
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -61,11 +61,11 @@ class Settings:
         "get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
     )
     max_pending_calls: int = _option(
-        512,
-        "Calls gRPC may hold before the event loop takes them up. Past half of it gRPC starts "
-        "dropping new calls at random, past it every new call (CANCELLED at the client, counted in "
-        "costserve_grpc_calls_ended_total): under sustained overload the loop then only takes up calls "
-        "that can still be answered in time, instead of a backlog that expired while it waited.",
+        256,
+        "Calls gRPC may hold before the event loop takes them up; past it gRPC drops new calls (CANCELLED at "
+        "the client, counted in costserve_grpc_calls_started_total). Under sustained overload the loop then "
+        "takes up only calls that can still be answered in time, instead of a backlog that expired while it "
+        "waited: keep it near what the server answers in half of its clients' deadline.",
     )
     max_streams_per_connection: int = _option(
         128,
