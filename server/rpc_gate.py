@@ -123,8 +123,6 @@ class CallGate:
         self.accepting = True
         #: Calls being handled now.
         self.in_flight = 0
-        #: Calls refused because the bound was reached, since start.
-        self.refused_busy = 0
         self._on_refused = on_refused
 
     def admit(self, method: str) -> "CallGate":
@@ -134,7 +132,6 @@ class CallGate:
                 "the server is shutting down; retry on another replica or after it restarts"
             )
         elif self.in_flight >= self.max_in_flight:
-            self.refused_busy += 1
             error = ServerBusy(
                 f"the server has {self.in_flight} calls in flight, its limit (--max-concurrent-rpcs); "
                 "retry with backoff"

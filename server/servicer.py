@@ -28,7 +28,7 @@ from costserve.server.domain import (
     RawPixels,
 )
 from costserve.server.errors import CostserveError, InvalidInput, Unavailable
-from costserve.server.rpc_gate import Undecodable, count_top_level_field, tolerant
+from costserve.server.rpc_gate import Undecodable, abort_with, count_top_level_field, tolerant
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -90,7 +90,7 @@ def request_parsers(max_images: int) -> Mapping[str, Callable[[bytes], object]]:
 
 async def _abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     if isinstance(error, CostserveError):
-        await context.abort(error.status, str(error))
+        await abort_with(context, error)
     log.exception("unexpected error", exc_info=error)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(error).__name__}); see the server log")
 

@@ -160,7 +160,6 @@ def test_the_gate_admits_up_to_its_bound_then_refuses_and_closes_for_the_drain()
     with pytest.raises(Unavailable, match="shutting down"):
         gate.admit("Predict")
     assert refused == [("Predict", "server_busy"), ("Predict", "unavailable")]
-    assert gate.refused_busy == 1
 
 
 # --- the decode pool --------------------------------------------------------------------
