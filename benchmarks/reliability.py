@@ -339,6 +339,22 @@ def small_calls(target: str, payload: bytes, streams: int, seconds: float) -> tu
     return latencies, statuses
 
 
+def send_worst(
+    target: str, worst: dict[str, bytes], offset: int, stop: Any, replies: multiprocessing.Queue
+) -> None:
+    """In a process of its own: send the worst requests in turn until ``stop`` is set; put each one's outcomes."""
+    names = list(worst)
+    outcomes: dict[str, list[tuple[str, float]]] = {name: [] for name in worst}
+    with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        predict = raw_predict(channel)
+        index = offset
+        while not stop.is_set():
+            name = names[index % len(names)]
+            outcomes[name].append(timed_call(predict, worst[name], STALL_CALL_DEADLINE_S))
+            index += 1
+    replies.put(outcomes)
+
+
 def part_stall(server: Server, plan: Plan) -> dict[str, Any]:
     """Small calls' latency alone and while the worst requests are sent back to back."""
     small = digit_request()
@@ -360,29 +376,28 @@ def part_stall(server: Server, plan: Plan) -> dict[str, Any]:
 
     alone, alone_statuses = small_calls(server.target, small, SMALL_CALL_STREAMS, plan.stall_seconds)
 
-    outcomes: dict[str, list[tuple[str, float]]] = {name: [] for name in worst}
-    stop = threading.Event()
-
-    def send_worst(offset: int) -> None:
-        names = list(worst)
-        with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
-            predict = raw_predict(channel)
-            index = offset
-            while not stop.is_set():
-                name = names[index % len(names)]
-                outcomes[name].append(timed_call(predict, worst[name], STALL_CALL_DEADLINE_S))
-                index += 1
-
-    senders = [threading.Thread(target=send_worst, args=(offset,), name=f"worst-{offset}") for offset in range(WORST_SENDERS)]
+    # The worst requests come from a process of their own: sent from threads of this one, they
+    # would slow the small calls' client (its GIL), and that is not what is measured here.
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    replies: multiprocessing.Queue = context.Queue()
+    senders = [
+        context.Process(target=send_worst, args=(server.target, worst, offset, stop, replies), name=f"worst-{offset}")
+        for offset in range(WORST_SENDERS)
+    ]
     for sender in senders:
         sender.start()
     try:
-        time.sleep(0.2)  # the first worst requests are on the wire before the measurement starts
+        time.sleep(2.0)  # the senders' interpreters are up and their first worst requests on the wire
         loaded, loaded_statuses = small_calls(server.target, small, SMALL_CALL_STREAMS, plan.stall_seconds)
     finally:
         stop.set()
+        outcomes: dict[str, list[tuple[str, float]]] = {name: [] for name in worst}
+        for _ in senders:
+            for name, results in replies.get(timeout=STALL_CALL_DEADLINE_S + 30).items():
+                outcomes[name].extend(results)
         for sender in senders:
-            sender.join(timeout=STALL_CALL_DEADLINE_S + 30)
+            sender.join(timeout=30)
     alone_p99, loaded_p99 = percentile(alone, 99), percentile(loaded, 99)
     return {
         "probe": {"largest_single_image_side": image_side, "largest_64_image_side": request_side},
@@ -1016,7 +1031,7 @@ def section_stall(stall: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         "## b. One request can't stall others",
         "",
         f"{SMALL_CALL_STREAMS} streams of sequential small calls (one 28x28 digit PNG, fp32, cache bypassed) for "
-        f"{plan['stall_seconds']:g} s alone, then for {plan['stall_seconds']:g} s while {WORST_SENDERS} senders sent "
+        f"{plan['stall_seconds']:g} s alone, then for {plan['stall_seconds']:g} s while {WORST_SENDERS} sender processes of their own sent "
         "the worst requests back to back. The limits were found by probing with black PNGs: the largest square image "
         f"answered OK alone was {probe['largest_single_image_side']}x{probe['largest_single_image_side']}, in a "
         f"request of 64 images {probe['largest_64_image_side']}x{probe['largest_64_image_side']} (searched up to "
