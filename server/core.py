@@ -36,6 +36,8 @@ DEMAND_WINDOW_S = 1.0
 DEADLINE_SLACK_S = 0.002
 #: Longest the policy reuses one measurement of the load, in seconds.
 LOAD_SAMPLE_S = 0.005
+#: With no request for this long, the loop-lag timer stops until the next one, in seconds.
+IDLE_AFTER_S = 1.0
 
 
 class LoopLag:
@@ -44,20 +46,37 @@ class LoopLag:
     Under overload the requests gRPC has received queue on the loop before costserve sees
     them; the batch queue's predicted wait misses that part. A timer every LOAD_SAMPLE_S
     measures it; :attr:`seconds` is the recent lateness (:func:`~costserve.server.batcher.ewma`).
+    With no request for IDLE_AFTER_S the timer stops (an idle loop runs nothing late, and a
+    timer every 5 ms is most of an idle server's CPU); :meth:`touch` restarts it.
     """
 
-    def __init__(self, interval_s: float = LOAD_SAMPLE_S) -> None:
+    def __init__(self, interval_s: float = LOAD_SAMPLE_S, idle_after_s: float = IDLE_AFTER_S) -> None:
         self.interval_s = interval_s
+        self.idle_after_s = idle_after_s
         #: Recent lateness of the loop, in seconds.
         self.seconds = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Loop time of the last :meth:`touch`.
+        self._touched_at = 0.0
 
     def start(self) -> None:
         """Start measuring on the running loop."""
-        self._schedule(asyncio.get_running_loop())
+        self._loop = asyncio.get_running_loop()
+        self.touch()
+
+    def touch(self) -> None:
+        """Note a request; restarts the timer when it stopped for idleness."""
+        loop = self._loop
+        if loop is None:
+            return
+        self._touched_at = loop.time()
+        if self._timer is None:
+            self._schedule(loop)
 
     def stop(self) -> None:
         """Stop measuring."""
+        self._loop = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -67,7 +86,12 @@ class LoopLag:
         self._timer = loop.call_at(due, self._tick, loop, due)
 
     def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        self.seconds = ewma(self.seconds, max(loop.time() - due, 0.0))
+        now = loop.time()
+        self.seconds = ewma(self.seconds, max(now - due, 0.0))
+        if now - self._touched_at > self.idle_after_s:
+            self._timer = None
+            self.seconds = 0.0
+            return
         self._schedule(loop)
 
 
@@ -181,6 +205,7 @@ class InferenceCore:
     async def predict(self, request: PredictionRequest, method: str = "Predict") -> PredictionResult:
         """Classify every image of ``request``; raises :class:`CostserveError` subclasses on failure."""
         started = time.monotonic()
+        self.loop_lag.touch()
         try:
             result = await self._predict(request)
         except CostserveError as error:
