@@ -28,6 +28,7 @@ from costserve.server.domain import (
     RawPixels,
 )
 from costserve.server.errors import CostserveError, InvalidInput, Unavailable
+from costserve.server.inputs import ImageLimits
 from costserve.server.rpc_gate import Undecodable, abort_with, count_top_level_field, tolerant
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -114,17 +115,14 @@ def abort_on_error(
 
 
 def request_from_proto(
-    message: pb.PredictRequest, time_remaining_s: float | None, tenant: str = "", max_images: int | None = None
+    message: pb.PredictRequest, time_remaining_s: float | None, tenant: str = "", limits: ImageLimits | None = None
 ) -> PredictionRequest:
     """Convert a PredictRequest message; unknown enum values and impossible constraints are InvalidInput.
 
-    More than ``max_images`` images are refused before any is converted.
+    A count of images ``limits`` refuses is refused before any image is converted.
     """
-    if max_images is not None and len(message.images) > max_images:
-        raise InvalidInput(
-            f"the request has {len(message.images)} images; at most {max_images} per request "
-            "(split it, or use PredictStream)"
-        )
+    if limits is not None:
+        limits.check_count(len(message.images))
     if not 0 <= message.min_accuracy <= 1:
         raise InvalidInput(f"min_accuracy {message.min_accuracy} must lie in [0, 1] (0 sets no floor)")
     if not 0 <= message.max_cost_usd < math.inf:
@@ -232,9 +230,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Convert, predict, convert back, and charge the request for what it used."""
         cpu_started = time.thread_time()  # the event loop's CPU clock
         try:
-            request = request_from_proto(
-                message, context.time_remaining(), tenant_of(context), core.settings.max_images_per_request
-            )
+            request = request_from_proto(message, context.time_remaining(), tenant_of(context), core.limits)
         except InvalidInput as error:
             core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
             raise
