@@ -16,6 +16,7 @@ cancelled.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -148,6 +149,7 @@ class CostserveServer:
         if self.settings.metrics_port >= 0:
             self._metrics_http = start_metrics_server(self.registry, self.settings.host, self.settings.metrics_port)
             self.metrics_port = self._metrics_http.port
+        self._write_ready_file(serving=False)
         log.info(
             "gRPC on %s:%d (NOT_SERVING until the model is warm)%s",
             self.settings.host,
@@ -166,6 +168,7 @@ class CostserveServer:
         self.servicer.core = self.core
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            self._write_ready_file(serving=True)
         metadata = self.model.metadata
         log.info(
             "SERVING %s v%s %s: %s",
@@ -174,6 +177,21 @@ class CostserveServer:
             "x".join(map(str, self.model.input_shape)),
             ", ".join(f"{name} accuracy {info.accuracy:.4f}" for name, info in metadata.variants.items()),
         )
+
+    def _write_ready_file(self, serving: bool) -> None:
+        """Announce the bound ports to a launcher (``--ready-file``): written whole, then renamed into place."""
+        if self.settings.ready_file is None:
+            return
+        ready = {
+            "pid": os.getpid(),
+            "host": self.settings.host,
+            "port": self.port,
+            "metrics_port": self.metrics_port,
+            "serving": serving,
+        }
+        partial = self.settings.ready_file.with_name(self.settings.ready_file.name + ".partial")
+        partial.write_text(json.dumps(ready) + "\n")
+        os.replace(partial, self.settings.ready_file)
 
     def _count_refused(self, method: str, error: CostserveError) -> None:
         """Count a call refused before it reached the core (its precision unknown: counted as asked, auto)."""
@@ -202,6 +220,8 @@ class CostserveServer:
             grace_s,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.settings.ready_file is not None:
+            self.settings.ready_file.unlink(missing_ok=True)
         await asyncio.sleep(self.settings.drain_grace_seconds)
         self.gate.accepting = False  # new calls now get UNAVAILABLE, a status clients retry elsewhere
         deadline = loop.time() + grace_s

@@ -137,6 +137,13 @@ class Settings:
         "request metadata (see deploy/budgets.toml); unset means no budgets.",
     )
     log_level: str = _option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
+    ready_file: Path | None = _option(
+        None,
+        "When set, the server writes this JSON file (atomically: a launcher sees all of it or nothing) once its "
+        'ports are bound, and again once it is SERVING: {"pid", "host", "port", "metrics_port", "serving"} with '
+        "the ports actually bound (useful with port 0; metrics_port is 0 when /metrics is off). It is removed "
+        "when the drain starts.",
+    )
 
     @property
     def batch_timeout_s(self) -> float:

@@ -43,6 +43,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "latency_slo_ms": ("250", 250.0),
     "over_slo": ("refuse", "refuse"),
     "budgets": ("/etc/costserve/budgets.toml", Path("/etc/costserve/budgets.toml")),
+    "ready_file": ("/run/costserve/ready.json", Path("/run/costserve/ready.json")),
 }
 
 
