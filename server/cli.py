@@ -15,12 +15,10 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from costserve import __version__
-from costserve.server.cost import PriceFileError, load_prices
-from costserve.server.settings import Settings, add_settings_arguments, env_var, settings_from_args
 
 
 def _configure_logging(level: str) -> None:
@@ -29,7 +27,9 @@ def _configure_logging(level: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``costserve-server``."""
+    """The argument parser of ``costserve-server``; needs the server extra (pydantic-settings)."""
+    from costserve.server.settings import Settings, add_settings_arguments, env_var
+
     parser = argparse.ArgumentParser(prog="costserve-server", description="costserve: the inference server.")
     parser.add_argument("--version", action="version", version=f"costserve {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -48,18 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model-dir",
         type=Path,
-        default=Path(os.environ.get(env_var("model_dir"), Settings.model_dir)),
+        default=Path(os.environ.get(env_var("model_dir"), Settings.model_fields["model_dir"].default)),
         help=f"model base directory; the new version is written under it [env {env_var('model_dir')}]",
     )
     train.add_argument("--data", type=Path, default=None, help="a local mnist.npz (x_train, y_train, x_test, y_test)")
-    train.add_argument("--epochs", type=int, default=None, help="most epochs (early stopping); default 40 for digits, 6 for MNIST")
+    train.add_argument(
+        "--epochs", type=int, default=None, help="most epochs (early stopping); default 40 for digits, 6 for MNIST"
+    )
     train.add_argument("--log-level", default=os.environ.get(env_var("log_level"), "INFO"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``costserve-server``."""
-    args = build_parser().parse_args(argv)
+    # pydantic-settings comes with the server extra: a client-only install gets a clear exit.
+    with _needs_server_extra():
+        from pydantic import ValidationError
+
+        from costserve.server.cost import PriceFileError, load_prices
+        from costserve.server.settings import describe_problems, settings_from_args, unknown_env_vars
+
+        parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "train":
         _configure_logging(args.log_level)
         if args.data is not None and not args.data.is_file():
@@ -71,7 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         version_dir = train_and_export(args.model_dir, data_path=args.data, epochs=args.epochs)
         print(f"exported {version_dir}")
         return 0
-    settings = settings_from_args(args)
+    for warning in unknown_env_vars(os.environ):
+        print(f"costserve-server: warning: {warning}", file=sys.stderr)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        for problem in describe_problems(error):
+            print(f"costserve-server: {problem}", file=sys.stderr)
+        return 2
     try:
         load_prices(settings.prices)
     except PriceFileError as error:

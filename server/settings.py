@@ -1,149 +1,219 @@
-"""One settings object for the server: every option declared once, with its unit.
+"""One settings object for the server: every option declared once, with its unit and its limits.
 
 Each field becomes a command-line flag (``max_batch_size`` -> ``--max-batch-size``)
 and an environment variable (``COSTSERVE_MAX_BATCH_SIZE``). Precedence: flag, then
-environment, then the default below.
+environment, then the default below. ``Settings`` validates on construction, so a
+``Settings`` that exists is one the server can run with::
+
+    Settings(port=0, max_batch_size=8)            # COSTSERVE_* variables fill the rest
+    settings.model_copy(update={"port": 0})       # a copy; model_copy does not validate
+
+pydantic-settings reads the environment and validates; the flags are plain argparse, added
+from ``Settings.model_fields``: pydantic-settings' own CLI source cannot put each flag's
+environment variable in its help, and argparse hands every raw value to the one validation.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import os
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "COSTSERVE_"
 
+# COSTSERVE_* variables that the client commands read: not typos when set beside the server's.
+CLIENT_ENV_VARS = frozenset(
+    {"COSTSERVE_TARGET", "COSTSERVE_TENANT", "COSTSERVE_METRICS_URL", "COSTSERVE_PROMETHEUS", "COSTSERVE_WINDOW"}
+)
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
+class Settings(BaseSettings):
+    """Server configuration. Times carry their unit in the name; sizes say theirs in the description."""
 
-@dataclass(frozen=True)
-class Settings:
-    """Server configuration. Times carry their unit in the name; sizes say theirs in the help."""
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
 
-    host: str = _option("127.0.0.1", "Address to bind gRPC and metrics to; 0.0.0.0 opens them to the network.")
-    port: int = _option(50051, "gRPC port; 0 picks a free port (printed at start-up).")
-    metrics_port: int = _option(8000, "Prometheus /metrics HTTP port; 0 picks a free port, -1 turns it off.")
-    model_dir: Path = _option(
+    host: str = Field(
+        "127.0.0.1", description="Address to bind gRPC and metrics to; 0.0.0.0 opens them to the network."
+    )
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free port (printed at start-up).")
+    metrics_port: int = Field(
+        8000, ge=-1, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port, -1 turns it off."
+    )
+    model_dir: Path = Field(
         Path("models/digits"),
-        "Model base directory in TensorFlow Serving layout (<model_dir>/<version>/). "
+        description="Model base directory in TensorFlow Serving layout (<model_dir>/<version>/). "
         "The highest version is served; with none, the default model is trained first.",
     )
-    max_images_per_request: int = _option(64, "Most images one PredictRequest may carry.")
-    max_message_bytes: int = _option(
-        16 * 1024 * 1024, "Largest gRPC message accepted or sent, in bytes (default 16 MiB)."
+    max_images_per_request: int = Field(64, ge=1, description="Most images one PredictRequest may carry.")
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest gRPC message accepted or sent, in bytes (default 16 MiB).",
     )
-    max_image_pixels: int = _option(
+    max_image_pixels: int = Field(
         0,
-        "Largest image accepted, in pixels (width x height), checked from the file's header before it is "
-        "decoded; 0 sizes it from the model's input: 1024 times its pixels, at least 1,048,576 (1 MP) and "
+        ge=0,
+        description="Largest image accepted, in pixels (width x height), checked from the file's header before it "
+        "is decoded; 0 sizes it from the model's input: 1024 times its pixels, at least 1,048,576 (1 MP) and "
         "at most 16,777,216 (16 MP).",
     )
-    max_request_pixels: int = _option(
-        0, "Most pixels the images of one request may declare together; 0 means 4 times --max-image-pixels."
+    max_request_pixels: int = Field(
+        0,
+        ge=0,
+        description="Most pixels the images of one request may declare together; 0 means 4 times --max-image-pixels.",
     )
-    decode_threads: int = _option(
+    decode_threads: int = Field(
         1,
-        "Threads that decode and resize large PNG/JPEG images off the event loop (small ones are decoded "
-        "inline: a hand-off would cost more than the decoding).",
+        ge=1,
+        description="Threads that decode and resize large PNG/JPEG images off the event loop (small ones are "
+        "decoded inline: a hand-off would cost more than the decoding).",
     )
-    max_decode_queue: int = _option(
-        16, "Requests that may wait for a decode thread; past it requests get RESOURCE_EXHAUSTED."
+    max_decode_queue: int = Field(
+        16, ge=0, description="Requests that may wait for a decode thread; past it requests get RESOURCE_EXHAUSTED."
     )
-    max_concurrent_rpcs: int = _option(
+    max_concurrent_rpcs: int = Field(
         512,
-        "Prediction calls (Predict, PredictStream, GetModelInfo) handled at once, server-wide; past it calls "
-        "get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
+        ge=1,
+        description="Prediction calls (Predict, PredictStream, GetModelInfo) handled at once, server-wide; past it "
+        "calls get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
     )
-    max_pending_calls: int = _option(
+    max_pending_calls: int = Field(
         256,
-        "Calls gRPC may hold before the event loop takes them up; past it gRPC drops new calls (CANCELLED at "
-        "the client, counted in costserve_grpc_calls_started_total). Under sustained overload the loop then "
-        "takes up only calls that can still be answered in time, instead of a backlog that expired while it "
-        "waited: keep it near what the server answers in half of its clients' deadline.",
+        ge=4,
+        description="Calls gRPC may hold before the event loop takes them up; past it gRPC drops new calls "
+        "(CANCELLED at the client, counted in costserve_grpc_calls_started_total). Under sustained overload the "
+        "loop then takes up only calls that can still be answered in time, instead of a backlog that expired "
+        "while it waited: keep it near what the server answers in half of its clients' deadline.",
     )
-    max_streams_per_connection: int = _option(
+    max_streams_per_connection: int = Field(
         128,
-        "Concurrent streams one HTTP/2 connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); a client "
+        ge=1,
+        description="Concurrent streams one HTTP/2 connection may open (SETTINGS_MAX_CONCURRENT_STREAMS); a client "
         "past it waits for a stream to free before sending.",
     )
-    max_batch_size: int = _option(32, "Most images in one runtime call; 1 turns batching off.")
-    batch_timeout_ms: float = _option(
+    max_batch_size: int = Field(32, ge=1, description="Most images in one runtime call; 1 turns batching off.")
+    batch_timeout_ms: float = Field(
         2.0,
-        "Under load, how long a batch may wait for more images, counted from its first "
+        ge=0,
+        allow_inf_nan=False,
+        description="Under load, how long a batch may wait for more images, counted from its first "
         "image's arrival, in milliseconds. An image arriving at an idle runtime never waits.",
     )
-    batch_fill_timeout_ms: float = _option(
+    batch_fill_timeout_ms: float = Field(
         20.0,
-        "Under saturation, how long a batch that is not full by --batch-timeout-ms may keep waiting, "
+        ge=0,
+        allow_inf_nan=False,
+        description="Under saturation, how long a batch that is not full by --batch-timeout-ms may keep waiting, "
         "counted from its first image's arrival, in milliseconds. It waits only while the server is "
-        "saturated (over the last 0.25 s the runtime had a batch nine tenths of the time, or the event loop was on "
-        "CPU eight tenths of it), images arrive fast enough to fill it by then, and its images' deadlines allow. "
-        "Full batches cost the least time per image; otherwise nothing waits longer than "
+        "saturated (over the last 0.25 s the runtime had a batch nine tenths of the time, or the event loop was "
+        "on CPU eight tenths of it), images arrive fast enough to fill it by then, and its images' deadlines "
+        "allow. Full batches cost the least time per image; otherwise nothing waits longer than "
         "--batch-timeout-ms. At most --batch-timeout-ms turns it off.",
     )
-    max_queue: int = _option(
-        1024, "Images that may wait per variant; past it requests get RESOURCE_EXHAUSTED."
+    max_queue: int = Field(
+        1024, ge=1, description="Images that may wait per variant; past it requests get RESOURCE_EXHAUSTED."
     )
-    cache_size: int = _option(
+    cache_size: int = Field(
         100_000,
-        "Prediction cache capacity in entries (about 520 bytes each for 10 classes: 100,000 entries add ~50-60 MiB); 0 turns the cache off.",
+        ge=0,
+        description="Prediction cache capacity in entries (about 520 bytes each for 10 classes: 100,000 entries "
+        "add ~50-60 MiB); 0 turns the cache off.",
     )
-    inference_threads: int = _option(
+    inference_threads: int = Field(
         1,
-        "Threads each runtime may use inside one call; 0 lets the runtime choose (one per core). One keeps "
-        "a small model's call on one core and the others free for the event loop; raise it for large models.",
+        ge=0,
+        description="Threads each runtime may use inside one call; 0 lets the runtime choose (one per core). One "
+        "keeps a small model's call on one core and the others free for the event loop; raise it for large "
+        "models.",
     )
-    drain_grace_seconds: float = _option(
+    drain_grace_seconds: float = Field(
         2.0,
-        "On SIGTERM/SIGINT, how long the server keeps answering new calls after health turns NOT_SERVING "
-        "(so that clients and load balancers see it), in seconds; then new calls get UNAVAILABLE.",
+        ge=0,
+        allow_inf_nan=False,
+        description="On SIGTERM/SIGINT, how long the server keeps answering new calls after health turns "
+        "NOT_SERVING (so that clients and load balancers see it), in seconds; then new calls get UNAVAILABLE.",
     )
-    drain_seconds: float = _option(
+    drain_seconds: float = Field(
         30.0,
-        "After that grace, how long calls in flight may take to finish before the server stops anyway, "
-        "in seconds.",
+        ge=0,
+        allow_inf_nan=False,
+        description="After that grace, how long calls in flight may take to finish before the server stops "
+        "anyway, in seconds.",
     )
-    prices: Path | None = _option(
+    prices: Path | None = Field(
         None,
-        "TOML price file: prices per vCPU-hour, GB-hour and GB moved, the provisioned vCPUs and memory, "
-        "and the utilization window (see deploy/prices.toml); unset uses the built-in defaults.",
+        description="TOML price file: prices per vCPU-hour, GB-hour and GB moved, the provisioned vCPUs and "
+        "memory, and the utilization window (see deploy/prices.toml); unset uses the built-in defaults.",
     )
-    policy: str = _option(
+    policy: Literal["accuracy_first", "cost_first"] = Field(
         "accuracy_first",
-        "How PRECISION_AUTO is answered: accuracy_first (fp32 while capacity is free) or "
+        description="How PRECISION_AUTO is answered: accuracy_first (fp32 while capacity is free) or "
         "cost_first (int8, the cheaper variant, whenever it meets the request's accuracy floor).",
     )
-    latency_slo_ms: float = _option(
+    latency_slo_ms: float = Field(
         100.0,
-        "Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
+        gt=0,
+        allow_inf_nan=False,
+        description="Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
         "passes half of it, and back once load stays low.",
     )
-    over_slo: str = _option(
+    over_slo: Literal["queue", "refuse"] = Field(
         "queue",
-        "What a PRECISION_AUTO request gets when every variant it may use is predicted to wait in the "
+        description="What a PRECISION_AUTO request gets when every variant it may use is predicted to wait in the "
         "server for more than a quarter of the latency objective: queue (it waits, up to --max-queue and "
         "its deadline) or refuse (RESOURCE_EXHAUSTED at once, so the requests accepted keep the objective "
         "under overload). Explicit precisions always queue.",
     )
-    budgets: Path | None = _option(
+    budgets: Path | None = Field(
         None,
-        "TOML budgets file: USD per hour or per day for each tenant named by the x-costserve-tenant "
+        description="TOML budgets file: USD per hour or per day for each tenant named by the x-costserve-tenant "
         "request metadata (see deploy/budgets.toml); unset means no budgets.",
     )
-    log_level: str = _option("INFO", "Logging level: DEBUG, INFO, WARNING or ERROR.")
-    ready_file: Path | None = _option(
-        None,
-        "When set, the server writes this JSON file (atomically: a launcher sees all of it or nothing) once its "
-        'ports are bound, and again once it is SERVING: {"pid", "host", "port", "metrics_port", "serving"} with '
-        "the ports actually bound (useful with port 0; metrics_port is 0 when /metrics is off). It is removed "
-        "when the drain starts.",
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR."
     )
+    ready_file: Path | None = Field(
+        None,
+        description="When set, the server writes this JSON file (atomically: a launcher sees all of it or nothing) "
+        'once its ports are bound, and again once it is SERVING: {"pid", "host", "port", "metrics_port", '
+        '"serving"} with the ports actually bound (useful with port 0; metrics_port is 0 when /metrics is off). '
+        "It is removed when the drain starts.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_log_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    # A one-field rule, so a field validator: its error names the field like the limits above.
+    @field_validator("model_dir")
+    @classmethod
+    def _model_dir_names_a_directory(cls, value: Path) -> Path:
+        if value == Path("."):
+            raise ValueError("must name a directory (not empty and not the working directory itself)")
+        return value
+
+    @model_validator(mode="after")
+    def _images_per_request_fit_the_queue(self) -> Settings:
+        # A request is queued whole: one larger than the queue could never be accepted.
+        if self.max_images_per_request > self.max_queue:
+            raise PydanticCustomError(
+                "at_most_field",
+                "{field} must be at most {other} ({limit}), got {value}",
+                {
+                    "field": "max_images_per_request",
+                    "other": "max_queue",
+                    "limit": self.max_queue,
+                    "value": self.max_images_per_request,
+                },
+            )
+        return self
 
     @property
     def batch_timeout_s(self) -> float:
@@ -161,7 +231,8 @@ class Settings:
         return self.latency_slo_ms / 1000.0
 
 
-def _flag(name: str) -> str:
+def flag(name: str) -> str:
+    """Command-line flag of a settings field: ``max_queue`` -> ``--max-queue``."""
     return "--" + name.replace("_", "-")
 
 
@@ -170,93 +241,88 @@ def env_var(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
-def _field_type(settings_field: dataclasses.Field) -> type:
-    return {"str": str, "int": int, "float": float, "Path": Path, "Path | None": Path}[str(settings_field.type)]
-
-
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per Settings field; defaults come from the environment or the field."""
-    for settings_field in dataclasses.fields(Settings):
+    """Add one flag per Settings field, documented with its environment variable and default.
+
+    Flags keep their raw text (``None`` when absent): ``settings_from_args`` validates every
+    flag and variable together, so one run reports every bad value.
+    """
+    for name, info in Settings.model_fields.items():
         parser.add_argument(
-            _flag(settings_field.name),
-            dest=settings_field.name,
-            type=_field_type(settings_field),
+            flag(name),
+            dest=name,
             default=None,
-            help=f"{settings_field.metadata['help']} [env {env_var(settings_field.name)}, "
-            f"default {settings_field.default}]",
+            metavar=name.upper(),
+            help=f"{info.description} [env {env_var(name)}, default {info.default}]",
         )
 
 
-def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Build Settings from parsed flags, falling back to ``COSTSERVE_*`` variables, then defaults."""
-    values: dict[str, Any] = {}
-    for settings_field in dataclasses.fields(Settings):
-        value = getattr(args, settings_field.name, None)
-        if value is None and env_var(settings_field.name) in environ:
-            raw = environ[env_var(settings_field.name)]
-            try:
-                value = _field_type(settings_field)(raw)
-            except ValueError:
-                raise SystemExit(
-                    f"{env_var(settings_field.name)}={raw!r} is not a valid {_field_type(settings_field).__name__}"
-                ) from None
-        if value is not None:
-            values[settings_field.name] = value
-    settings = Settings(**values)
-    validate(settings)
-    return settings
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Build Settings from parsed flags, falling back to ``COSTSERVE_*`` variables, then defaults.
+
+    Raises ``pydantic.ValidationError`` for bad values; ``describe_problems`` words them.
+    """
+    given = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+    return Settings(**given)
 
 
-def validate(settings: Settings) -> None:
-    """Refuse settings that cannot work, with a message naming the option."""
-    problems = []
-    if settings.max_batch_size < 1:
-        problems.append("--max-batch-size must be at least 1")
-    if settings.max_queue < 1:
-        problems.append("--max-queue must be at least 1")
-    if settings.max_images_per_request < 1:
-        problems.append("--max-images-per-request must be at least 1")
-    if settings.max_images_per_request > settings.max_queue:
-        problems.append("--max-images-per-request must not exceed --max-queue")
-    if settings.cache_size < 0:
-        problems.append("--cache-size must be 0 (off) or more")
-    if not 0 <= settings.batch_timeout_ms < math.inf:
-        problems.append("--batch-timeout-ms must be a finite number, 0 or more")
-    if not 0 <= settings.batch_fill_timeout_ms < math.inf:
-        problems.append("--batch-fill-timeout-ms must be a finite number, 0 or more")
-    if settings.max_image_pixels < 0:
-        problems.append("--max-image-pixels must be 0 (sized from the model) or more")
-    if settings.max_request_pixels < 0:
-        problems.append("--max-request-pixels must be 0 (4 times --max-image-pixels) or more")
-    if settings.decode_threads < 1:
-        problems.append("--decode-threads must be at least 1")
-    if settings.max_decode_queue < 0:
-        problems.append("--max-decode-queue must be 0 or more")
-    if settings.max_concurrent_rpcs < 1:
-        problems.append("--max-concurrent-rpcs must be at least 1")
-    if settings.max_pending_calls < 4:
-        problems.append("--max-pending-calls must be at least 4")
-    if settings.max_streams_per_connection < 1:
-        problems.append("--max-streams-per-connection must be at least 1")
-    if not 0 <= settings.drain_grace_seconds < math.inf:
-        problems.append("--drain-grace-seconds must be a finite number, 0 or more")
-    if not 0 <= settings.drain_seconds < math.inf:
-        problems.append("--drain-seconds must be a finite number, 0 or more")
-    if not 0 <= settings.port <= 65535:
-        problems.append("--port must be 0 (any free port) to 65535")
-    if not -1 <= settings.metrics_port <= 65535:
-        problems.append("--metrics-port must be -1 (off), 0 (any free port) or up to 65535")
-    if settings.inference_threads < 0:
-        problems.append("--inference-threads must be 0 (runtime default) or more")
-    if not str(settings.model_dir).strip() or settings.model_dir == Path("."):
-        problems.append("--model-dir must name a directory (not empty and not the working directory itself)")
-    if settings.max_message_bytes < 1024:
-        problems.append("--max-message-bytes must be at least 1024")
-    if settings.policy not in ("cost_first", "accuracy_first"):
-        problems.append("--policy must be cost_first or accuracy_first")
-    if settings.over_slo not in ("queue", "refuse"):
-        problems.append("--over-slo must be queue or refuse")
-    if not 0 < settings.latency_slo_ms < math.inf:
-        problems.append("--latency-slo-ms must be a finite number above 0")
-    if problems:
-        raise SystemExit("invalid settings: " + "; ".join(problems))
+def describe_problems(error: ValidationError) -> list[str]:
+    """One line per bad value, naming its flag and environment variable and what is allowed.
+
+    Example: ``--max-batch-size (COSTSERVE_MAX_BATCH_SIZE): must be at least 1, got 0``.
+    """
+    return [_describe(details) for details in error.errors()]
+
+
+def _describe(details: ErrorDetails) -> str:
+    ctx = details.get("ctx", {})
+    kind = details["type"]
+    if kind == "at_most_field":
+        name = ctx["field"]
+        return f"{_names(name)}: must be at most {_names(ctx['other'])}, which is {ctx['limit']}, got {ctx['value']}"
+    name = str(details["loc"][0]) if details["loc"] else ""
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        bound = {
+            "greater_than_equal": f"at least {ctx.get('ge')}",
+            "greater_than": f"more than {ctx.get('gt')}",
+            "less_than_equal": f"at most {ctx.get('le')}",
+            "less_than": f"less than {ctx.get('lt')}",
+        }[kind]
+        allowed = f"must be {bound}"
+    elif kind in ("int_parsing", "int_from_float", "int_type"):
+        allowed = "must be a whole number"
+    elif kind in ("float_parsing", "float_type"):
+        allowed = "must be a number"
+    elif kind == "finite_number":
+        allowed = "must be a finite number"
+    elif kind == "literal_error":
+        allowed = f"must be {ctx.get('expected')}"
+    elif kind == "value_error":
+        allowed = str(ctx.get("error"))
+    else:
+        allowed = details["msg"]
+    shown = details["input"]
+    shown = repr(shown) if shown == "" else shown
+    return f"{_names(name)}: {allowed}, got {shown}" if name else f"{allowed}, got {shown}"
+
+
+def _names(name: str) -> str:
+    return f"{flag(name)} ({env_var(name)})"
+
+
+def unknown_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``COSTSERVE_*`` variables that name no setting (and no client option): likely typos.
+
+    They are warned about, not refused, so that a variable meant for another costserve
+    version or tool does not stop the server.
+    """
+    known = {env_var(name) for name in Settings.model_fields}
+    warnings = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in CLIENT_ENV_VARS:
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        warnings.append(f"{variable} names no setting and is ignored{hint}")
+    return warnings

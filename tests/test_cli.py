@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -97,6 +98,24 @@ def test_version(command: str) -> None:
     script = Path(sys.executable).with_name(command)
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == f"costserve {version('costserve')}"
+
+
+def test_server_refuses_bad_settings_with_status_2(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("costserve-server")
+    environ = {name: value for name, value in os.environ.items() if not name.upper().startswith("COSTSERVE_")}
+    result = subprocess.run(
+        [str(script), "serve", "--model-dir", str(tmp_path / "models"), "--max-batch-size", "0"],
+        env={**environ, "COSTSERVE_PORT": "abc"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "costserve-server: --port (COSTSERVE_PORT): must be a whole number, got abc",
+        "costserve-server: --max-batch-size (COSTSERVE_MAX_BATCH_SIZE): must be at least 1, got 0",
+    ]
+    assert not (tmp_path / "models").exists()  # refused before training a model
 
 
 class RecordingClient:
