@@ -10,16 +10,21 @@ the same client on the same machine.
 
 ::
 
-    python -m benchmarks.ceiling [--port 0] [--response-file answer.bin]
+    python -m benchmarks.ceiling [--port 0] [--response-file answer.bin] [--ready-file ready.json]
     # prints "ceiling listening on 127.0.0.1:PORT"
 
-It listens on 127.0.0.1 only and exits on SIGTERM or SIGINT.
+It listens on 127.0.0.1 only and exits on SIGTERM or SIGINT. Like costserve's server,
+``--ready-file`` announces the bound port to a launcher as JSON (``pid``, ``host``,
+``port``, ``metrics_port`` 0, ``serving`` true), written whole then renamed into place,
+and removed on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -79,8 +84,16 @@ class CeilingServicer(pb_grpc.ClassifierServicer):
         return self.response
 
 
-async def serve(port: int, response: pb.PredictResponse | None = None) -> None:
-    """Serve on 127.0.0.1:``port`` (0 = any free port) until SIGTERM or SIGINT."""
+def write_ready_file(path: Path, port: int) -> None:
+    """Announce the bound port as costserve's server does (``--ready-file``): written whole, then renamed."""
+    ready = {"pid": os.getpid(), "host": "127.0.0.1", "port": port, "metrics_port": 0, "serving": True}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ready) + "\n")
+    os.replace(partial, path)
+
+
+async def serve(port: int, response: pb.PredictResponse | None = None, ready_file: Path | None = None) -> None:
+    """Serve on 127.0.0.1:``port`` (0 = any free port) until SIGTERM or SIGINT; announce it in ``ready_file``."""
     server = grpc.aio.server(options=GRPC_OPTIONS)
     pb_grpc.add_ClassifierServicer_to_server(CeilingServicer(response or fixed_response()), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
@@ -92,7 +105,11 @@ async def serve(port: int, response: pb.PredictResponse | None = None) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if ready_file is not None:
+        write_ready_file(ready_file, bound)
     await stop.wait()
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
     await server.stop(0)
 
 
@@ -101,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Minimal grpc.aio Classifier.Predict with a fixed response.")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 picks a free one)")
     parser.add_argument(
-        "--response-file", type=Path, default=None, help="a serialized PredictResponse to answer with (default: built in)"
+        "--response-file",
+        type=Path,
+        default=None,
+        help="a serialized PredictResponse to answer with (default: built in)",
     )
+    parser.add_argument("--ready-file", type=Path, help="write the bound port here as JSON once listening")
     args = parser.parse_args(argv)
     response = pb.PredictResponse.FromString(args.response_file.read_bytes()) if args.response_file else None
-    asyncio.run(serve(args.port, response))
+    asyncio.run(serve(args.port, response, args.ready_file))
     return 0
 
 

@@ -37,21 +37,21 @@ import struct
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2
-from hypothesis import HealthCheck, Phase, Verbosity, given, seed as hypothesis_seed, settings
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from PIL import Image
 
+from benchmarks.payloads import DIGIT, PREDICT, UNLIMITED, digit_png_request
 from costserve.v1 import classifier_pb2 as pb
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DIGIT = REPO_ROOT / "examples" / "digits" / "digit_7.png"
 #: The server's default --max-message-bytes; a few deliberate cases go over it.
 SERVER_MESSAGE_LIMIT = 16 * 1024 * 1024
 #: Statuses that mean the server failed on its own input handling: never allowed.
@@ -69,7 +69,7 @@ INPUT_SIDE = 28
 
 METHODS: dict[str, tuple[str, str]] = {
     # rpc name -> (method path, arity: unary_unary | stream_stream | unary_stream)
-    "Predict": ("/costserve.v1.Classifier/Predict", "unary_unary"),
+    "Predict": (PREDICT, "unary_unary"),
     "PredictStream": ("/costserve.v1.Classifier/PredictStream", "stream_stream"),
     "GetModelInfo": ("/costserve.v1.Classifier/GetModelInfo", "unary_unary"),
     "Health.Check": ("/grpc.health.v1.Health/Check", "unary_unary"),
@@ -312,9 +312,13 @@ def valid_pixels(draw: st.DrawFn) -> tuple[pb.Pixels, str]:
     elements = math.prod(shape)
     if draw(st.booleans()):
         levels = np.frombuffer(draw(st.binary(min_size=1, max_size=64)), np.uint8)
-        return pb.Pixels(shape=shape, dtype=pb.DTYPE_UINT8, data=np.resize(levels, elements).tobytes()), f"valid uint8 {shape}"
+        return pb.Pixels(
+            shape=shape, dtype=pb.DTYPE_UINT8, data=np.resize(levels, elements).tobytes()
+        ), f"valid uint8 {shape}"
     palette = np.array(draw(st.lists(st.floats(0, 1, width=32), min_size=1, max_size=16)), "<f4")
-    return pb.Pixels(shape=shape, dtype=pb.DTYPE_FLOAT32, data=np.resize(palette, elements).tobytes()), f"valid float32 {shape}"
+    return pb.Pixels(
+        shape=shape, dtype=pb.DTYPE_FLOAT32, data=np.resize(palette, elements).tobytes()
+    ), f"valid float32 {shape}"
 
 
 @st.composite
@@ -387,7 +391,9 @@ def predict_requests(draw: st.DrawFn) -> tuple[pb.PredictRequest, str]:
 def unknown_fields(draw: st.DrawFn) -> bytes:
     """Well-formed protobuf fields with numbers a message does not define (parsers keep and skip them)."""
     parts = []
-    for number, wire_type in draw(st.lists(st.tuples(st.integers(6, 2**29 - 1), st.sampled_from([0, 1, 2, 5])), max_size=4)):
+    for number, wire_type in draw(
+        st.lists(st.tuples(st.integers(6, 2**29 - 1), st.sampled_from([0, 1, 2, 5])), max_size=4)
+    ):
         key = encode_varint((number << 3) | wire_type)
         if wire_type == 0:
             parts.append(key + encode_varint(draw(st.integers(0, 2**64 - 1))))
@@ -442,7 +448,9 @@ def health_requests() -> st.SearchStrategy[tuple[health_pb2.HealthCheckRequest, 
         st.binary(max_size=64).map(lambda raw: raw.decode("latin-1")),
         st.integers(1, 5000).map(lambda length: "s" * length),
     )
-    return names.map(lambda name: (health_pb2.HealthCheckRequest(service=name), f"service {name[:40]!r} ({len(name)} chars)"))
+    return names.map(
+        lambda name: (health_pb2.HealthCheckRequest(service=name), f"service {name[:40]!r} ({len(name)} chars)")
+    )
 
 
 # --------------------------------------------------------------------------- cases per RPC
@@ -476,7 +484,9 @@ def predict_stream_cases(draw: st.DrawFn) -> FuzzCase:
 
 def model_info_cases() -> st.SearchStrategy[FuzzCase]:
     """GetModelInfo calls: the empty request, or one carrying unknown fields."""
-    return unknown_fields().map(lambda extra: FuzzCase("GetModelInfo", (extra,), f"{len(extra)} bytes of unknown fields"))
+    return unknown_fields().map(
+        lambda extra: FuzzCase("GetModelInfo", (extra,), f"{len(extra)} bytes of unknown fields")
+    )
 
 
 def health_check_cases() -> st.SearchStrategy[FuzzCase]:
@@ -568,17 +578,12 @@ def call(channel: grpc.Channel, case: FuzzCase) -> tuple[str, str]:
                 pass
     except grpc.RpcError as error:
         code = error.code() if hasattr(error, "code") else None
-        return (code.name if code is not None else "NO_STATUS"), (error.details() if hasattr(error, "details") else "") or ""
+        return (code.name if code is not None else "NO_STATUS"), (
+            error.details() if hasattr(error, "details") else ""
+        ) or ""
     except Exception as error:  # noqa: BLE001 - a call that ends without a status is itself a finding
         return "NO_STATUS", f"{type(error).__name__}: {error}"
     return "OK", ""
-
-
-def valid_predict_bytes() -> bytes:
-    """One digit 7 as a PNG, fp32, cache bypassed: the request every run ends with."""
-    return pb.PredictRequest(
-        images=[pb.Image(encoded=DIGIT.read_bytes())], precision=pb.PRECISION_FP32, skip_cache=True
-    ).SerializeToString()
 
 
 def case_counts(cases: int) -> dict[str, int]:
@@ -595,11 +600,13 @@ def run_fuzz(target: str, cases: int, seed: int, extremes: bool = True) -> FuzzR
     report says what came back; :attr:`FuzzReport.passed` applies the rule.
     """
     report = FuzzReport(
-        target=target, seed=seed, statuses={rpc: Counter() for rpc in METHODS}, over_limit={rpc: Counter() for rpc in METHODS}
+        target=target,
+        seed=seed,
+        statuses={rpc: Counter() for rpc in METHODS},
+        over_limit={rpc: Counter() for rpc in METHODS},
     )
     started = time.monotonic()
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-    with grpc.insecure_channel(target, options=options) as channel:
+    with grpc.insecure_channel(target, options=UNLIMITED) as channel:
         grpc.channel_ready_future(channel).result(timeout=30)
 
         def send(kind: str, case: FuzzCase) -> None:
@@ -622,13 +629,15 @@ def run_fuzz(target: str, cases: int, seed: int, extremes: bool = True) -> FuzzR
         if extremes:
             for case in extreme_cases():
                 send("extreme", case)
-        final = FuzzCase("Predict", (valid_predict_bytes(),), "valid digit 7, fp32")
+        final = FuzzCase("Predict", (digit_png_request(),), "valid digit 7, fp32")
         report.final_predict = call(channel, final)[0]
     report.seconds = time.monotonic() - started
     return report
 
 
-def run_examples(strategy: st.SearchStrategy[FuzzCase], count: int, seed: int, body: Callable[[FuzzCase], None]) -> None:
+def run_examples(
+    strategy: st.SearchStrategy[FuzzCase], count: int, seed: int, body: Callable[[FuzzCase], None]
+) -> None:
     """Run ``body`` on ``count`` examples of ``strategy``, drawn by hypothesis from ``seed``.
 
     Generation only: ``body`` never fails, so there is nothing to shrink or replay;

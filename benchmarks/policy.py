@@ -2,7 +2,9 @@
 
 Starts a real ``costserve-server`` per mode on 127.0.0.1 (port 0) and drives the same
 open-loop (Poisson) ramp at each: light -> about twice fp32's capacity -> light, with
-a realistic repeat mix (a share of requests re-send an input already sent). Modes:
+a realistic repeat mix (a share of requests re-send an input already sent). The load
+goes through the open-loop engine of ``costserve loadtest``, so each latency counts from
+the request's scheduled send time; capacity is that tool's closed loop. Modes:
 
 * ``fp32``: every request asks for PRECISION_FP32;
 * ``int8``: every request asks for PRECISION_INT8;
@@ -29,20 +31,24 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
 
-from benchmarks import serving
-from costserve.loadtest import load_holdout_digits, variant
+from benchmarks.launch import REPO_ROOT, ServerProcess, ensure_model, start_benchmark_server
+from benchmarks.payloads import PREDICT
+from benchmarks.report import markdown_table, verdict
+from costserve import metrics_text
+from costserve.loadtest import LoadtestConfig, run_loadtest
+from costserve.loadtest.generator import Timed, open_loop
+from costserve.loadtest.inputs import InputPool, load_holdout_digits, variant
+from costserve.loadtest.samples import percentile
 from costserve.v1 import classifier_pb2 as pb
-from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "benchmarks" / "RESULTS-policy.md"
 SLO_MS = 100.0
 #: Load of each phase as a multiple of the measured fp32 capacity.
@@ -51,11 +57,11 @@ PHASES = (("light", 0.35), ("overload", 2.0), ("light again", 0.35))
 REPEAT_SHARE = 0.3
 IMAGES_PER_REQUEST = 16
 DEADLINE_S = 1.0
-#: Input ids used to measure capacity (on a server of its own, so they never warm a mode's cache).
-CALIBRATION_IDS = 10_000_000
+#: Capacity: closed loop with this many calls in flight, for this long (seconds), on a server of its own.
+CALIBRATION_CONCURRENCY = 16
+CALIBRATION_S = 5.0
 #: Flags of every mode's server: AUTO is held to the objective (explicit precisions are not).
 SERVER_FLAGS = ("--latency-slo-ms", str(SLO_MS), "--over-slo", "refuse")
-PREDICT = "/costserve.v1.Classifier/Predict"
 MODES = (
     ("fp32", "accuracy_first", pb.PRECISION_FP32),
     ("int8", "accuracy_first", pb.PRECISION_INT8),
@@ -65,33 +71,27 @@ MODES = (
 
 
 @contextlib.contextmanager
-def costserve(model_dir: Path, workdir: Path, *flags: str) -> Iterator[serving.Server]:
-    """``costserve-server serve`` on a free port (the serving benchmark's), stopped on exit."""
-    with contextlib.ExitStack() as stack:
-        yield serving.start_costserve("costserve", model_dir, workdir, stack, [*SERVER_FLAGS, *flags])
+def costserve(model_dir: Path, workdir: Path, *flags: str) -> Iterator[ServerProcess]:
+    """``costserve-server serve`` on a free port with :data:`SERVER_FLAGS`, SERVING; stopped on exit."""
+    with start_benchmark_server(model_dir, *SERVER_FLAGS, *flags, name="costserve", workdir=workdir) as server:
+        server.wait_serving()
+        yield server
 
 
-async def serving_target(server: serving.Server) -> str:
-    """Wait (off the loop) until the server's model is warm; its address."""
-    await asyncio.get_running_loop().run_in_executor(None, serving.wait_serving, server)
-    return server.target
-
-
-def cpu_split(server: serving.Server) -> dict[str, float]:
+def cpu_split(server: ServerProcess) -> dict[str, float]:
     """CPU-seconds per image from the server's metrics: inference per computed image, handling per answer."""
-    samples = serving.scrape(server)
-    images = serving.metric_sum(samples, "costserve_images_total")
-    computed = serving.metric_sum(samples, "costserve_images_total", cache="miss")
-    return {
-        "inference_us": 1e6 * serving.metric_sum(samples, "costserve_cpu_seconds_total", phase="inference")
-        / max(computed, 1),
-        "handling_us": 1e6 * serving.metric_sum(samples, "costserve_cpu_seconds_total", phase="handling")
-        / max(images, 1),
-    }
+    samples = metrics_text.scrape(server.metrics_url)
+    images = metrics_text.total(samples, "costserve_images_total")
+    computed = metrics_text.total(samples, "costserve_images_total", cache="miss")
+    inference = metrics_text.total(samples, "costserve_cpu_seconds_total", phase="inference")
+    handling = metrics_text.total(samples, "costserve_cpu_seconds_total", phase="handling")
+    return {"inference_us": 1e6 * inference / max(computed, 1), "handling_us": 1e6 * handling / max(images, 1)}
 
 
 @dataclass
 class Outcome:
+    """One request of the ramp: its phase, latency from its scheduled time, and what it answered and cost."""
+
     phase: int
     latency_s: float
     ok: bool
@@ -113,6 +113,7 @@ class Workload:
 
 
 def make_workload(capacity_rps: float, phase_s: float, seed: int = 7) -> Workload:
+    """Poisson arrivals per phase at its multiple of ``capacity_rps``; a share of them repeat earlier inputs."""
     rng = np.random.default_rng(seed)
     arrivals: list[tuple[float, int, list[int]]] = []
     rates = []
@@ -139,117 +140,101 @@ def make_workload(capacity_rps: float, phase_s: float, seed: int = 7) -> Workloa
 
 
 class Inputs:
+    """The load test's labelled inputs (:class:`~costserve.loadtest.inputs.InputPool`), each encoded once.
+
+    Past the pool's distinct inputs, a second corner pixel is tagged too (the label does not
+    change), so that every input the ramp calls distinct really is.
+    """
+
     def __init__(self) -> None:
-        self.images, self.labels = load_holdout_digits()
-        self._messages: dict[int, pb.Image] = {}
-        self._encoded: dict[int, bytes] = {}
+        self.pool = InputPool(*load_holdout_digits())
+        self._extra: dict[int, bytes] = {}
 
     def request_bytes(self, ids: list[int], precision: int) -> bytes:
-        """A serialized PredictRequest of these inputs, assembled from each input's encoded field.
+        """A serialized PredictRequest of these inputs, joined from each input's encoded field.
 
         Serialized protobuf messages merge when concatenated (repeated fields append), so the
         load generator builds a 16-image request by joining bytes: its CPU stays with the server.
         """
-        parts = []
-        for input_id in ids:
-            encoded = self._encoded.get(input_id)
-            if encoded is None:
-                encoded = self._encoded[input_id] = pb.PredictRequest(images=[self._image(input_id)]).SerializeToString()
-            parts.append(encoded)
-        parts.append(pb.PredictRequest(precision=precision).SerializeToString())
-        return b"".join(parts)
+        tail = pb.PredictRequest(precision=precision).SerializeToString()
+        return b"".join([*(self._field(input_id) for input_id in ids), tail])
 
-    def message(self, input_id: int) -> pb.Image:
-        if input_id not in self._messages:
-            self._messages[input_id] = self._image(input_id)
-        return self._messages[input_id]
+    def _field(self, input_id: int) -> bytes:
+        if input_id < self.pool.size:
+            return self.pool.field(input_id)
+        if input_id not in self._extra:
+            pixels = variant(self.pool.images, input_id % self.pool.size)
+            pixels[0, 1] ^= input_id // self.pool.size
+            image = pb.Image(pixels=pb.Pixels(shape=list(pixels.shape), dtype=pb.DTYPE_UINT8, data=pixels.tobytes()))
+            self._extra[input_id] = pb.PredictRequest(images=[image]).SerializeToString()
+        return self._extra[input_id]
 
-    def _image(self, input_id: int) -> pb.Image:
-        # variant() makes 360 x 9 x 32 distinct inputs; past that, tag a second corner pixel too
-        # (the label does not change), so that every input the ramp calls distinct really is.
-        distinct = len(self.images) * 9 * 32
-        pixels = variant(self.images, input_id % distinct)
-        pixels[0, 1] ^= input_id // distinct
-        return pb.Image(pixels=pb.Pixels(shape=list(pixels.shape), dtype=pb.DTYPE_UINT8, data=pixels.tobytes()))
-
-    def label(self, input_id: int) -> int:  # variant() keeps the label of held-out image id % n
-        return int(self.labels[input_id % len(self.labels)])
+    def label(self, input_id: int) -> int:
+        """The known label of input ``input_id``."""
+        return self.pool.label(input_id)
 
 
-async def calibrate(target: str, inputs: Inputs, seconds: float = 5.0, concurrency: int = 16) -> float:
-    """fp32 capacity in requests/s: closed loop, every image distinct and computed."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        done = 0
-        stop_at = time.monotonic() + seconds
-        counter = iter(range(CALIBRATION_IDS, 10**9, IMAGES_PER_REQUEST))
+def calibrate(target: str) -> float:
+    """fp32 capacity in requests/s: ``costserve loadtest``'s closed loop, every image distinct and computed."""
+    config = LoadtestConfig(
+        target=target,
+        concurrency=(CALIBRATION_CONCURRENCY,),
+        duration_s=CALIBRATION_S,
+        warmup_s=1.0,
+        images_per_request=IMAGES_PER_REQUEST,
+        precision="fp32",
+        skip_cache=True,
+        channels=1,
+    )
+    return run_loadtest(config).steps[0].summary()["throughput_rps"]
 
-        async def loop() -> None:
-            nonlocal done
-            while time.monotonic() < stop_at:
-                first = next(counter)
-                images = [inputs.message(first + k) for k in range(IMAGES_PER_REQUEST)]
-                await stub.Predict(pb.PredictRequest(images=images, precision=pb.PRECISION_FP32, skip_cache=True), timeout=10)
-                done += 1
 
-        started = time.monotonic()
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
-        return done / (time.monotonic() - started)
+def outcome(phase: int, ids: list[int], inputs: Inputs, timed: Timed[pb.PredictResponse]) -> Outcome:
+    """What one request of the ramp got, its latency counted from its scheduled time."""
+    if timed.error is not None or timed.result is None:
+        code = timed.error.code().name if timed.error is not None else "UNKNOWN"
+        return Outcome(phase, timed.latency_s, False, code)
+    reply = timed.result
+    cost = reply.cost
+    return Outcome(
+        phase,
+        timed.latency_s,
+        True,
+        correct=sum(p.label == inputs.label(i) for p, i in zip(reply.predictions, ids)),
+        precisions=[p.precision for p in reply.predictions],
+        cache_hits=sum(p.cache_hit for p in reply.predictions),
+        charged_usd=cost.usd,
+        # What the resources used cost at list price (utilization 1): capacity sized to the load.
+        list_usd=(cost.cpu_usd + cost.memory_usd) * cost.utilization + cost.network_usd,
+        # The part a precision can change: CPU and memory at list price, without the network.
+        compute_usd=(cost.cpu_usd + cost.memory_usd) * cost.utilization,
+    )
 
 
 async def drive(target: str, precision: int, workload: Workload, inputs: Inputs) -> list[Outcome]:
+    """Send the workload's arrivals through the load generator's open-loop engine; one outcome per request."""
+    requests = [inputs.request_bytes(ids, precision) for _, _, ids in workload.arrivals]  # encoded before the clock
     async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        for ids in ([0, 1, 2, 3],):  # warm the channel
-            await stub.Predict(pb.PredictRequest(images=[inputs.message(CALIBRATION_IDS - 1 - i) for i in ids]), timeout=10)
-        predict = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=pb.PredictResponse.FromString)
-        for _, _, ids in workload.arrivals:  # encode every input before the clock starts
-            inputs.request_bytes(ids, precision)
+        predict = channel.unary_unary(PREDICT, response_deserializer=pb.PredictResponse.FromString)
+        await predict(inputs.request_bytes([0, 1, 2, 3], pb.PRECISION_FP32), timeout=10)  # warm the channel
         outcomes: list[Outcome] = []
 
-        async def call(phase: int, ids: list[int]) -> None:
-            request = inputs.request_bytes(ids, precision)
-            started = time.perf_counter()
-            try:
-                reply = await predict(request, timeout=DEADLINE_S)
-            except grpc.aio.AioRpcError as error:
-                outcomes.append(Outcome(phase, time.perf_counter() - started, False, error.code().name))
-                return
-            latency = time.perf_counter() - started
-            cost = reply.cost
-            outcomes.append(
-                Outcome(
-                    phase,
-                    latency,
-                    True,
-                    correct=sum(p.label == inputs.label(i) for p, i in zip(reply.predictions, ids)),
-                    precisions=[p.precision for p in reply.predictions],
-                    cache_hits=sum(p.cache_hit for p in reply.predictions),
-                    charged_usd=cost.usd,
-                    # What the resources used cost at list price (utilization 1): capacity sized to the load.
-                    list_usd=(cost.cpu_usd + cost.memory_usd) * cost.utilization + cost.network_usd,
-                    # The part a precision can change: CPU and memory at list price, without the network.
-                    compute_usd=(cost.cpu_usd + cost.memory_usd) * cost.utilization,
-                )
-            )
+        def done(number: int, timed: Timed[pb.PredictResponse]) -> None:
+            _, phase, ids = workload.arrivals[number]
+            outcomes.append(outcome(phase, ids, inputs, timed))
 
-        loop = asyncio.get_running_loop()
-        tasks = []
-        begin = loop.time()
-        for at, phase, ids in workload.arrivals:
-            delay = begin + at - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(call(phase, ids)))
-        await asyncio.gather(*tasks)
+        begin = asyncio.get_running_loop().time()
+        schedule = [begin + at for at, _, _ in workload.arrivals]
+        await open_loop(schedule, lambda number: predict(requests[number], timeout=DEADLINE_S), done)
         return outcomes
 
 
 def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) * 1000 if values else None
+    return percentile(values, q) * 1000 if values else None
 
 
 def summarize(outcomes: list[Outcome]) -> dict:
+    """Cost per 1M predictions three ways, accuracy, precision shares, cache hits, and latency per phase."""
     ok = [o for o in outcomes if o.ok]
     predictions = sum(len(o.precisions) for o in ok)
     shares = {
@@ -309,7 +294,8 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         f"`{' '.join(SERVER_FLAGS)}`: AUTO requests are held to the objective (refused at once when no variant "
         "is predicted to answer within it), explicit precisions queue. A fresh server (cold cache) per mode. "
         "The load generator sends each request as bytes joined from pre-encoded images, so its CPU stays "
-        "with the server.",
+        "with the server, through `costserve loadtest`'s open-loop engine: each latency counts from the "
+        "request's scheduled send time.",
         "- Cost per 1M predictions three ways: **compute** = the CPU and memory the answers used, at list price "
         "(the part a precision can change); **resources** = compute plus the network bytes moved (the same for "
         "every mode); **charged** = what the server billed, which also spreads the idle capacity of one fixed "
@@ -317,15 +303,17 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         "",
         "## Per mode",
         "",
-        "| mode | cost / 1M, compute | cost / 1M, resources | cost / 1M, charged | accuracy | fp32 / int8 share "
-        "| cache hits | rejected |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | ${r['compute_per_1m']:.5f} | ${r['list_per_1m']:.5f} | ${r['charged_per_1m']:.5f} | {r['accuracy']:.2%} | "
-            f"{r['shares']['fp32']:.0%} / {r['shares']['int8']:.0%} | {r['cache']:.0%} | {r['rejected']} |"
-        )
+        markdown_table(
+            ["mode", "cost / 1M, compute", "cost / 1M, resources", "cost / 1M, charged", "accuracy",
+             "fp32 / int8 share", "cache hits", "rejected"],
+            [
+                [name, f"${r['compute_per_1m']:.5f}", f"${r['list_per_1m']:.5f}", f"${r['charged_per_1m']:.5f}",
+                 f"{r['accuracy']:.2%}", f"{r['shares']['fp32']:.0%} / {r['shares']['int8']:.0%}", f"{r['cache']:.0%}",
+                 r["rejected"]]
+                for name, r in results.items()
+            ],
+        ),
+    ]  # fmt: skip
     lines += [
         "",
         "## Where the CPU goes (the servers' own metrics)",
@@ -333,21 +321,25 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         "`costserve_cpu_seconds_total` by phase: inference per computed image (its share of its batch's runtime "
         "call), handling per answered image (decode, cache, bookkeeping, message conversion on the event loop).",
         "",
-        "| mode | inference CPU per computed image | handling CPU per answer |",
-        "| --- | --- | --- |",
+        markdown_table(
+            ["mode", "inference CPU per computed image", "handling CPU per answer"],
+            [[name, f"{r['inference_us']:.0f} µs", f"{r['handling_us']:.0f} µs"] for name, r in results.items()],
+        ),
+        "",
+        "## Latency per phase (ms, client side; p99 counts rejected calls at the time they failed)",
+        "",
     ]
+    phase_rows = []
     for name, r in results.items():
-        lines.append(f"| {name} | {r['inference_us']:.0f} µs | {r['handling_us']:.0f} µs |")
-    lines += ["", "## Latency per phase (ms, client side; p99 counts rejected calls at the time they failed)", ""]
-    header = "| mode | " + " | ".join(f"{name} p50 | {name} p99 | {name} rejected" for name, _ in PHASES) + " |"
-    lines += [header, "| --- |" + " --- |" * (3 * len(PHASES))]
-    for name, r in results.items():
-        cells = []
+        cells = [name]
         for phase in r["phases"]:
-            cells += [_ms(phase["p50"]), _ms(phase["p99"]), f"{phase['rejected']}" + (f" ({', '.join(phase['codes'])})" if phase["codes"] else "")]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            codes = f" ({', '.join(phase['codes'])})" if phase["codes"] else ""
+            cells += [_ms(phase["p50"]), _ms(phase["p99"]), f"{phase['rejected']}{codes}"]
+        phase_rows.append(cells)
+    header = ["mode", *(f"{name} {column}" for name, _ in PHASES for column in ("p50", "p99", "rejected"))]
+    lines.append(markdown_table(header, phase_rows))
 
-    lines += ["", "## Targets", "", "| target | AUTO policy | measured | verdict |", "| --- | --- | --- | --- |"]
+    targets = []
     overload = 1
     for name in ("auto cost_first", "auto accuracy_first"):
         auto = results[name]
@@ -357,67 +349,77 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         points = (auto["accuracy"] - fp32["accuracy"]) * 100
         a_p99, f_p99 = auto["phases"][overload]["p99"], fp32["phases"][overload]["p99"]
         a_rej, f_rej = auto["phases"][overload]["rejected"], fp32["phases"][overload]["rejected"]
-        verdict = lambda ok: "PASS" if ok else "MISS"  # noqa: E731
-        lines += [
-            f"| cost per 1M ≤ 70% of fp32-only (compute) | {name} | {compute_ratio:.0%} | {verdict(compute_ratio <= 0.7)} |",
-            f"| cost per 1M ≤ 70% of fp32-only (resources) | {name} | {ratio:.0%} | {verdict(ratio <= 0.7)} |",
-            f"| cost per 1M ≤ 70% of fp32-only (charged) | {name} | {charged_ratio:.0%} | {verdict(charged_ratio <= 0.7)} |",
-            f"| accuracy ≥ fp32-only − 0.5 points | {name} | {points:+.2f} points | {verdict(points >= -0.5)} |",
-            f"| overload p99 ≤ {SLO_MS:.0f} ms where fp32-only's is not | {name} | {_ms(a_p99)} ms vs fp32 {_ms(f_p99)} ms | "
-            f"{verdict(a_p99 is not None and a_p99 <= SLO_MS and (f_p99 is None or f_p99 > SLO_MS))} |",
-            f"| fewer rejections than fp32-only in the overload | {name} | {a_rej} vs {f_rej} | {verdict(a_rej < f_rej)} |",
+        targets += [
+            ["cost per 1M ≤ 70% of fp32-only (compute)", name, f"{compute_ratio:.0%}", verdict(compute_ratio <= 0.7)],
+            ["cost per 1M ≤ 70% of fp32-only (resources)", name, f"{ratio:.0%}", verdict(ratio <= 0.7)],
+            ["cost per 1M ≤ 70% of fp32-only (charged)", name, f"{charged_ratio:.0%}", verdict(charged_ratio <= 0.7)],
+            ["accuracy ≥ fp32-only − 0.5 points", name, f"{points:+.2f} points", verdict(points >= -0.5)],
+            [
+                f"overload p99 ≤ {SLO_MS:.0f} ms where fp32-only's is not", name,
+                f"{_ms(a_p99)} ms vs fp32 {_ms(f_p99)} ms",
+                verdict(a_p99 is not None and a_p99 <= SLO_MS and (f_p99 is None or f_p99 > SLO_MS)),
+            ],
+            ["fewer rejections than fp32-only in the overload", name, f"{a_rej} vs {f_rej}", verdict(a_rej < f_rej)],
+        ]  # fmt: skip
+    targets.append(
+        [
+            "a tenant over budget is refused within 1 s of crossing; others unaffected", "–",
+            "by construction: spend is added when a response is priced, so the very next request is refused; "
+            "`tests/test_policy_server.py::test_budget_degrades_then_refuses_then_resets` checks it",
+            "not measured here",
         ]
-    lines += [
-        "| a tenant over budget is refused within 1 s of crossing; others unaffected | – | by construction: spend is "
-        "added when a response is priced, so the very next request is refused; `tests/test_policy_server.py::"
-        "test_budget_degrades_then_refuses_then_resets` checks it | not measured here |",
-        "",
-    ]
+    )  # fmt: skip
+    lines += ["", "## Targets", "", markdown_table(["target", "AUTO policy", "measured", "verdict"], targets), ""]
     text = "\n".join(lines)
     return text
 
 
-async def run_mode(
+def run_mode(
     model_dir: Path, workdir: Path, name: str, policy: str, precision: int, workload: Workload, inputs: Inputs
 ) -> dict:
+    """Serve the workload with one mode on a fresh server; its summary and CPU split."""
     with costserve(model_dir, workdir, "--policy", policy) as server:
-        outcomes = await drive(await serving_target(server), precision, workload, inputs)
+        outcomes = asyncio.run(drive(server.target, precision, workload, inputs))
         split = cpu_split(server)
     summary = {**summarize(outcomes), **split}
     print(
-        f"{name:>20}: {summary['predictions']} predictions, compute ${summary['compute_per_1m']:.5f}/1M, resources ${summary['list_per_1m']:.5f}/1M, "
-        f"charged ${summary['charged_per_1m']:.5f}/1M, inference {summary['inference_us']:.0f} us/computed image, "
-        f"handling {summary['handling_us']:.0f} us/answer, accuracy {summary['accuracy']:.2%}, "
-        f"overload p99 {_ms(summary['phases'][1]['p99'])} ms, rejected {summary['rejected']}",
+        f"{name:>20}: {summary['predictions']} predictions, compute ${summary['compute_per_1m']:.5f}/1M, "
+        f"resources ${summary['list_per_1m']:.5f}/1M, charged ${summary['charged_per_1m']:.5f}/1M, "
+        f"inference {summary['inference_us']:.0f} us/computed image, handling {summary['handling_us']:.0f} us/answer, "
+        f"accuracy {summary['accuracy']:.2%}, overload p99 {_ms(summary['phases'][1]['p99'])} ms, "
+        f"rejected {summary['rejected']}",
         flush=True,
     )
     return summary
 
 
-async def main_async(args: argparse.Namespace) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options of ``python -m benchmarks.policy``."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.policy", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "digits")
+    parser.add_argument("--phase-seconds", type=float, default=12.0, help="seconds of each phase (default 12)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks.policy``."""
+    args = build_parser().parse_args(argv)
     started = time.monotonic()
-    serving.ensure_model(args.model_dir)
+    ensure_model(args.model_dir)
     inputs = Inputs()
     workdir = Path(tempfile.mkdtemp(prefix="costserve-policy-"))  # the servers' logs
     with costserve(args.model_dir, workdir) as server:
-        capacity = await calibrate(await serving_target(server), inputs)
+        capacity = calibrate(server.target)
     print(f"fp32 capacity: {capacity:.0f} requests/s of {IMAGES_PER_REQUEST} images", flush=True)
     workload = make_workload(capacity, args.phase_seconds)
     results = {}
     for name, policy, precision in MODES:
-        results[name] = await run_mode(args.model_dir, workdir, name, policy, precision, workload, inputs)
+        results[name] = run_mode(args.model_dir, workdir, name, policy, precision, workload, inputs)
     text = write_results(results, capacity, workload, args.phase_seconds, time.monotonic() - started)
     args.output.write_text(text)
     print(f"wrote {args.output}")
     return 0
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "models" / "digits")
-    parser.add_argument("--phase-seconds", type=float, default=12.0)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    return asyncio.run(main_async(parser.parse_args()))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 ``make bench-reliability`` runs ``python -m benchmarks.reliability`` from the repository
 root and writes ``benchmarks/RESULTS-reliability.md``. Each part runs against a fresh
 ``costserve-server serve`` subprocess on 127.0.0.1 and port 0 (started with
-:func:`benchmarks.serving.start_costserve`, read with its ``scrape``), stopped in
-``finally``; every load loop is bounded in count and in time.
+:func:`benchmarks.launch.start_benchmark_server`, its ``/metrics`` read with
+:mod:`costserve.metrics_text`), stopped in ``finally``; every load loop is bounded in
+count and in time.
 
 a. **Fuzzing**: :func:`benchmarks.fuzz.run_fuzz`, thousands of hypothesis-drawn calls
    to every RPC and garbage to every method. Target: no ``INTERNAL``/``UNKNOWN``, and a
@@ -33,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import signal
@@ -42,31 +44,24 @@ import threading
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
-from benchmarks.fuzz import DIGIT, SERVER_MESSAGE_LIMIT, large_png, run_fuzz
-from benchmarks.serving import (
-    DEFAULT_MODEL_DIR,
-    NOTES_MARKER,
-    PREDICT,
-    REPO_ROOT,
-    Server,
-    code_version,
-    ensure_model,
-    machine,
-    percentile,
-    request_bytes,
-    metric_sum,
-    scrape,
-    start_costserve,
-    wait_serving,
-    write_results,
-)
+from benchmarks import report
+from benchmarks.fuzz import SERVER_MESSAGE_LIMIT, large_png, run_fuzz
+from benchmarks.launch import DEFAULT_MODEL_DIR, REPO_ROOT, ServerProcess, ensure_model, start_benchmark_server
+from benchmarks.payloads import PREDICT, UNLIMITED, digit_png_request, raw_predict, request_bytes, timed_call
+from benchmarks.procstats import RssSampler
+from benchmarks.report import counts_text, fmt, markdown_table, verdict
+from costserve import metrics_text
+from costserve.loadtest.generator import Timed, timed
+from costserve.loadtest.generator import open_loop as run_open_loop
+from costserve.loadtest.samples import percentile
 from costserve.v1 import classifier_pb2 as pb
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS-reliability.md"
@@ -109,7 +104,6 @@ IMAGES_PER_WORST_REQUEST = 64
 #: Limit probes: the square side searched, in pixels.
 PROBE_MIN_SIDE = 28
 PROBE_MAX_SIDE = 8192
-GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 
 @dataclass(frozen=True)
@@ -155,25 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         "writes benchmarks/RESULTS-reliability.md.",
     )
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark itself)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON to this path")
     parser.add_argument(
         "--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
         help=f"model base directory (default {DEFAULT_MODEL_DIR}; trained first when empty)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=1, help="seed of the fuzzing (default 1)")
-    parser.add_argument("--parts", default=",".join(PARTS), help=f"parts to run, comma-separated (default all: {','.join(PARTS)})")
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help=f"parts to run, comma-separated (default all: {','.join(PARTS)})"
+    )
     return parser
 
 
 # --------------------------------------------------------------------------- requests and calls
-
-
-def digit_request(precision: int = pb.PRECISION_FP32) -> bytes:
-    """The small call: one 28x28 digit (the example PNG), cache bypassed, serialized."""
-    return pb.PredictRequest(
-        images=[pb.Image(encoded=DIGIT.read_bytes())], precision=precision, skip_cache=True
-    ).SerializeToString()
 
 
 def png_request(pngs: Sequence[bytes]) -> bytes:
@@ -183,40 +174,20 @@ def png_request(pngs: Sequence[bytes]) -> bytes:
     ).SerializeToString()
 
 
-def timed_call(predict: grpc.UnaryUnaryMultiCallable, payload: bytes, timeout_s: float) -> tuple[str, float]:
-    """One call: (status name, seconds it took)."""
-    started = time.perf_counter()
-    try:
-        predict(payload, timeout=timeout_s)
-        status = "OK"
-    except grpc.RpcError as error:
-        status = error.code().name if hasattr(error, "code") and error.code() is not None else "NO_STATUS"
-    return status, time.perf_counter() - started
-
-
-def raw_predict(channel: grpc.Channel) -> grpc.UnaryUnaryMultiCallable:
-    """Predict taking and returning bytes."""
-    return channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None)
-
-
 #: The server-side count of calls gRPC ended before costserve saw them (dropped past
 #: --max-pending-calls, which clients see as CANCELLED, or expired waiting for the loop).
 DROPPED_BY_GRPC = "dropped by gRPC"
 
 
-def predict_counts(server: Server) -> Counter:
+def predict_counts(server: ServerProcess) -> Counter:
     """costserve_requests_total{method="Predict"} by code, from the server's /metrics, and the calls
     gRPC received that costserve never counted (costserve_grpc_calls_started_total less every
     costserve_requests_total: this benchmark makes no health or reflection call meanwhile)."""
-    samples = scrape(server)
-    counts: Counter = Counter()
-    for key, value in samples.items():
-        name, _, labels = key.partition("{")
-        if name == "costserve_requests_total" and 'method="Predict"' in labels:
-            code = labels.split('code="', 1)[1].split('"', 1)[0]
-            counts[code] += int(value)
-    started = metric_sum(samples, "costserve_grpc_calls_started_total")
-    counted = metric_sum(samples, "costserve_requests_total")
+    samples = metrics_text.scrape(server.metrics_url)
+    by_code = metrics_text.by_label(samples, "costserve_requests_total", "code", method="Predict")
+    counts = Counter({code: int(value) for code, value in by_code.items()})
+    started = metrics_text.total(samples, "costserve_grpc_calls_started_total")
+    counted = metrics_text.total(samples, "costserve_requests_total")
     counts[DROPPED_BY_GRPC] = max(int(started - counted), 0)
     return counts
 
@@ -228,16 +199,13 @@ def as_client_sees(server_counts: Counter) -> Counter:
     return +seen
 
 
-def rejected_counts(server: Server) -> Counter:
+def rejected_counts(server: ServerProcess) -> Counter:
     """costserve_rejected_total by reason, from the server's /metrics."""
-    counts: Counter = Counter()
-    for key, value in scrape(server).items():
-        if key.startswith("costserve_rejected_total{") and 'reason="' in key:
-            counts[key.split('reason="', 1)[1].split('"', 1)[0]] += int(value)
-    return counts
+    by_reason = metrics_text.by_label(metrics_text.scrape(server.metrics_url), "costserve_rejected_total", "reason")
+    return Counter({reason: int(value) for reason, value in by_reason.items()})
 
 
-def settled_predict_counts(server: Server, limit_s: float = 10.0) -> Counter:
+def settled_predict_counts(server: ServerProcess, limit_s: float = 10.0) -> Counter:
     """Predict counts once they stop changing (calls clients gave up on may still be finishing)."""
     deadline = time.monotonic() + limit_s
     previous = predict_counts(server)
@@ -250,29 +218,20 @@ def settled_predict_counts(server: Server, limit_s: float = 10.0) -> Counter:
     return previous
 
 
-def vm_rss(pid: int) -> int:
-    """Resident memory of a process, in bytes (0 once it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def counter_delta(after: Counter, before: Counter) -> Counter:
     """Per-code growth of a counter between two scrapes."""
-    return Counter({code: after[code] - before[code] for code in set(after) | set(before) if after[code] != before[code]})
+    return Counter(
+        {code: after[code] - before[code] for code in set(after) | set(before) if after[code] != before[code]}
+    )
 
 
 # --------------------------------------------------------------------------- a. fuzzing
 
 
-def part_fuzz(server: Server, plan: Plan) -> dict[str, Any]:
+def part_fuzz(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     """Fuzz every RPC; PASS when nothing ended INTERNAL/UNKNOWN or without a status, and the server still answers."""
-    report = run_fuzz(server.target, cases=plan.fuzz_cases, seed=plan.seed)
-    result = report.to_dict()
+    fuzzed = run_fuzz(server.target, cases=plan.fuzz_cases, seed=plan.seed)
+    result = fuzzed.to_dict()
     result["rejected"] = dict(+rejected_counts(server))
     return result
 
@@ -322,7 +281,7 @@ def small_calls(target: str, payload: bytes, streams: int, seconds: float) -> tu
     stop_at = time.monotonic() + seconds
 
     def stream() -> None:
-        with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+        with grpc.insecure_channel(target, options=UNLIMITED) as channel:
             predict = raw_predict(channel)
             while time.monotonic() < stop_at:
                 status, took = timed_call(predict, payload, STALL_CALL_DEADLINE_S)
@@ -339,13 +298,11 @@ def small_calls(target: str, payload: bytes, streams: int, seconds: float) -> tu
     return latencies, statuses
 
 
-def send_worst(
-    target: str, worst: dict[str, bytes], offset: int, stop: Any, replies: multiprocessing.Queue
-) -> None:
+def send_worst(target: str, worst: dict[str, bytes], offset: int, stop: Any, replies: multiprocessing.Queue) -> None:
     """In a process of its own: send the worst requests in turn until ``stop`` is set; put each one's outcomes."""
     names = list(worst)
     outcomes: dict[str, list[tuple[str, float]]] = {name: [] for name in worst}
-    with grpc.insecure_channel(target, options=GRPC_OPTIONS) as channel:
+    with grpc.insecure_channel(target, options=UNLIMITED) as channel:
         predict = raw_predict(channel)
         index = offset
         while not stop.is_set():
@@ -355,10 +312,10 @@ def send_worst(
     replies.put(outcomes)
 
 
-def part_stall(server: Server, plan: Plan) -> dict[str, Any]:
+def part_stall(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     """Small calls' latency alone and while the worst requests are sent back to back."""
-    small = digit_request()
-    with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
+    small = digit_png_request()
+    with grpc.insecure_channel(server.target, options=UNLIMITED) as channel:
         predict = raw_predict(channel)
         for _ in range(20):  # warm the server and the channel
             timed_call(predict, small, STALL_CALL_DEADLINE_S)
@@ -401,7 +358,12 @@ def part_stall(server: Server, plan: Plan) -> dict[str, Any]:
     alone_p99, loaded_p99 = percentile(alone, 99), percentile(loaded, 99)
     return {
         "probe": {"largest_single_image_side": image_side, "largest_64_image_side": request_side},
-        "alone": {"calls": len(alone), "statuses": dict(alone_statuses), "p50_ms": percentile(alone, 50), "p99_ms": alone_p99},
+        "alone": {
+            "calls": len(alone),
+            "statuses": dict(alone_statuses),
+            "p50_ms": percentile(alone, 50),
+            "p99_ms": alone_p99,
+        },
         "with_worst": {
             "calls": len(loaded),
             "statuses": dict(loaded_statuses),
@@ -445,7 +407,7 @@ def _load_worker(connection: multiprocessing.connection.Connection, share: LoadS
     """A generator process: connect, say "ready", wait for the start time, run, send back every call."""
     try:
         connection.send(("result", asyncio.run(_drive(connection, share))))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - sent to the parent, which reports the part as failed
         connection.send(("error", traceback.format_exc()))
     finally:
         connection.close()
@@ -453,11 +415,13 @@ def _load_worker(connection: multiprocessing.connection.Connection, share: LoadS
 
 async def _drive(connection: multiprocessing.connection.Connection, share: LoadShare) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
-    options = [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
+    options = [*UNLIMITED, ("grpc.use_local_subchannel_pool", 1)]  # one connection per channel
     channels = [grpc.aio.insecure_channel(share.target, options=options) for _ in range(share.channels)]
     try:
         await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), 30)
-        methods = [channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None) for channel in channels]
+        methods = [
+            channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None) for channel in channels
+        ]
         connection.send(("ready", None))
         start_wall = await loop.run_in_executor(None, connection.recv)
         start = loop.time() + (start_wall - time.time())
@@ -468,20 +432,22 @@ async def _drive(connection: multiprocessing.connection.Connection, share: LoadS
         done_at: list[float] = []
         statuses: list[str] = []
 
-        async def send(method: grpc.aio.UnaryUnaryMultiCallable, scheduled: float) -> None:
-            sent = loop.time()
+        async def call(number: int) -> str:
+            """One call; its status (the engine times it)."""
             try:
-                await method(share.payload, timeout=share.deadline_s)
-                status = "OK"
+                await methods[number % len(methods)](share.payload, timeout=share.deadline_s)
+                return "OK"
             except grpc.aio.AioRpcError as error:
-                status = error.code().name
+                return error.code().name
             except Exception as error:  # noqa: BLE001 - counted: a call that ended without a status
-                status = f"NO_STATUS ({type(error).__name__})"
-            if scheduled >= measure_from:
-                scheduled_at.append(scheduled - measure_from)
-                sent_at.append(sent - measure_from)
-                done_at.append(loop.time() - measure_from)
-                statuses.append(status)
+                return f"NO_STATUS ({type(error).__name__})"
+
+        def record(number: int, outcome: Timed[str]) -> None:
+            if outcome.scheduled >= measure_from and outcome.result is not None:
+                scheduled_at.append(outcome.scheduled - measure_from)
+                sent_at.append(outcome.sent - measure_from)
+                done_at.append(outcome.done - measure_from)
+                statuses.append(outcome.result)
 
         if start > loop.time():
             await asyncio.sleep(start - loop.time())
@@ -490,20 +456,16 @@ async def _drive(connection: multiprocessing.connection.Connection, share: LoadS
 
             async def caller(index: int) -> None:
                 while (now := loop.time()) < stop_at:
-                    await send(methods[index % len(methods)], now)
+                    record(index, await timed(now, lambda: call(index)))
 
             await asyncio.gather(*(caller(index) for index in range(share.concurrency)))
         else:
-            in_flight: set[asyncio.Task] = set()
-            number = 0
-            while (scheduled := start + share.phase_s + number / share.rate) < stop_at:
-                if scheduled > loop.time():
-                    await asyncio.sleep(scheduled - loop.time())
-                task = asyncio.ensure_future(send(methods[number % len(methods)], scheduled))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-                number += 1
-            await asyncio.gather(*in_flight)
+            # The open-loop engine of `costserve loadtest`: evenly spaced arrivals, each timed from its schedule.
+            schedule = itertools.takewhile(
+                lambda scheduled: scheduled < stop_at,
+                (start + share.phase_s + number / share.rate for number in itertools.count()),
+            )
+            await run_open_loop(schedule, call, record)
         return {
             "scheduled": np.asarray(scheduled_at),
             "sent": np.asarray(sent_at),
@@ -603,40 +565,16 @@ def open_loop(target: str, payload: bytes, rate: float, plan: Plan) -> dict[str,
     return run_load(shares, plan.overload_seconds + CALL_DEADLINE_S + 30)
 
 
-class RssSampler:
-    """Samples a process's VmRSS every second in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.monotonic() - self._started, vm_rss(self.pid)))
-            self._stop.wait(1.0)
-
-    def stop(self) -> list[tuple[float, int]]:
-        """Stop sampling (one last sample) and return (seconds since start, bytes) pairs."""
-        self._stop.set()
-        self._thread.join(timeout=5)
-        self.samples.append((time.monotonic() - self._started, vm_rss(self.pid)))
-        return self.samples
-
-
 def single_call_ms(predict: grpc.UnaryUnaryMultiCallable, payload: bytes) -> tuple[str, float]:
     """One call with the overload's deadline: (status, milliseconds)."""
     status, took = timed_call(predict, payload, CALL_DEADLINE_S)
     return status, took * 1000
 
 
-def part_overload(server: Server, plan: Plan) -> dict[str, Any]:
+def part_overload(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     """Capacity, then 2x capacity open loop with 1 s deadlines: goodput, counters, RSS, recovery."""
     payload = request_bytes(pb.PRECISION_FP32, skip_cache=True)  # the serving benchmark's request
-    with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
+    with grpc.insecure_channel(server.target, options=UNLIMITED) as channel:
         predict = raw_predict(channel)
         idle = [single_call_ms(predict, payload) for _ in range(50)]
     idle_ms = [took for status, took in idle if status == "OK"]
@@ -654,7 +592,7 @@ def part_overload(server: Server, plan: Plan) -> dict[str, Any]:
         load_ended = time.monotonic()
         probes: Counter = Counter()
         recovered_s = float("nan")
-        with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
+        with grpc.insecure_channel(server.target, options=UNLIMITED) as channel:
             predict = raw_predict(channel)
             while time.monotonic() - load_ended < plan.recovery_limit_s:
                 status, took_ms = single_call_ms(predict, payload)
@@ -737,12 +675,14 @@ def part_overload(server: Server, plan: Plan) -> dict[str, Any]:
 
 async def _flood(target: str, payload: bytes, calls: int) -> tuple[Counter, float]:
     channels = [
-        grpc.aio.insecure_channel(target, options=[*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+        grpc.aio.insecure_channel(target, options=[*UNLIMITED, ("grpc.use_local_subchannel_pool", 1)])
         for _ in range(FLOOD_CHANNELS)
     ]
     try:
         await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), 30)
-        methods = [channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None) for channel in channels]
+        methods = [
+            channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=None) for channel in channels
+        ]
 
         async def one(index: int) -> str:
             try:
@@ -762,9 +702,9 @@ async def _flood(target: str, payload: bytes, calls: int) -> tuple[Counter, floa
         await asyncio.gather(*(channel.close() for channel in channels))
 
 
-def part_flood(server: Server, plan: Plan) -> dict[str, Any]:
+def part_flood(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     """``plan.flood_calls`` calls started at once: every one accounted for, by the client and by the server."""
-    payload = digit_request()
+    payload = digit_png_request()
     before = settled_predict_counts(server)
     rejected_before = rejected_counts(server)
     statuses, seconds = asyncio.run(_flood(server.target, payload, plan.flood_calls))
@@ -787,16 +727,16 @@ def part_flood(server: Server, plan: Plan) -> dict[str, Any]:
 # --------------------------------------------------------------------------- e. SIGTERM under load
 
 
-def part_sigterm(server: Server, plan: Plan) -> dict[str, Any]:
+def part_sigterm(server: ServerProcess, plan: Plan) -> dict[str, Any]:
     """8 clients of sequential calls; SIGTERM; keep sending until the process is gone."""
-    payload = digit_request()
+    payload = digit_png_request()
     calls: list[tuple[float, float, str]] = []  # (sent, ended, status), monotonic seconds
     lock = threading.Lock()
     stop = threading.Event()
     exited: dict[str, float] = {}
 
     def client() -> None:
-        with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
+        with grpc.insecure_channel(server.target, options=UNLIMITED) as channel:
             predict = raw_predict(channel)
             while not stop.is_set():
                 sent = time.monotonic()
@@ -852,22 +792,6 @@ def part_sigterm(server: Server, plan: Plan) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def fmt(value: Any, spec: str = ".1f") -> str:
-    """A figure, or "-" when it was not measured."""
-    if value is None or (isinstance(value, float) and value != value):
-        return "-"
-    return format(value, spec)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def counts_text(counts: dict[str, int]) -> str:
-    """``OK 12, INVALID_ARGUMENT 3`` (largest first), or "none"."""
-    return ", ".join(f"{code} {count:,}" for code, count in sorted(counts.items(), key=lambda item: -item[1])) or "none"
 
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
@@ -939,7 +863,10 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if not failed("sigterm", "e. SIGTERM under load"):
         term = parts["sigterm"]
         ok = (
-            term["lost"] == 0 and term["cancelled"] == 0 and term["exit_code"] == 0 and term["exit_s"] <= term["bound_s"]
+            term["lost"] == 0
+            and term["cancelled"] == 0
+            and term["exit_code"] == 0
+            and term["exit_s"] <= term["bound_s"]
         )
         rows.append((
             f"e. SIGTERM under load from {term['clients']} clients",
@@ -964,9 +891,7 @@ def render_report(results: dict[str, Any], rows: list[tuple[str, str, str, str]]
         "",
         "## Summary",
         "",
-        "| part | target | measured | result |",
-        "|---|---|---|---|",
-        *(f"| {part} | {target} | {measured} | {result} |" for part, target, measured, result in rows),
+        markdown_table(["part", "target", "measured", "result"], rows),
         "",
         "Server flags beyond the defaults (and `--drain-seconds 2` of the shared launcher): "
         + "; ".join(f"{part}: `{' '.join(flags)}`" for part, flags in SERVER_FLAGS.items() if flags)
@@ -977,19 +902,21 @@ def render_report(results: dict[str, Any], rows: list[tuple[str, str, str, str]]
         if part not in parts:
             continue
         if "error" in parts[part]:
-            lines += [f"## {part}", "", "The part failed to run:", "", "```", parts[part]["error"].strip()[-3000:], "```", ""]
+            lines += [
+                f"## {part}",
+                "",
+                "The part failed to run:",
+                "",
+                "```",
+                parts[part]["error"].strip()[-3000:],
+                "```",
+                "",
+            ]
             continue
         lines += SECTIONS[part](parts[part], plan)
     lines += [
-        "## Machine",
-        "",
-        f"- CPU: {info['cpu']}, {info['cores']} cores (the load generators and the server share them)",
-        f"- Memory: {info['memory']}",
-        f"- OS: {info['os']}",
-        f"- Python {info['python']}, {info['tensorflow']}, {info['litert']}, {info['grpcio']}, {info['protobuf']}",
-        f"- Date: {info['date']}",
-        "",
-        NOTES_MARKER,
+        *report.machine_section(info, "the load generators and the server"),
+        report.NOTES_MARKER,
         notes.strip("\n"),
         "",
     ]
@@ -1005,11 +932,11 @@ def section_fuzz(fuzz: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         "method (reflection included), and the deliberate extremes (messages over 16 MiB, 4 million empty images, "
         "a 6000x6000 PNG, a PNG declaring 65535x65535). Statuses per RPC:",
         "",
-        "| RPC | calls | statuses |",
-        "|---|---|---|",
+        markdown_table(
+            ["RPC", "calls", "statuses"],
+            [[rpc, f"{sum(counts.values()):,}", counts_text(counts)] for rpc, counts in fuzz["statuses"].items()],
+        ),
     ]
-    for rpc, counts in fuzz["statuses"].items():
-        lines.append(f"| {rpc} | {sum(counts.values()):,} | {counts_text(counts)} |")
     lines += [
         "",
         f"- Cases by kind: {counts_text(fuzz['kinds'])}.",
@@ -1037,24 +964,27 @@ def section_stall(stall: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"request of 64 images {probe['largest_64_image_side']}x{probe['largest_64_image_side']} (searched up to "
         f"{PROBE_MAX_SIDE}).",
         "",
-        "| small calls | calls answered | statuses | p50 ms | p99 ms |",
-        "|---|---|---|---|---|",
-        f"| alone | {stall['alone']['calls']:,} | {counts_text(stall['alone']['statuses'])} | "
-        f"{fmt(stall['alone']['p50_ms'], '.2f')} | {fmt(stall['alone']['p99_ms'], '.2f')} |",
-        f"| with the worst requests | {stall['with_worst']['calls']:,} | {counts_text(stall['with_worst']['statuses'])} | "
-        f"{fmt(stall['with_worst']['p50_ms'], '.2f')} | {fmt(stall['with_worst']['p99_ms'], '.2f')} |",
+        markdown_table(
+            ["small calls", "calls answered", "statuses", "p50 ms", "p99 ms"],
+            [
+                [title, f"{calls['calls']:,}", counts_text(calls["statuses"]), fmt(calls["p50_ms"], ".2f"),
+                 fmt(calls["p99_ms"], ".2f")]
+                for title, calls in (("alone", stall["alone"]), ("with the worst requests", stall["with_worst"]))
+            ],
+        ),
         "",
         f"p99 with / alone: {fmt(stall['ratio'], '.2f')}x (target <= {TARGET_STALL_RATIO:g}x): "
         f"**{verdict(stall['ratio'] <= TARGET_STALL_RATIO)}**.",
         "",
-        "| worst request | bytes | sent | statuses | time to answer or refuse, median / max s |",
-        "|---|---|---|---|---|",
-    ]
-    for name, worst in stall["worst"].items():
-        lines.append(
-            f"| {name} | {worst['bytes']:,} | {worst['sent']} | {counts_text(worst['statuses'])} | "
-            f"{fmt(worst['median_s'], '.3f')} / {fmt(worst['max_s'], '.3f')} |"
-        )
+        markdown_table(
+            ["worst request", "bytes", "sent", "statuses", "time to answer or refuse, median / max s"],
+            [
+                [name, f"{worst['bytes']:,}", worst["sent"], counts_text(worst["statuses"]),
+                 f"{fmt(worst['median_s'], '.3f')} / {fmt(worst['max_s'], '.3f')}"]
+                for name, worst in stall["worst"].items()
+            ],
+        ),
+    ]  # fmt: skip
     return [*lines, ""]
 
 
@@ -1084,17 +1014,20 @@ def section_overload(load: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"from schedule p50 {fmt(load['ok_p50_ms'], '.1f')} ms, p99 {fmt(load['ok_p99_ms'], '.1f')} ms.",
         "",
         "Statuses the clients got against the growth of the server's counters over the same calls (the recovery "
-        "probes taken out): `costserve_requests_total{method=\"Predict\"}` by code, plus the calls gRPC received "
+        'probes taken out): `costserve_requests_total{method="Predict"}` by code, plus the calls gRPC received '
         "(`costserve_grpc_calls_started_total`) that costserve never counted: gRPC drops them past "
         "`--max-pending-calls` and the client sees CANCELLED, so they are compared with the client's CANCELLED. "
         f"Server-side, {load['server_counts'].get(DROPPED_BY_GRPC, 0):,} calls were dropped by gRPC and "
         f"{sum(v for k, v in load['server_counts'].items() if k != DROPPED_BY_GRPC):,} counted by costserve.",
         "",
-        "| code | client | server | difference |",
-        "|---|---|---|---|",
+        markdown_table(
+            ["code", "client", "server", "difference"],
+            [
+                [code, f"{entry['client']:,}", f"{entry['server']:,}", f"{100 * entry['difference']:+.2f}%"]
+                for code, entry in load["agreement"].items()
+            ],
+        ),
     ]
-    for code, entry in load["agreement"].items():
-        lines.append(f"| {code} | {entry['client']:,} | {entry['server']:,} | {100 * entry['difference']:+.2f}% |")
     rss = load["rss"]
     recovered = load["recovered_s"]
     lines += [
@@ -1125,7 +1058,7 @@ def section_flood(flood: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"{flood['seconds']:.2f} s.",
         "",
         f"- Client: {flood['client_total']:,} statuses: {counts_text(flood['client'])}.",
-        f"- Server (`costserve_requests_total{{method=\"Predict\"}}` growth, and the calls gRPC received that "
+        f'- Server (`costserve_requests_total{{method="Predict"}}` growth, and the calls gRPC received that '
         f"costserve never counted, `costserve_grpc_calls_started_total` less every `costserve_requests_total`): "
         f"{flood['server_total']:,}: {counts_text(flood['server'])}; `costserve_rejected_total` growth by reason: "
         f"{counts_text(flood.get('rejected', {}))}.",
@@ -1167,7 +1100,7 @@ SECTIONS: dict[str, Callable[[dict[str, Any], dict[str, Any]], list[str]]] = {
 
 # --------------------------------------------------------------------------- main
 
-PART_RUNNERS: dict[str, Callable[[Server, Plan], dict[str, Any]]] = {
+PART_RUNNERS: dict[str, Callable[[ServerProcess, Plan], dict[str, Any]]] = {
     "fuzz": part_fuzz,
     "stall": part_stall,
     "overload": part_overload,
@@ -1187,14 +1120,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--parts: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
     results: dict[str, Any] = {
         "plan": dataclasses.asdict(plan),
-        "machine": machine(),
+        "machine": report.machine(),
         "command": args.command,
-        "code": code_version(),
+        "code": report.code_version(),
         "parts": {},
     }
     with tempfile.TemporaryDirectory(prefix="costserve-reliability-") as temp, contextlib.ExitStack() as early:
         workdir = Path(temp)
-        servers: dict[str, Server | BaseException] = {}
+        servers: dict[str, ServerProcess | BaseException] = {}
         if plan.quick:
             # A smoke run starts every server at once (their start-ups overlap; they idle until their part),
             # a full run starts each just before its part, on an otherwise quiet machine.
@@ -1207,7 +1140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     server = servers.get(part) or start_server(part, model_dir, workdir, stack)
                     if isinstance(server, BaseException):
                         raise server
-                    wait_serving(server)
+                    server.wait_serving()
                     print(f"{part}: running on a fresh server", flush=True)
                     figures = PART_RUNNERS[part](server, plan)
                     server.stop()
@@ -1220,11 +1153,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def start_server(part: str, model_dir: Path, workdir: Path, stack: contextlib.ExitStack) -> Server | BaseException:
+def start_server(
+    part: str, model_dir: Path, workdir: Path, stack: contextlib.ExitStack
+) -> ServerProcess | BaseException:
     """A costserve server for ``part`` (stopped by ``stack``), or the exception that kept it from starting."""
     print(f"{part}: starting a server with flags {SERVER_FLAGS[part] or 'none'} ...", flush=True)
     try:
-        return start_costserve(f"costserve-{part}", model_dir, workdir, stack, SERVER_FLAGS[part])
+        return stack.enter_context(
+            start_benchmark_server(model_dir, *SERVER_FLAGS[part], name=f"costserve-{part}", workdir=workdir)
+        )
     except Exception as error:  # noqa: BLE001 - raised again when its part runs
         return error
 
@@ -1232,7 +1169,7 @@ def start_server(part: str, model_dir: Path, workdir: Path, stack: contextlib.Ex
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.reliability``."""
     args = build_parser().parse_args(argv)
-    args.command = " ".join(["python -m benchmarks.reliability", *(sys.argv[1:] if argv is None else argv)])
+    args.command = report.command_line("python -m benchmarks.reliability", argv)
     started = time.monotonic()
     results = run(args)
     results["elapsed_s"] = time.monotonic() - started
@@ -1241,7 +1178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for part, target, measured, result in rows:
         print(f"{result:4}  {part}: {measured} (target {target})")
-    write_results(args.output, args.json, results, lambda notes: render_report(results, rows, notes))
+    report.write_results(args.output, args.json, results, lambda notes: render_report(results, rows, notes))
     return 0
 
 

@@ -28,6 +28,12 @@ same bytes through a Python gRPC channel, and costserve's own request counter (f
 its ``/metrics``) must have counted as many ``OK`` answers as h2load received, and no
 failure.
 
+This module holds the plan and the flow; the parts shared with the other benchmarks
+have modules of their own: :mod:`benchmarks.launch` (server processes),
+:mod:`benchmarks.h2load`, :mod:`benchmarks.loadclient` (the Python load client),
+:mod:`benchmarks.procstats` (CPU and memory from ``/proc``), :mod:`benchmarks.payloads`
+(the requests) and :mod:`benchmarks.report` (Markdown, machine, notes).
+
 ::
 
     python -m benchmarks.serving [--quick] [--output PATH] [--duration S | --requests N]
@@ -41,39 +47,52 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import importlib.metadata
-import json
 import os
-import platform
 import re
 import shutil
-import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 
-from costserve import image_message
+from benchmarks import procstats
+from benchmarks.h2load import grpc_frame, h2load_version, run_h2load
+from benchmarks.launch import (
+    DEFAULT_MODEL_DIR,
+    REPO_ROOT,
+    ServerProcess,
+    ensure_model,
+    start_benchmark_server,
+    start_ceiling,
+)
+from benchmarks.loadclient import LoadResult, LoadShape, run_python_load
+from benchmarks.payloads import PREDICT, call_raw, digit_pixels, request_bytes
+from benchmarks.procstats import CpuSampler, thread_cpu_seconds
+from benchmarks.report import (
+    NOTES_MARKER,
+    code_version,
+    command_line,
+    fmt,
+    machine,
+    machine_section,
+    markdown_table,
+    verdict,
+    write_results,
+)
+from costserve import image_message, metrics_text
+from costserve.loadtest.samples import percentile
 from costserve.v1 import classifier_pb2 as pb
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
-DEFAULT_MODEL_DIR = Path(os.environ.get("COSTSERVE_MODEL_DIR", REPO_ROOT / "models" / "digits"))
-DIGIT = REPO_ROOT / "examples" / "digits" / "digit_7.png"
-PREDICT = "/costserve.v1.Classifier/Predict"
-#: Everything after this line of an existing RESULTS.md is kept when the file is rewritten.
-NOTES_MARKER = "<!-- Hand-written notes below this line are kept when the benchmark rewrites this file. -->"
 
 # Targets from the issue. Never lowered: a miss is reported as a miss.
 TARGET_FP32 = 0.60
@@ -84,6 +103,10 @@ LATENCY_ALLOWANCE_MS = 0.5
 DEFAULT_CACHE_ENTRIES = 100_000
 SMALL_CACHE_ENTRIES = 1_000
 SMALL_CACHE_DISTINCT = 5_000
+#: Most CPU an idle SERVING server may use, as a share of one core.
+TARGET_IDLE_CPU = 0.005
+#: Wait after the last request before idle CPU is measured, in seconds.
+IDLE_SETTLE_S = 2.0
 IMAGES_PER_FILL_REQUEST = 64
 
 
@@ -104,7 +127,13 @@ class Plan:
     inference_calls: int
     fill_images: int
     fill_time_limit_s: float
+    idle_s: float
     tool: str
+
+    @property
+    def shape(self) -> LoadShape:
+        """How each saturation run loads a server."""
+        return LoadShape(self.streams, self.duration_s, self.warmup_s, self.requests)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,13 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Throughput and latency of costserve against a gRPC ceiling; writes benchmarks/RESULTS.md.",
     )
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark itself)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})")
-    parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON to this path")
-    parser.add_argument("--duration", type=float, default=None, help="seconds measured per saturation run (default 4, quick 1)")
     parser.add_argument(
-        "--requests", type=int, default=None, help="requests per saturation run instead of a duration (time still bounded)"
+        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})"
     )
-    parser.add_argument("--rounds", type=int, default=None, help="alternating ceiling/costserve rounds (default 5, quick 1)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON to this path")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="seconds measured per saturation run (default 4, quick 1)"
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per saturation run instead of a duration (time still bounded)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="alternating ceiling/costserve rounds (default 5, quick 1)"
+    )
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams on the one connection (default 64)")
     parser.add_argument(
         "--tool",
@@ -129,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="saturation client: h2load when installed (auto), or the grpc.aio Python client",
     )
     parser.add_argument(
-        "--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help=f"model base directory (default {DEFAULT_MODEL_DIR}; "
-        "trained first when empty)"
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help=f"model base directory (default {DEFAULT_MODEL_DIR}; trained first when empty)",
     )
     parser.add_argument(
         "--fill-images",
@@ -165,296 +205,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         inference_calls=100 if quick else 400,
         fill_images=args.fill_images or (6400 if quick else int(DEFAULT_CACHE_ENTRIES * 1.1)),
         fill_time_limit_s=60.0 if quick else 900.0,
+        idle_s=3.0 if quick else 30.0,
         tool=tool,
     )
-
-
-# --------------------------------------------------------------------------- servers
-
-
-@dataclass
-class Server:
-    """A server subprocess on 127.0.0.1, and the ports it printed."""
-
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-    port: int = 0
-    metrics_port: int = 0
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within 15 s."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
-
-
-def _server_env() -> dict[str, str]:
-    # COSTSERVE_* variables of the caller would silently change "default" settings.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COSTSERVE_")}
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    return env
-
-
-def _wait_for(server: Server, pattern: str, timeout_s: float) -> re.Match:
-    regex = re.compile(pattern)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = server.log_path.read_text(errors="replace") if server.log_path.exists() else ""
-        match = regex.search(text)
-        if match:
-            return match
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited with {server.process.returncode}:\n{server.log_tail()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{server.name}: no line matching {pattern!r} within {timeout_s:.0f} s:\n{server.log_tail()}")
-
-
-def start_costserve(
-    name: str, model_dir: Path, workdir: Path, stack: contextlib.ExitStack, extra: Sequence[str] = ()
-) -> Server:
-    """Start ``costserve-server serve`` with metrics on; returns once its gRPC port is known (not yet SERVING)."""
-    log_path = workdir / f"{name}.log"
-    command = [
-        sys.executable, "-m", "costserve.server.cli", "serve",
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-        "--model-dir", str(model_dir), "--drain-seconds", "2", *extra,
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_server_env())
-    server = Server(name, process, log_path)
-    stack.callback(server.stop)
-    match = _wait_for(server, r"gRPC on 127\.0\.0\.1:(\d+).*?metrics on http://127\.0\.0\.1:(\d+)/metrics", 120)
-    server.port, server.metrics_port = int(match.group(1)), int(match.group(2))
-    return server
-
-
-def wait_serving(server: Server, timeout_s: float = 300) -> None:
-    """Block until costserve logs that it is SERVING (model loaded and warm)."""
-    _wait_for(server, r"SERVING \S+ v\S+", timeout_s)
-
-
-def start_ceiling(workdir: Path, response_file: Path | None, stack: contextlib.ExitStack) -> Server:
-    """Start :mod:`benchmarks.ceiling`; returns once it listens."""
-    log_path = workdir / "ceiling.log"
-    command = [sys.executable, "-m", "benchmarks.ceiling", "--port", "0"]
-    if response_file is not None:
-        command += ["--response-file", str(response_file)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=_server_env())
-    server = Server("ceiling", process, log_path)
-    stack.callback(server.stop)
-    server.port = int(_wait_for(server, r"ceiling listening on 127\.0\.0\.1:(\d+)", 60).group(1))
-    return server
-
-
-def ensure_model(model_dir: Path) -> None:
-    """Train the default model into ``model_dir`` when it holds no version (about 20 s)."""
-    from costserve.server.model_store import latest_version_dir
-
-    if latest_version_dir(model_dir) is not None:
-        return
-    print(f"no model in {model_dir}: training the default one (costserve-server train)", flush=True)
-    subprocess.run(
-        [sys.executable, "-m", "costserve.server.cli", "train", "--model-dir", str(model_dir)],
-        check=True, cwd=REPO_ROOT, env=_server_env(), timeout=900,
-    )  # fmt: skip
-
-
-def scrape(server: Server) -> dict[str, float]:
-    """costserve's /metrics as {'name{label="v",...}': value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
-
-
-def metric_sum(samples: dict[str, float], name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for key, value in samples.items():
-        metric, _, rest = key.partition("{")
-        if metric == name and all(f'{label}="{wanted}"' in rest for label, wanted in labels.items()):
-            total += value
-    return total
-
-
-def peak_memory(pid: int) -> dict[str, int]:
-    """VmHWM (peak resident set) and VmRSS of a process, in bytes."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmHWM", "VmRSS"):
-            values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-# --------------------------------------------------------------------------- requests
-
-
-def digit_pixels() -> np.ndarray:
-    """The example digit 7 as uint8 (28, 28): the one image every saturation request sends."""
-    from PIL import Image
-
-    with Image.open(DIGIT) as opened:
-        return np.asarray(opened.convert("L"), dtype=np.uint8)
-
-
-def request_bytes(precision: int, skip_cache: bool) -> bytes:
-    """A serialized one-image PredictRequest."""
-    request = pb.PredictRequest(images=[image_message(digit_pixels())], precision=precision, skip_cache=skip_cache)
-    return request.SerializeToString()
-
-
-def grpc_frame(message: bytes) -> bytes:
-    """One gRPC length-prefixed message: flag 0 (uncompressed), 4-byte big-endian length, bytes."""
-    return b"\x00" + struct.pack(">I", len(message)) + message
-
-
-def call_raw(target: str, payload: bytes, timeout_s: float = 30) -> bytes:
-    """Send serialized request bytes to Predict; return the serialized response (raises on any non-OK status)."""
-    with grpc.insecure_channel(target) as channel:
-        return channel.unary_unary(PREDICT)(payload, timeout=timeout_s)
-
-
-# --------------------------------------------------------------------------- load
-
-
-@dataclass
-class LoadResult:
-    """One saturation run."""
-
-    tool: str
-    succeeded: int
-    errors: int
-    seconds: float
-    rps: float
-    latencies_ms: list[float] = field(repr=False)
-    #: Server CPU per answered request while the load was steady, in microseconds: the main
-    #: (event-loop) thread, and every thread of the process. NaN when not measured.
-    loop_cpu_us: float = float("nan")
-    process_cpu_us: float = float("nan")
-
-    @property
-    def p50_ms(self) -> float:
-        return percentile(self.latencies_ms, 50)
-
-    @property
-    def p99_ms(self) -> float:
-        return percentile(self.latencies_ms, 99)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (nan for no values)."""
-    return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
-def h2load_version() -> str:
-    output = subprocess.run(["h2load", "--version"], capture_output=True, text=True, timeout=30).stdout
-    return output.strip().splitlines()[0] if output.strip() else "h2load"
-
-
-def run_h2load(target: str, body_file: Path, plan: Plan, log_path: Path) -> LoadResult:
-    """h2load: one connection, ``plan.streams`` concurrent streams, for a duration (or a request count)."""
-    command = [
-        "h2load", "-c", "1", "-t", "1", "-m", str(plan.streams),
-        "-H", "content-type: application/grpc", "-H", "te: trailers",
-        "-d", str(body_file), "--log-file", str(log_path),
-    ]  # fmt: skip
-    if plan.requests:
-        command += ["-n", str(plan.requests)]
-        time_limit = 120 + plan.requests / 100
-    else:
-        command += ["-D", f"{plan.duration_s:g}", "--warm-up-time", f"{int(plan.warmup_s * 1000)}ms"]
-        time_limit = plan.duration_s + plan.warmup_s + 60
-    command.append(f"http://{target}{PREDICT}")
-    with contextlib.suppress(FileNotFoundError):
-        log_path.unlink()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=time_limit)
-    output = done.stdout + done.stderr
-    finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", output)
-    counts = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
-        output,
-    )
-    statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
-    if done.returncode != 0 or not (finished and counts and statuses):
-        raise RuntimeError(f"h2load failed ({done.returncode}):\n{output}")
-    succeeded = int(counts.group(4))
-    errors = int(counts.group(5)) + int(counts.group(6)) + int(counts.group(7))
-    errors += sum(int(statuses.group(index)) for index in (2, 3, 4))
-    latencies = []
-    if log_path.exists():
-        for line in log_path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[1] == "200":
-                latencies.append(int(parts[2]) / 1000.0)
-    seconds = float(finished.group(1)) / (1000.0 if finished.group(2) == "ms" else 1.0)
-    if not plan.requests:
-        seconds = plan.duration_s  # h2load's req/s is over the measured window, warm-up excluded
-    return LoadResult("h2load", succeeded, errors, seconds, float(finished.group(3)), latencies)
-
-
-def run_python_load(target: str, payload: bytes, plan: Plan) -> LoadResult:
-    """The grpc.aio client: ``plan.streams`` concurrent calls on one channel, bounded in time and requests."""
-    return asyncio.run(_python_load(target, payload, plan))
-
-
-async def _python_load(target: str, payload: bytes, plan: Plan) -> LoadResult:
-    latencies: list[float] = []
-    errors = 0
-    completed = 0
-    limit = plan.requests or 10**9
-    loop = asyncio.get_running_loop()
-    measuring_from = loop.time() + (0 if plan.requests else plan.warmup_s)
-    ends_at = measuring_from + (plan.duration_s if not plan.requests else 120 + plan.requests / 100)
-    async with grpc.aio.insecure_channel(target) as channel:
-        predict = channel.unary_unary(PREDICT)
-
-        async def stream() -> None:
-            nonlocal errors, completed
-            while completed < limit and loop.time() < ends_at:
-                started = loop.time()
-                try:
-                    await predict(payload, timeout=30)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
-                finished = loop.time()
-                if measuring_from <= finished <= ends_at:  # answers completed inside the measured window
-                    latencies.append((finished - started) * 1000.0)
-                    completed += 1
-
-        measure_start = time.perf_counter()
-        await asyncio.gather(*(stream() for _ in range(plan.streams)))
-        elapsed = time.perf_counter() - measure_start - (0 if plan.requests else plan.warmup_s)
-    seconds = plan.duration_s if not plan.requests else max(elapsed, 1e-9)
-    return LoadResult("python", completed, errors, seconds, completed / seconds, latencies)
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -526,16 +279,16 @@ class Verifier:
 
     FAILURE_CODES_IGNORED = ("OK", "CANCELLED")  # CANCELLED: the load tool resets streams still open at its end
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ServerProcess) -> None:
         self.server = server
-        self.before = scrape(server)
+        self.before = metrics_text.scrape(server.metrics_url)
 
     def check(self, result: LoadResult, precision: str) -> tuple[float, float]:
         """Raise unless OK answers >= the client's successes and nothing failed; return (mean batch, hit share)."""
-        after = scrape(self.server)
+        after = metrics_text.scrape(self.server.metrics_url)
 
         def delta(name: str, **labels: str) -> float:
-            return metric_sum(after, name, **labels) - metric_sum(self.before, name, **labels)
+            return metrics_text.total(after, name, **labels) - metrics_text.total(self.before, name, **labels)
 
         ok = delta("costserve_requests_total", code="OK")
         failed = delta("costserve_requests_total") - ok - delta("costserve_requests_total", code="CANCELLED")
@@ -553,51 +306,6 @@ class Verifier:
         return mean_batch, hit_share
 
 
-def thread_cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU seconds used so far by the main thread of ``pid`` and by all its threads."""
-    tick = os.sysconf("SC_CLK_TCK")
-    main_thread = total = 0.0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the thread ended meanwhile
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-        total += seconds
-        if int(tid) == pid:
-            main_thread = seconds
-    return main_thread, total
-
-
-class CpuSampler:
-    """Reads a server's CPU time at two moments inside the steady part of a timed run."""
-
-    def __init__(self, pid: int, start_after_s: float, stop_after_s: float) -> None:
-        self.pid = pid
-        self.start_after_s = start_after_s
-        self.stop_after_s = stop_after_s
-        self.usage: tuple[float, float] | None = None  # cores used: (main thread, process)
-        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
-
-    def __enter__(self) -> "CpuSampler":
-        self._began = time.monotonic()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._thread.join(timeout=self.stop_after_s + 30)
-
-    def _run(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            time.sleep(max(0.0, self._began + self.start_after_s - time.monotonic()))
-            first, first_at = thread_cpu_seconds(self.pid), time.monotonic()
-            time.sleep(max(0.0, self._began + self.stop_after_s - time.monotonic()))
-            second, second_at = thread_cpu_seconds(self.pid), time.monotonic()
-            elapsed = second_at - first_at
-            if elapsed > 0:
-                self.usage = ((second[0] - first[0]) / elapsed, (second[1] - first[1]) / elapsed)
-
-
 def saturate(
     target: str, body: bytes, body_file: Path, plan: Plan, log_path: Path, pid: int | None = None
 ) -> LoadResult:
@@ -609,9 +317,9 @@ def saturate(
     before = thread_cpu_seconds(pid) if pid is not None and plan.requests else None
     with sampler or contextlib.nullcontext():
         if plan.tool == "h2load":
-            result = run_h2load(target, body_file, plan, log_path)
+            result = run_h2load(target, body_file, plan.shape, log_path)
         else:
-            result = run_python_load(target, body, plan)
+            result = run_python_load(target, body, plan.shape)
     if sampler is not None and sampler.usage is not None and result.rps > 0:
         result.loop_cpu_us = sampler.usage[0] / result.rps * 1e6
         result.process_cpu_us = sampler.usage[1] / result.rps * 1e6
@@ -622,7 +330,7 @@ def saturate(
     return result
 
 
-def sanity_check(servers: dict[str, Server], bodies: dict[str, bytes]) -> dict[str, Any]:
+def sanity_check(servers: dict[str, ServerProcess], bodies: dict[str, bytes]) -> dict[str, Any]:
     """One call per (server, request) through a Python channel: the bytes h2load sends get a real OK answer."""
     facts: dict[str, Any] = {}
     for scenario in SCENARIOS:
@@ -641,7 +349,11 @@ def sanity_check(servers: dict[str, Server], bodies: dict[str, bytes]) -> dict[s
         if scenario.server == "nobatch" and prediction.batch_size != 1:
             problems.append(f"batch_size {prediction.batch_size} with batching off")
         probabilities = list(prediction.probabilities)
-        if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or prediction.label != int(np.argmax(probabilities)):
+        if (
+            not probabilities
+            or abs(sum(probabilities) - 1.0) > 0.05
+            or prediction.label != int(np.argmax(probabilities))
+        ):
             problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
         if problems:
             raise RuntimeError(f"sanity call {scenario.key} on {server.name}: " + "; ".join(problems))
@@ -655,7 +367,7 @@ def sanity_check(servers: dict[str, Server], bodies: dict[str, bytes]) -> dict[s
 
 
 def measure_saturation(
-    servers: dict[str, Server], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, workdir: Path
+    servers: dict[str, ServerProcess], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, workdir: Path
 ) -> dict[str, Measured]:
     """Alternate ceiling and costserve on each request, ``plan.rounds`` times."""
     measured = {scenario.key: Measured(scenario) for scenario in SCENARIOS}
@@ -691,11 +403,15 @@ def measure_saturation(
     return measured
 
 
-def one_stream_latency(ceiling: Server, costserve: Server, body: bytes, requests: int) -> dict[str, list[float]]:
+def one_stream_latency(
+    ceiling: ServerProcess, costserve: ServerProcess, body: bytes, requests: int
+) -> dict[str, list[float]]:
     """Sequential calls with the sync Python client, alternating blocks of ceiling and costserve."""
     latencies: dict[str, list[float]] = {"ceiling": [], "costserve": []}
     block = max(requests // 8, 25)
-    channels = {name: grpc.insecure_channel(server.target) for name, server in (("ceiling", ceiling), ("costserve", costserve))}
+    channels = {
+        name: grpc.insecure_channel(server.target) for name, server in (("ceiling", ceiling), ("costserve", costserve))
+    }
     deadline = time.monotonic() + 60 + requests * 0.02
     try:
         calls = {name: channel.unary_unary(PREDICT) for name, channel in channels.items()}
@@ -739,7 +455,7 @@ def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
 # --------------------------------------------------------------------------- memory and cache bound
 
 
-def fill_cache(server: Server, images: int, time_limit_s: float, seed: int) -> dict[str, Any]:
+def fill_cache(server: ServerProcess, images: int, time_limit_s: float, seed: int) -> dict[str, Any]:
     """Send ``images`` distinct random uint8 images (64 per int8 request); poll the cache size meanwhile."""
     most_entries = 0.0
     stop_polling = threading.Event()
@@ -748,7 +464,8 @@ def fill_cache(server: Server, images: int, time_limit_s: float, seed: int) -> d
         nonlocal most_entries
         while not stop_polling.is_set():
             with contextlib.suppress(OSError):
-                most_entries = max(most_entries, scrape(server).get("costserve_cache_entries", 0.0))
+                samples = metrics_text.scrape(server.metrics_url)
+                most_entries = max(most_entries, metrics_text.total(samples, "costserve_cache_entries"))
             stop_polling.wait(0.25)
 
     poller = threading.Thread(target=poll, name="cache-poller", daemon=True)
@@ -760,15 +477,15 @@ def fill_cache(server: Server, images: int, time_limit_s: float, seed: int) -> d
         stop_polling.set()
         poller.join(timeout=30)
     elapsed = time.perf_counter() - started
-    final = scrape(server)
-    entries = final.get("costserve_cache_entries", 0.0)
+    final = metrics_text.scrape(server.metrics_url)
+    entries = metrics_text.total(final, "costserve_cache_entries")
     return {
         "images_sent": sent,
         "seconds": elapsed,
         "entries": int(entries),
         "most_entries_seen": int(max(most_entries, entries)),
-        "evictions": int(final.get("costserve_cache_evictions_total", 0.0)),
-        "misses": int(metric_sum(final, "costserve_images_total", cache="miss")),
+        "evictions": int(metrics_text.total(final, "costserve_cache_evictions_total")),
+        "misses": int(metrics_text.total(final, "costserve_images_total", cache="miss")),
     }
 
 
@@ -791,7 +508,9 @@ async def _send_distinct(target: str, images: int, time_limit_s: float, seed: in
                 pixels = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
                 # A serial number in the first pixels makes every image distinct, not just likely so.
                 pixels[:, 0, :4] = np.arange(first, first + count, dtype=">u4").view(np.uint8).reshape(count, 4)
-                request = pb.PredictRequest(images=[image_message(image) for image in pixels], precision=pb.PRECISION_INT8)
+                request = pb.PredictRequest(
+                    images=[image_message(image) for image in pixels], precision=pb.PRECISION_INT8
+                )
                 await stub.Predict(request, timeout=60)
                 sent += count
 
@@ -802,17 +521,19 @@ async def _send_distinct(target: str, images: int, time_limit_s: float, seed: in
 def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]:
     """Peak memory with a default (full) cache, and a 1,000-entry cache under 5,000 distinct inputs."""
     with contextlib.ExitStack() as stack:
-        full = start_costserve("memory-default-cache", model_dir, workdir, stack)
-        small = start_costserve(
-            "memory-small-cache", model_dir, workdir, stack, ["--cache-size", str(SMALL_CACHE_ENTRIES)]
+        full = stack.enter_context(start_benchmark_server(model_dir, name="memory-default-cache", workdir=workdir))
+        small = stack.enter_context(
+            start_benchmark_server(
+                model_dir, "--cache-size", str(SMALL_CACHE_ENTRIES), name="memory-small-cache", workdir=workdir
+            )
         )
-        wait_serving(full)
-        wait_serving(small)
+        full.wait_serving()
+        small.wait_serving()
         bounded = fill_cache(small, SMALL_CACHE_DISTINCT, plan.fill_time_limit_s, seed=2)
         small.stop()
-        before = peak_memory(full.pid)
+        before = procstats.memory(full.pid)
         filled = fill_cache(full, plan.fill_images, plan.fill_time_limit_s, seed=1)
-        after = peak_memory(full.pid)
+        after = procstats.memory(full.pid)
     return {
         "default_cache": {
             "capacity": DEFAULT_CACHE_ENTRIES,
@@ -827,11 +548,23 @@ def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]
     }
 
 
+def measure_idle_cpu(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """CPU a SERVING server uses with no traffic, over ``plan.idle_s``, after one request has come and gone."""
+    with start_benchmark_server(model_dir, name="idle", workdir=workdir) as server:
+        server.wait_serving()
+        call_raw(server.target, request_bytes(pb.PRECISION_FP32, True))
+        time.sleep(IDLE_SETTLE_S)  # what a request starts (the loop-lag timer) stops after a second
+        cpu_before, started = procstats.process_cpu_seconds(server.pid), time.monotonic()
+        time.sleep(plan.idle_s)
+        cpu_s, wall_s = procstats.process_cpu_seconds(server.pid) - cpu_before, time.monotonic() - started
+    return {"seconds": wall_s, "cpu_seconds": cpu_s, "share_of_a_core": cpu_s / wall_s}
+
+
 # --------------------------------------------------------------------------- profile (optional)
 
 
 def profile_under_load(
-    servers: dict[str, Server], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, out_dir: Path
+    servers: dict[str, ServerProcess], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, out_dir: Path
 ) -> dict[str, dict[str, Any]]:
     """py-spy record (``--gil``) of costserve while each scenario saturates it; see :func:`summarize_profile`."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -850,7 +583,13 @@ def profile_under_load(
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            saturate(server.target, bodies[scenario.key], body_files[scenario.key], profile_plan, out_dir / "h2load-profile.log")
+            saturate(
+                server.target,
+                bodies[scenario.key],
+                body_files[scenario.key],
+                profile_plan,
+                out_dir / "h2load-profile.log",
+            )
         finally:
             try:
                 recorder.wait(timeout=seconds + 60)
@@ -899,66 +638,6 @@ def summarize_profile(raw: Path, top: int = 8) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def code_version() -> str:
-    """The commit the servers ran from, and whether server/ or client/ had uncommitted changes."""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "server", "client", "protos"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (no git)"
-    if not commit:
-        return "unknown (not a git checkout)"
-    return f"{commit}{' with uncommitted changes in server/, client/ or protos/' if dirty else ''}"
-
-
-def machine() -> dict[str, str]:
-    """What the run ran on."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
-
-    def version(*names: str) -> str:
-        for name in names:
-            with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                return f"{name} {importlib.metadata.version(name)}"
-        return "not installed"
-
-    return {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "memory": memory,
-        "os": f"{platform.system()} {platform.release()} ({platform.machine()})",
-        "python": platform.python_version(),
-        "tensorflow": version("tensorflow-cpu", "tensorflow"),
-        "litert": version("ai-edge-litert"),
-        "grpcio": version("grpcio"),
-        "protobuf": version("protobuf"),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def number(value: float, spec: str) -> str:
-    """A figure, or "-" when it was not measured (NaN)."""
-    return "-" if value != value else format(value, spec)
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
@@ -1025,6 +704,19 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "p99": "-",
         }
     )
+    idle = results["idle"]
+    rows.append(
+        {
+            "row": f"idle CPU, SERVING with no traffic ({idle['seconds']:.0f} s)",
+            "measured": f"{100 * idle['share_of_a_core']:.2f}% of a core",
+            "target": f"<= {100 * TARGET_IDLE_CPU:.1f}%",
+            "result": verdict(idle["share_of_a_core"] <= TARGET_IDLE_CPU),
+            "costserve": f"{idle['cpu_seconds']:.3f} CPU-s",
+            "ceiling": "-",
+            "p50": "-",
+            "p99": "-",
+        }
+    )
     small = memory["small_cache"]
     bound_holds = small["most_entries_seen"] <= small["capacity"] and full["most_entries_seen"] <= full["capacity"]
     rows.append(
@@ -1046,10 +738,7 @@ def render_table(rows: list[dict[str, str]]) -> str:
     """Markdown table of the rows."""
     header = ["", "measured", "target", "result", "costserve", "ceiling", "p50 ms", "p99 ms"]
     keys = ["row", "measured", "target", "result", "costserve", "ceiling", "p50", "p99"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in rows:
-        lines.append("| " + " | ".join(row[key] for key in keys) + " |")
-    return "\n".join(lines)
+    return markdown_table(header, [[row[key] for key in keys] for row in rows])
 
 
 def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: str) -> str:
@@ -1064,8 +753,11 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
     if plan["tool"] == "h2load":
         tool = (
             f"`{results['tool_version']}`: `h2load -c 1 -t 1 -m {plan['streams']}` "
-            + (f"`-n {plan['requests']}`" if plan["requests"] else f"`-D {plan['duration_s']:g}` after "
-               f"`--warm-up-time {int(plan['warmup_s'] * 1000)}ms`")
+            + (
+                f"`-n {plan['requests']}`"
+                if plan["requests"]
+                else f"`-D {plan['duration_s']:g}` after `--warm-up-time {int(plan['warmup_s'] * 1000)}ms`"
+            )
             + " per run, posting one gRPC-framed `PredictRequest` (`-d`)"
         )
     else:
@@ -1105,20 +797,29 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         "",
         "### Per scenario",
         "",
-        "| scenario | costserve req/s | ceiling req/s | % of ceiling per round | mean batch | cache hits | "
-        "costserve p50 / p99 ms | ceiling p50 / p99 ms | event-loop CPU per request, costserve / ceiling | "
-        "process CPU per request, costserve / ceiling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for figures in saturation.values():
-        lines.append(
-            f"| {figures['title']} | {figures['costserve_rps']:.0f} | {figures['ceiling_rps']:.0f} | "
-            f"{', '.join(f'{100 * ratio:.1f}' for ratio in figures['ratios'])} | {number(figures['mean_batch'], '.1f')} | "
-            f"{100 * figures['cache_hit_share']:.0f}% | {figures['p50_ms']:.2f} / {figures['p99_ms']:.2f} | "
-            f"{figures['ceiling_p50_ms']:.2f} / {figures['ceiling_p99_ms']:.2f} | "
-            f"{number(figures['loop_cpu_us'], '.0f')} / {number(figures['ceiling_loop_cpu_us'], '.0f')} us | "
-            f"{number(figures['process_cpu_us'], '.0f')} / {number(figures['ceiling_process_cpu_us'], '.0f')} us |"
-        )
+        markdown_table(
+            [
+                "scenario", "costserve req/s", "ceiling req/s", "% of ceiling per round", "mean batch", "cache hits",
+                "costserve p50 / p99 ms", "ceiling p50 / p99 ms", "event-loop CPU per request, costserve / ceiling",
+                "process CPU per request, costserve / ceiling",
+            ],
+            [
+                [
+                    figures["title"],
+                    f"{figures['costserve_rps']:.0f}",
+                    f"{figures['ceiling_rps']:.0f}",
+                    ", ".join(f"{100 * ratio:.1f}" for ratio in figures["ratios"]),
+                    fmt(figures["mean_batch"], ".1f"),
+                    f"{100 * figures['cache_hit_share']:.0f}%",
+                    f"{figures['p50_ms']:.2f} / {figures['p99_ms']:.2f}",
+                    f"{figures['ceiling_p50_ms']:.2f} / {figures['ceiling_p99_ms']:.2f}",
+                    f"{fmt(figures['loop_cpu_us'], '.0f')} / {fmt(figures['ceiling_loop_cpu_us'], '.0f')} us",
+                    f"{fmt(figures['process_cpu_us'], '.0f')} / {fmt(figures['ceiling_process_cpu_us'], '.0f')} us",
+                ]
+                for figures in saturation.values()
+            ],
+        ),
+    ]  # fmt: skip
     lines += [
         "",
         "CPU per request is the server's CPU time (from `/proc/PID/task/*/stat`) over the steady middle of each run "
@@ -1152,15 +853,7 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: {small['entries']:,} entries, "
         f"at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
         "",
-        "## Machine",
-        "",
-        f"- CPU: {machine_info['cpu']}, {machine_info['cores']} cores (client and servers share them)",
-        f"- Memory: {machine_info['memory']}",
-        f"- OS: {machine_info['os']}",
-        f"- Python {machine_info['python']}, {machine_info['tensorflow']}, {machine_info['litert']}, "
-        f"{machine_info['grpcio']}, {machine_info['protobuf']}",
-        f"- Date: {machine_info['date']}",
-        "",
+        *machine_section(machine_info, "client and servers"),
     ]
     if results.get("profile"):
         lines += [
@@ -1184,14 +877,6 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
     return "\n".join(lines)
 
 
-def existing_notes(path: Path) -> str:
-    """Whatever follows the notes marker in an existing report."""
-    if not path.exists():
-        return ""
-    text = path.read_text()
-    return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -1211,14 +896,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp, contextlib.ExitStack() as stack:
         workdir = Path(temp)
         print("starting costserve (default) and costserve (--max-batch-size 1) ...", flush=True)
-        default = start_costserve("costserve", model_dir, workdir, stack)
-        nobatch = start_costserve("costserve-nobatch", model_dir, workdir, stack, ["--max-batch-size", "1"])
-        wait_serving(default)
-        wait_serving(nobatch)
+        default = stack.enter_context(start_benchmark_server(model_dir, name="costserve", workdir=workdir))
+        nobatch = stack.enter_context(
+            start_benchmark_server(model_dir, "--max-batch-size", "1", name="costserve-nobatch", workdir=workdir)
+        )
+        default.wait_serving()
+        nobatch.wait_serving()
         # The ceiling answers with costserve's own answer for this image, so both send the same bytes.
         answer = workdir / "answer.bin"
         answer.write_bytes(call_raw(default.target, request_bytes(pb.PRECISION_FP32, True)))
-        ceiling = start_ceiling(workdir, answer, stack)
+        ceiling = stack.enter_context(start_ceiling(workdir, answer))
         servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
 
         bodies = {scenario.key: request_bytes(scenario.precision, scenario.skip_cache) for scenario in SCENARIOS}
@@ -1271,13 +958,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"memory: filling the default cache with {plan.fill_images} distinct images ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp:
         results["memory"] = measure_memory(model_dir, plan, Path(temp))
+    print(f"idle CPU of a SERVING server over {plan.idle_s:g} s ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp:
+        results["idle"] = measure_idle_cpu(model_dir, plan, Path(temp))
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.serving``."""
     args = build_parser().parse_args(argv)
-    args.command = " ".join(["python -m benchmarks.serving", *(sys.argv[1:] if argv is None else argv)])
+    args.command = command_line("python -m benchmarks.serving", argv)
     started = time.monotonic()
     results = run(args)
     rows = build_rows(results)
@@ -1289,17 +979,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     write_results(args.output, args.json, results, lambda notes: render_report(results, rows, notes))
     return 0
-
-
-def write_results(output: Path, json_path: Path | None, results: dict[str, Any], render: Callable[[str], str]) -> None:
-    """Write the report ``render(notes)`` to ``output``, keeping its hand-written notes, and the figures as JSON."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    notes = existing_notes(output) or "\n(no notes yet)\n"
-    output.write_text(render(notes))
-    print(f"wrote {output} ({results['elapsed_s']:.0f} s)")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,9 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from costserve import metrics_text
+from costserve.metrics_text import Samples
+from costserve.metrics_text import total as _sum
 
 #: Precisions a costserve server answers with; each gets a row even without traffic.
 PRECISIONS = ("fp32", "int8")
@@ -82,9 +84,6 @@ DEFINITIONS = {
     "utilization_average": "list-price value of the CPU and memory requests used / provisioned CPU+memory cost",
     "idle_share": "max(provisioned - charged CPU+memory, 0) / provisioned: the provisioned cost no prediction paid for",
 }
-
-#: A Prometheus sample name -> its (labels, value) pairs.
-Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 _WINDOW_RE = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
 
@@ -146,16 +145,11 @@ class CostReport:
 
 
 def parse_metrics_text(text: str) -> Samples:
-    """Samples of a Prometheus text exposition (``_created`` samples left out)."""
-    samples: Samples = {}
+    """Samples of a Prometheus text exposition (``_created`` samples left out); raises :class:`CostReportError`."""
     try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.name.endswith("_created"):
-                    samples.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+        return metrics_text.parse(text)
     except ValueError as error:
         raise CostReportError(f"not Prometheus metrics text: {error}") from None
-    return samples
 
 
 def prometheus_queries(window: str) -> dict[str, str]:
@@ -217,15 +211,11 @@ def query_prometheus(base_url: str, window: str, timeout: float) -> Samples:
         except (ValueError, KeyError, TypeError, IndexError) as error:
             raise CostReportError(f"{endpoint} did not answer like the Prometheus HTTP API: {error!r}") from None
     if not samples["costserve_price_usd"]:
-        raise CostReportError(f"Prometheus at {base_url} has no costserve series in the last {window} "
-                              "(is it scraping a costserve server?)")
+        raise CostReportError(
+            f"Prometheus at {base_url} has no costserve series in the last {window} "
+            "(is it scraping a costserve server?)"
+        )
     return samples
-
-
-def _sum(samples: Samples, name: str, **match: str) -> float:
-    return sum(
-        value for labels, value in samples.get(name, []) if all(labels.get(key) == want for key, want in match.items())
-    )
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -344,8 +334,13 @@ class TenantFigures:
 
 def tenant_figures(samples: Samples) -> list[TenantFigures]:
     """Spend per tenant from ``costserve_tenant_spend_usd_total``, most spent first."""
-    budgets = {labels.get("tenant", ""): (value, labels.get("period")) for labels, value in samples.get("costserve_tenant_budget_usd", [])}
-    tenants = {labels.get("tenant", "") for labels, _ in samples.get("costserve_tenant_spend_usd_total", [])} | set(budgets)
+    budgets = {
+        labels.get("tenant", ""): (value, labels.get("period"))
+        for labels, value in samples.get("costserve_tenant_budget_usd", [])
+    }
+    tenants = {labels.get("tenant", "") for labels, _ in samples.get("costserve_tenant_spend_usd_total", [])} | set(
+        budgets
+    )
     figures = [
         TenantFigures(
             tenant,
@@ -375,9 +370,17 @@ def format_tenants(figures: list[TenantFigures], source: str, period: str) -> st
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
-        lines.append("  ".join(cell.ljust(width) if column == 0 else cell.rjust(width) for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
-    lines += ["", "other: every tenant without a budget in the server's --budgets file, counted together.",
-              "Spend since the server started (or over the window); budgets reset each UTC hour or day."]
+        lines.append(
+            "  ".join(
+                cell.ljust(width) if column == 0 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(row, widths))
+            ).rstrip()
+        )
+    lines += [
+        "",
+        "other: every tenant without a budget in the server's --budgets file, counted together.",
+        "Spend since the server started (or over the window); budgets reset each UTC hour or day.",
+    ]
     return "\n".join(lines)
 
 
@@ -460,23 +463,34 @@ def format_report(report: CostReport) -> str:
             f"The provisioned CPU and memory cost {format_usd(report.provisioned_usd)} over the period.",
         ]
         return "\n".join(lines)
-    header = ("precision", "predictions", "cache hits", "per 1K", "per 1M", "CPU/1M", "memory/1M", "network/1M",
-              "cache saved")
+    header = (
+        "precision",
+        "predictions",
+        "cache hits",
+        "per 1K",
+        "per 1M",
+        "CPU/1M",
+        "memory/1M",
+        "network/1M",
+        "cache saved",
+    )
     table: list[tuple[str, ...]] = [header]
     for label, row in [*((row.precision, row) for row in report.precisions), ("all", report.total)]:
         if row.predictions == 0:
             table.append((label, "0", "no traffic", *("-",) * 6))
             continue
         by_resource = row.per_1m_by_resource_usd or {}
-        table.append((
-            label,
-            f"{row.predictions:,.0f}",
-            f"{row.cache_hits:,.0f} ({row.cache_hits / row.predictions:.0%})",
-            format_usd(row.per_1k_usd),
-            format_usd(row.per_1m_usd),
-            *(format_usd(by_resource.get(resource)) for resource in RESOURCES),
-            format_usd(row.cache_savings_usd) if row.cache_savings_usd is not None else "n/a",
-        ))
+        table.append(
+            (
+                label,
+                f"{row.predictions:,.0f}",
+                f"{row.cache_hits:,.0f} ({row.cache_hits / row.predictions:.0%})",
+                format_usd(row.per_1k_usd),
+                format_usd(row.per_1m_usd),
+                *(format_usd(by_resource.get(resource)) for resource in RESOURCES),
+                format_usd(row.cache_savings_usd) if row.cache_savings_usd is not None else "n/a",
+            )
+        )
     widths = [max(len(line[column]) for line in table) for column in range(len(header))]
     for line in table:
         cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
@@ -572,7 +586,11 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "by_tenant", False):
         tenants = tenant_figures(samples)
         if args.json:
-            print(json.dumps({"source": source, "period": period, "tenants": [dataclasses.asdict(t) for t in tenants]}, indent=2))
+            print(
+                json.dumps(
+                    {"source": source, "period": period, "tenants": [dataclasses.asdict(t) for t in tenants]}, indent=2
+                )
+            )
         else:
             print(format_tenants(tenants, source, period))
         return 0

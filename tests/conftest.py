@@ -1,16 +1,12 @@
-"""Shared fixtures: one trained model per test run, and real servers on port 0."""
+"""Shared fixtures: one trained model per test run, and real servers on port 0 (server processes: benchmarks.launch)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
-import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
-from typing import IO, Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -86,19 +82,14 @@ class RunningServer:
 @pytest.fixture
 def start_server(loaded_model: Any, model_dir: Path) -> Iterator[Callable[..., RunningServer]]:
     """Factory: start a server with settings overrides; every server is stopped after the test."""
-    from costserve.server.settings import Settings, validate
+    from costserve.server.settings import Settings
 
     started: list[RunningServer] = []
+    # No drain grace: an in-process test server has no load balancer to tell.
+    defaults = dict(host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5, drain_grace_seconds=0)
 
     def start(model: Any = None, **overrides: Any) -> RunningServer:
-        settings = dataclasses.replace(
-            # No drain grace: an in-process test server has no load balancer to tell.
-            Settings(
-                host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5, drain_grace_seconds=0
-            ),
-            **overrides,
-        )
-        validate(settings)
+        settings = Settings(**{**defaults, **overrides})  # validated as it is built
         server = RunningServer(settings, model or loaded_model)
         started.append(server)
         return server
@@ -129,50 +120,3 @@ def holdout(model_dir: Path) -> Any:
     from costserve.server.training import load_sklearn_digits
 
     return load_sklearn_digits()
-
-
-SERVER = [sys.executable, "-m", "costserve.server.cli", "serve"]
-
-
-class ServerProcess:
-    """`costserve-server serve` on port 0, its log collected from stderr."""
-
-    def __init__(self, model_dir: Path, *flags: str) -> None:
-        self.process = subprocess.Popen(
-            [*SERVER, "--model-dir", str(model_dir), "--port", "0", "--metrics-port", "-1", *flags],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-        self.lines: list[str] = []
-        self.serving = threading.Event()
-        self.bound = threading.Event()
-        self.port = 0
-        self.metrics_port = -1
-        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
-        assert self.bound.wait(120), "server never bound:\n" + self.log
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
-            if match := re.search(r"gRPC on 127\.0\.0\.1:(\d+)", line):
-                if metrics := re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", line):
-                    self.metrics_port = int(metrics.group(1))
-                self.port = int(match.group(1))
-                self.bound.set()
-            if "SERVING" in line and "NOT_SERVING" not in line:
-                self.serving.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=30)

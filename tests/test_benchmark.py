@@ -16,8 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from helpers import report_table, run_quick_benchmark
+from helpers import report_rows, run_quick_benchmark
 
 #: Rows of the report's table, by the start of their first cell.
 ROWS = (
@@ -50,11 +49,8 @@ def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_p
     output = tmp_path / "RESULTS.md"
     figures = tmp_path / "results.json"
     report = run_quick_benchmark("benchmarks.serving", model_dir, output, figures)
-    table = report_table(report, "|  | measured | target | result")
-    for row in ROWS:
-        matches = [cells for name, cells in table.items() if name.startswith(row)]
-        assert matches, f"row {row!r} missing from the report:\n{report}"
-        measured, target, result = matches[0][:3]
+    for row, cells in report_rows(report, "|  | measured | target | result", ROWS).items():
+        measured, target, result = cells[:3]
         assert NUMBER.search(measured), f"row {row!r} has no measured figure: {measured!r}"
         assert result in ("PASS", "MISS", "-", "partial fill"), f"row {row!r}: result {result!r}"
     assert "## Machine" in report and "cores" in report

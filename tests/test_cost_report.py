@@ -6,14 +6,14 @@ import json
 import math
 import threading
 import urllib.parse
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, RunningServer
+
 from costserve import Client
 from costserve.cli import main
 from costserve.cost_report import compute_report, format_usd, parse_metrics_text, prometheus_queries
@@ -192,7 +192,7 @@ def http_server() -> Iterator[Callable[[Route], str]]:
 
     def start(route: Route) -> str:
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 url = urllib.parse.urlsplit(self.path)
                 status, body = route(url.path, dict(urllib.parse.parse_qsl(url.query)))
                 payload = body.encode()
@@ -201,7 +201,7 @@ def http_server() -> Iterator[Callable[[Route], str]]:
                 self.end_headers()
                 self.wfile.write(payload)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's name)
+            def log_message(self, format: str, *args: object) -> None:
                 """Keep the test output quiet."""
 
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

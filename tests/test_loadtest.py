@@ -7,33 +7,25 @@ targets 127.0.0.1. Nothing asserts a speed; latency checks compare runs of one t
 from __future__ import annotations
 
 import csv
-from collections import Counter
 import hashlib
 import io
 import json
 import sys
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
+from conftest import RunningServer
 from PIL import Image
 
-from conftest import RunningServer
 from costserve.cli import main
-from costserve.loadtest import (
-    InputPool,
-    LoadReport,
-    LoadtestConfig,
-    RepeatSpec,
-    Samples,
-    format_table,
-    load_holdout_digits,
-    merge,
-    percentiles_ms,
-    run_loadtest,
-    variant,
-)
+from costserve.loadtest import LoadReport, LoadtestConfig, RepeatSpec, run_loadtest
+from costserve.loadtest.inputs import InputPool, load_holdout_digits, variant
+from costserve.loadtest.report import format_table
+from costserve.loadtest.samples import Samples, merge, percentile, percentiles_ms
 
 pytestmark = pytest.mark.slow
 
@@ -133,7 +125,13 @@ def test_deadline_exceeded_is_reported_under_its_status(server: RunningServer) -
     # 64 fp32 images computed take milliseconds, so no answer can beat a 1 µs deadline (a cache
     # hit can: gRPC keeps deadlines to the millisecond, and the server answers one in less).
     report = run(
-        server, concurrency=(2,), requests=20, deadline_ms=0.001, images_per_request=64, skip_cache=True, precision="fp32"
+        server,
+        concurrency=(2,),
+        requests=20,
+        deadline_ms=0.001,
+        images_per_request=64,
+        skip_cache=True,
+        precision="fp32",
     )
     row = only_step(report)
     assert row["requests"] == 20 and row["ok"] == 0
@@ -177,6 +175,13 @@ def test_a_warm_cache_is_pointed_out(server: RunningServer) -> None:
     assert first["cache_hit_ratio"] == 0.0 and not first["notes"]
     assert again["cache_hit_ratio"] == 1.0 and any("--seed" in note for note in again["notes"])
     assert fresh["cache_hit_ratio"] == 0.0
+
+
+def test_percentile_is_nearest_rank_a_measured_value() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert [percentile(values, q) for q in (0, 20, 21, 50, 80, 81, 100)] == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 5.0]
+    assert percentile([1.0, 2.0], 50) == 1.0  # an interpolation would say 1.5
+    assert np.isnan(percentile([], 99))
 
 
 # --------------------------------------------------------------------------- several processes

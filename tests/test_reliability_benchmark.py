@@ -12,8 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from helpers import report_table, run_quick_benchmark
+from helpers import report_rows, run_quick_benchmark
 
 #: Rows of the summary table, by the start of their first cell.
 ROWS = (
@@ -42,11 +41,7 @@ def test_quick_reliability_benchmark_reports_every_part(model_dir: Path, tmp_pat
     output = tmp_path / "RESULTS-reliability.md"
     figures = tmp_path / "reliability.json"
     report = run_quick_benchmark("benchmarks.reliability", model_dir, output, figures)
-    table = report_table(report, "| part | target | measured | result |")
-    for row in ROWS:
-        matches = [cells for name, cells in table.items() if name.startswith(row)]
-        assert matches, f"row {row!r} missing from the summary:\n{report}"
-        target, measured, result = matches[0]
+    for row, (_target, measured, result) in report_rows(report, "| part | target | measured | result |", ROWS).items():
         assert not measured.startswith("error"), f"row {row!r}: the part failed: {measured}"
         assert NUMBER.search(measured), f"row {row!r} has no measured figure: {measured!r}"
         assert result in ("PASS", "MISS", "-"), f"row {row!r}: result {result!r}"
@@ -55,7 +50,9 @@ def test_quick_reliability_benchmark_reports_every_part(model_dir: Path, tmp_pat
 
     results = json.loads(figures.read_text())
     parts = results["parts"]
-    assert all("error" not in figures for figures in parts.values()), {part: f.get("error") for part, f in parts.items()}
+    assert all("error" not in figures for figures in parts.values()), {
+        part: f.get("error") for part, f in parts.items()
+    }
     assert parts["fuzz"]["cases"] >= results["plan"]["fuzz_cases"]
     assert parts["stall"]["alone"]["calls"] > 0 and parts["stall"]["with_worst"]["calls"] > 0
     assert all(worst["sent"] > 0 for worst in parts["stall"]["worst"].values())

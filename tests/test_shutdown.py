@@ -1,29 +1,30 @@
-"""The real `costserve-server serve` process: start-up, health, and a SIGTERM drain under load."""
+"""The real `costserve-server serve` process: start-up, its ready file, health, and a SIGTERM drain under load."""
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import pytest
+from conftest import EXAMPLES
 
-from conftest import EXAMPLES, ServerProcess
-from costserve import Client, image_message
+from benchmarks.launch import ServerProcess, start_costserve
+from costserve import Client, image_message, metrics_text
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
 
 @pytest.fixture
 def served(model_dir: Path) -> Iterator[ServerProcess]:
-    server = ServerProcess(model_dir)
+    server = start_costserve(model_dir, serving=True)
     try:
-        assert server.serving.wait(120), server.log
         yield server
     finally:
-        server.stop()
+        server.kill()
 
 
 def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(served: ServerProcess) -> None:
@@ -87,14 +88,47 @@ def test_new_calls_are_refused_after_the_drain(served: ServerProcess) -> None:
 
 def test_serve_trains_the_default_model_when_none_exists(tmp_path: Path) -> None:
     model_dir = tmp_path / "fresh"
-    server = ServerProcess(model_dir)
+    server = start_costserve(model_dir)
     try:
+        # Bound, model not ready yet; /metrics is off unless asked for.
+        assert server.ready() == {
+            "pid": server.pid,
+            "host": "127.0.0.1",
+            "port": server.port,
+            "metrics_port": 0,
+            "serving": False,
+        }
         with Client(server.target, timeout=10) as client:
-            assert client.health() == "NOT_SERVING"  # bound, model not ready yet
-        assert server.serving.wait(300), server.log
+            assert client.health() == "NOT_SERVING"
+        server.wait_serving(300)
         assert (model_dir / "1" / "metadata.json").is_file()
         with Client(server.target, timeout=10) as client:
             assert client.health() == "SERVING"
             assert client.predict(EXAMPLES[6:7]).predictions[0].label == 6
     finally:
-        server.stop()
+        server.kill()
+
+
+def test_ready_file_carries_the_bound_ports_and_goes_when_the_drain_starts(model_dir: Path) -> None:
+    server = start_costserve(model_dir, "--drain-grace-seconds", "2", metrics=True, serving=True)
+    try:
+        assert server.port > 0 and server.metrics_port > 0
+        assert server.ready() == {
+            "pid": server.pid,
+            "host": "127.0.0.1",
+            "port": server.port,
+            "metrics_port": server.metrics_port,
+            "serving": True,
+        }
+        with Client(server.target, timeout=10) as client:
+            assert client.health() == "SERVING"
+        assert "costserve_provisioned_cost_usd_total" in metrics_text.scrape(server.metrics_url)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while server.ready() is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.ready() is None, "the ready file outlived the start of the drain"
+        assert server.process.poll() is None, "removed only at exit, not when the drain started"
+        assert server.process.wait(timeout=60) == 0
+    finally:
+        server.kill()

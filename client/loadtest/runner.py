@@ -1,0 +1,210 @@
+"""Running a load test: in this process, or in several spawned processes whose samples are pooled."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import time
+import traceback
+from collections.abc import Callable, MutableSequence
+from typing import Any, TextIO
+
+import numpy as np
+
+from costserve.client import Client
+from costserve.loadtest.config import LoadStep, LoadtestConfig
+from costserve.loadtest.generator import LoadGenerator, share
+from costserve.loadtest.inputs import InputPool, load_holdout_digits
+from costserve.loadtest.report import LoadReport, StepResult
+from costserve.loadtest.samples import Samples
+
+#: Several processes start a step together this long after the parent sends it, in seconds.
+START_MARGIN_S = 0.2
+#: How often the live progress line is redrawn, in seconds.
+PROGRESS_INTERVAL_S = 0.5
+
+
+class ProgressLine:
+    """A live status line, redrawn in place on a terminal (``stream`` None: silent)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+        self._last: tuple[float, int] = (0.0, 0)
+
+    def show(self, step: LoadStep, index: int, total: int, elapsed_s: float, answered: int, failed: int) -> None:
+        """Redraw: step, elapsed time, answered and failed requests, recent requests/s."""
+        if self.stream is None:
+            return
+        last_time, last_answered = self._last
+        rate = (answered - last_answered) / (elapsed_s - last_time) if elapsed_s > last_time else 0.0
+        self._last = (elapsed_s, answered)
+        self.stream.write(
+            f"\r\033[K[{index + 1}/{total}] {step.label}: {elapsed_s:5.1f} s, {answered:,} ok, "
+            f"{failed:,} failed, {rate:,.0f} req/s"
+        )
+        self.stream.flush()
+
+    def clear(self) -> None:
+        """Erase the line (the step's row is printed in the report)."""
+        self._last = (0.0, 0)
+        if self.stream is not None:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+
+
+async def _run_in_process(config: LoadtestConfig, pool: InputPool, progress: ProgressLine) -> list[list[Samples]]:
+    loop = asyncio.get_running_loop()
+    generator = LoadGenerator(config, pool)
+    await generator.connect()
+    results = []
+    try:
+        steps = config.steps()
+        for index, step in enumerate(steps):
+            start = loop.time()
+            running = asyncio.ensure_future(generator.run_step(share(step, config, 0, 1), start))
+            while not running.done():
+                await asyncio.wait([running], timeout=PROGRESS_INTERVAL_S)
+                progress.show(step, index, len(steps), loop.time() - start, *generator.counters)
+            progress.clear()
+            results.append([running.result()])
+    finally:
+        await generator.close()
+    return results
+
+
+def _worker_main(
+    connection: multiprocessing.connection.Connection,
+    config: LoadtestConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    worker: int,
+    counters: MutableSequence[int],
+) -> None:
+    """A generator process: connect, say "ready", then run each step it is sent until told to stop."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        generator = LoadGenerator(config, InputPool(images, labels), worker, config.processes, counters)
+        await generator.connect()
+        try:
+            connection.send(("ready", None))
+            while (message := await loop.run_in_executor(None, connection.recv))[0] == "step":
+                step, start_wall = message[1]
+                start = loop.time() + (start_wall - time.time())
+                connection.send(("result", await generator.run_step(step, start)))
+        finally:
+            await generator.close()
+
+    try:
+        asyncio.run(serve())
+    except BaseException:  # noqa: BLE001 - sent to the parent, which raises LoadGeneratorFailed
+        connection.send(("error", traceback.format_exc()))
+
+
+class LoadGeneratorFailed(RuntimeError):
+    """A load-generator process failed or exited; the message carries its traceback."""
+
+
+def _collect(
+    connections: list[multiprocessing.connection.Connection],
+    kind: str,
+    on_wait: Callable[[], None] | None = None,
+) -> list[Any]:
+    """One ``kind`` message from every worker, in worker order; raise if one failed or exited.
+
+    ``on_wait`` runs between waits of at most PROGRESS_INTERVAL_S (it redraws the progress line).
+    """
+    received: dict[int, Any] = {}
+    while len(received) < len(connections):
+        waiting = [connection for index, connection in enumerate(connections) if index not in received]
+        ready = multiprocessing.connection.wait(waiting, timeout=PROGRESS_INTERVAL_S)
+        for index, connection in enumerate(connections):
+            if index in received or connection not in ready:
+                continue
+            try:
+                message_kind, payload = connection.recv()
+            except EOFError:  # the process exited: its end of the pipe closed
+                raise LoadGeneratorFailed(f"load-generator process {index} exited unexpectedly") from None
+            if message_kind != kind:
+                raise LoadGeneratorFailed(f"load-generator process {index} failed:\n{payload}")
+            received[index] = payload
+        if on_wait is not None:
+            on_wait()
+    return [received[index] for index in range(len(connections))]
+
+
+def _run_in_processes(
+    config: LoadtestConfig, images: np.ndarray, labels: np.ndarray, progress: ProgressLine
+) -> list[list[Samples]]:
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited, TensorFlow-free
+    processes: list[multiprocessing.process.BaseProcess] = []
+    connections: list[multiprocessing.connection.Connection] = []
+    counters = [context.RawArray("q", 2) for _ in range(config.processes)]
+    stopped = False
+    try:
+        for worker in range(config.processes):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=_worker_main,
+                args=(child_end, config, images, labels, worker, counters[worker]),
+                name=f"costserve-loadtest-{worker}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            processes.append(process)
+            connections.append(parent_end)
+        _collect(connections, "ready")
+        results = []
+        steps = config.steps()
+        for index, step in enumerate(steps):
+            start_wall = time.time() + START_MARGIN_S
+            for worker, connection in enumerate(connections):
+                counters[worker][0] = counters[worker][1] = 0
+                connection.send(("step", (share(step, config, worker, config.processes), start_wall)))
+
+            def show(step: LoadStep = step, index: int = index, start_wall: float = start_wall) -> None:
+                answered = sum(counter[0] for counter in counters)
+                failed = sum(counter[1] for counter in counters)
+                progress.show(step, index, len(steps), max(time.time() - start_wall, 0.0), answered, failed)
+
+            results.append(_collect(connections, "result", on_wait=show))
+            progress.clear()
+        for connection in connections:
+            connection.send(("stop", None))
+        stopped = True
+        return results
+    finally:
+        for worker_process, connection in zip(processes, connections):
+            if not stopped:  # something failed: the others need not finish their step
+                worker_process.terminate()
+            worker_process.join(timeout=10)
+            connection.close()
+
+
+def run_loadtest(config: LoadtestConfig, progress: TextIO | None = None) -> LoadReport:
+    """Run every step of ``config`` against ``config.target``; ``progress`` gets a live status line.
+
+    Raises ValueError on settings that cannot run, ``grpc.RpcError`` when the server does not answer, and
+    :class:`LoadGeneratorFailed` when a load-generator process fails.
+    """
+    config.validate()
+    with Client(config.target, timeout=config.timeout_s) as client:
+        info = client.model_info()
+    if config.images_per_request > info.max_images_per_request:
+        raise ValueError(
+            f"--images-per-request {config.images_per_request} exceeds the server's limit of "
+            f"{info.max_images_per_request} images per request"
+        )
+    height, width = int(info.input_shape[0]), int(info.input_shape[1])
+    images, labels = load_holdout_digits(height, width)
+    line = ProgressLine(progress)
+    if config.processes == 1:
+        parts = asyncio.run(_run_in_process(config, InputPool(images, labels), line))
+    else:
+        parts = _run_in_processes(config, images, labels, line)
+    steps = [
+        StepResult(step, index, workers, config) for index, (step, workers) in enumerate(zip(config.steps(), parts))
+    ]
+    return LoadReport(target=config.target, model=f"{info.name} version {info.version}", config=config, steps=steps)
