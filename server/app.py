@@ -112,8 +112,9 @@ class CostserveServer:
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
-        #: Admission of prediction calls: the in-flight bound, and the drain's refusal of new calls.
-        self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused)
+        #: Admission of prediction calls: closed while the model loads, the in-flight bound, and the
+        #: drain's refusal of new calls. The drain's call tracking is its count of calls in flight.
+        self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused, ready=False)
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
@@ -166,6 +167,7 @@ class CostserveServer:
         self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
         self.servicer.core = self.core
+        self.gate.ready = True
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._write_ready_file(serving=True)

@@ -9,11 +9,10 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
   go together, up to ``max_batch_size``, and a batch that is not full waits for
   more at most until ``batch_timeout`` after its first image arrived;
 * a batch still not full then keeps waiting, up to ``batch_fill_timeout`` after its
-  first image arrived, only while the server is saturated (the runtime had a batch, or
-  the event loop was on CPU, nearly all the recent time), images arrive fast enough to
-  fill it by then, and every waiting image can still start before its deadline: full
-  batches cost the least time per image, which is what a saturated server runs short
-  of; otherwise no image waits longer than ``batch_timeout``;
+  first image arrived, only under the fill rule (:func:`costserve.server.load.fill_until`:
+  the server is saturated, images arrive fast enough to fill it by then, and every waiting
+  image can still start before its deadline); otherwise no image waits longer than
+  ``batch_timeout``;
 * an image whose deadline passed, or whose caller went away, is dropped before
   inference and never computed;
 * a failed batch fails each of its callers and the next batch is served normally;
@@ -32,8 +31,8 @@ from typing import Sequence
 
 import numpy as np
 
-from costserve.server.cost import LoopCpuClock
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from costserve.server.load import LoopCpuClock, RuntimeWindow, ewma, fill_until
 from costserve.server.metrics import LoopHistogram, ServiceMetrics
 from costserve.server.runtimes import Runtime, levels_to_floats
 
@@ -78,23 +77,6 @@ def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
     )
 
 
-#: Span over which the batcher measures how fast images arrive and how busy its runtime is, in seconds.
-ARRIVAL_WINDOW_S = 0.25
-#: Share of that span the runtime must have had a batch for batches to wait to fill.
-SATURATED_DUTY = 0.9
-#: ... or share of it the event loop's thread must have been on CPU (it seldom gets all of
-#: it: the inference and gRPC threads take the GIL too).
-SATURATED_LOOP = 0.8
-
-#: Weight of the newest sample in the recent averages (time per image, waits, cost per image).
-EWMA_WEIGHT = 0.2
-
-
-def ewma(previous: float | None, sample: float) -> float:
-    """The recent average after ``sample``; the first sample (``previous`` None) stands alone."""
-    return sample if previous is None else previous + EWMA_WEIGHT * (sample - previous)
-
-
 class Batcher:
     """Batches images for ``runtime``; create with :meth:`start` inside the running loop.
 
@@ -120,6 +102,7 @@ class Batcher:
         max_queue: int,
         metrics: ServiceMetrics | None = None,
         batch_fill_timeout_s: float | None = None,
+        window: RuntimeWindow | None = None,
     ) -> None:
         self.runtime = runtime
         self.max_batch_size = max_batch_size
@@ -149,13 +132,9 @@ class Batcher:
         self._stopping = False
         #: Images queued and not yet taken into a batch.
         self._waiting = 0
-        #: So far: images submitted, loop seconds the runtime had a batch, and loop seconds
-        #: batches spent waiting to fill; with (loop time, those three) marks back to
-        #: ARRIVAL_WINDOW_S ago.
-        self._arrived = 0
-        self._busy_seconds = 0.0
-        self._filling_seconds = 0.0
-        self._marks: collections.deque[tuple[float, int, float, float, float]] = collections.deque()
+        #: The recent arrivals, busy time and fill waits the fill rule reads; it is read and
+        #: written on the event loop's thread only, so its default CPU clock is that thread's.
+        self.window = window or RuntimeWindow()
         #: Loop time a fill wait ends, while one runs (see :meth:`_fill_until`).
         self._fill_end: float | None = None
         self._loop_cpu: LoopCpuClock | None = None
@@ -222,7 +201,7 @@ class Batcher:
             self._entries.append(_Waiting(list(images[start : start + step]), future, deadline, now, arrived_busy))
             futures.append(future)
         self._waiting += count
-        self._arrived += count
+        self.window.arrived(count)
         if self._wakeup is not None and (self._waiting >= self._needed or self._cuts_fill_short(deadline)):
             self._wake()
         return futures
@@ -259,34 +238,11 @@ class Batcher:
                     await self._wait_for(self.max_batch_size, fill_until)
                 finally:
                     self._fill_end = None
-                    self._filling_seconds += loop.time() - fill_started
+                    self.window.filled(loop.time() - fill_started)
             batch = self._take_batch()
             live = self._drop_unwanted(batch, loop.time())
             if live:
                 await self._run_batch(live)
-
-    def _mark(self, now: float) -> None:
-        """Note the images arrived and the runtime's busy time by ``now``; keeps ARRIVAL_WINDOW_S of marks."""
-        marks = self._marks
-        marks.append((now, self._arrived, self._busy_seconds, self._filling_seconds, time.thread_time()))
-        while len(marks) > 2 and marks[1][0] <= now - ARRIVAL_WINDOW_S:
-            marks.popleft()
-
-    def _recent_load(self, now: float) -> tuple[float, float, float]:
-        """Over the last ARRIVAL_WINDOW_S: images submitted per second; the share of the time
-        the runtime had a batch, of the time batches did not spend waiting to fill; and the
-        share of the time the event loop's thread (this one) was on CPU. Zeros until half of
-        the window is seen."""
-        self._mark(now)
-        since, arrived_then, busy_then, filling_then, loop_cpu_then = self._marks[0]
-        span = now - since
-        if span < ARRIVAL_WINDOW_S / 2:
-            return 0.0, 0.0, 0.0
-        # Time spent waiting to fill was chosen, not spare: it counts neither way.
-        available = span - (self._filling_seconds - filling_then)
-        duty = (self._busy_seconds - busy_then) / available if available > 0 else 1.0
-        loop_share = (self._marks[-1][4] - loop_cpu_then) / span
-        return (self._arrived - arrived_then) / span, duty, loop_share
 
     def _cuts_fill_short(self, deadline: float | None) -> bool:
         """Whether an image due at ``deadline`` must start before the running fill wait ends."""
@@ -301,29 +257,18 @@ class Batcher:
         return 2 * self.recent_batch_s + self.batch_timeout_s
 
     def _fill_until(self, first: _Waiting, now: float) -> float | None:
-        """When a batch not yet full should stop waiting for more; None to go now.
-
-        It waits only while the server is saturated: the runtime had a batch at least
-        SATURATED_DUTY of the recent time that batches did not spend filling, or the event
-        loop was on CPU at least SATURATED_LOOP of it (fuller batches then spare it hand-offs
-        and wake-ups per request). With time to spare, smaller batches cost nothing and
-        waiting would only add latency. It also waits only while images arriving at the
-        recent rate fill it by the fill timeout, and never so long that a waiting image could
-        not start before its deadline. Rate and busy time are measured over ARRIVAL_WINDOW_S,
-        not over this batch's wait: clients send in bursts, and a burst seen alone would
-        promise a rate the load does not have.
-        """
-        missing = self.max_batch_size - self._waiting
-        if missing <= 0 or self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:
+        """When the batch starting with ``first`` should stop waiting to fill; None to go now (:func:`fill_until`)."""
+        if self._stopping or self.batch_fill_timeout_s <= self.batch_timeout_s:
             return None
-        until = first.enqueued_at + self.batch_fill_timeout_s
         deadlines = [waiting.deadline for waiting in self._entries if waiting.deadline is not None]
-        if deadlines:
-            until = min(until, min(deadlines) - self._deadline_margin())
-        rate, duty, loop_share = self._recent_load(now)
-        if (duty < SATURATED_DUTY and loop_share < SATURATED_LOOP) or rate <= 0 or now + missing / rate > until:
-            return None
-        return until
+        return fill_until(
+            now=now,
+            missing=self.max_batch_size - self._waiting,
+            fill_deadline=first.enqueued_at + self.batch_fill_timeout_s,
+            earliest_deadline=min(deadlines) if deadlines else None,
+            deadline_margin_s=self._deadline_margin(),
+            recent=self.window.recent(now),
+        )
 
     async def _wait_for(self, images: int, until: float | None) -> None:
         """Sleep until ``images`` are queued, ``until`` (loop time) passes, or the batcher stops."""
@@ -383,7 +328,7 @@ class Batcher:
             self.seconds_per_image = ewma(self.seconds_per_image, (started - previous_start) / previous_size)
         self._backlogged_batch = (started, size) if self._waiting else None
         self.recent_wait_s = ewma(self.recent_wait_s, started - batch[0].enqueued_at)
-        self._mark(started)
+        self.window.mark(started)
         self._busy = True
         try:
             rows, labels, scores, seconds, cpu_seconds = await loop.run_in_executor(
@@ -400,7 +345,7 @@ class Batcher:
             return
         finally:
             self._busy = False
-            self._busy_seconds += loop.time() - started
+            self.window.busy(loop.time() - started)
         self.recent_batch_s = ewma(self.recent_batch_s, seconds)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series

@@ -1,27 +1,40 @@
 """The inference core: the one object that owns the request flow.
 
-validate + decode -> policy -> cache lookup -> batcher -> runtime -> fill cache
--> metrics -> result. Every protocol front end (the costserve.v1 gRPC servicer
-today) is a thin adapter over :meth:`InferenceCore.predict`, so a feature is
-written once, here.
+convert (the front end's) -> count check -> decode -> budget -> cache lookup ->
+policy -> batcher -> runtime -> fill cache -> encode (the front end's) -> price ->
+count -> priced answer. Every protocol front end (the costserve.v1 gRPC servicer
+today) is a thin adapter over :meth:`InferenceCore.predict`: it hands over how to
+convert its message and how to encode the result, and maps errors to its status
+codes. Measuring the request's CPU, pricing it and counting every outcome happen
+here, so a feature is written once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import gc
 import logging
 import time
+from typing import Callable
 
-from costserve.server.batcher import BatchAnswer, Batcher, ewma
+from costserve.server.batcher import BatchAnswer, Batcher
 from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, TenantLedger
 from costserve.server.cache import CacheKey, PredictionCache
 from costserve.server.cost import CostMeter, Prices
-from costserve.server.domain import CostBreakdown, ImagePrediction, Precision, PredictionRequest, PredictionResult
+from costserve.server.domain import (
+    CostBreakdown,
+    ImagePrediction,
+    Precision,
+    PredictionRequest,
+    PredictionResult,
+    PricedAnswer,
+    Response,
+    WireCall,
+)
 from costserve.server.errors import BudgetExceeded, CostserveError, DeadlineExceeded, Unavailable
 from costserve.server.inputs import DecodedImage, DecodePool, ImageLimits, decode_all
+from costserve.server.load import Clock, LoadMonitor, ewma
 from costserve.server.metrics import REJECTION_REASONS, PrecisionSeries, ServiceMetrics
 from costserve.server.model_store import LoadedModel
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
@@ -30,73 +43,16 @@ from costserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-#: Window over which the demand (images to compute per second) is measured, in seconds.
-DEMAND_WINDOW_S = 1.0
 #: A cancelled call this close to its deadline (or past it) was cancelled by the deadline, in seconds.
 DEADLINE_SLACK_S = 0.002
-#: Longest the policy reuses one measurement of the load, in seconds.
-LOAD_SAMPLE_S = 0.005
-#: With no request for this long, the loop-lag timer stops until the next one, in seconds.
-IDLE_AFTER_S = 1.0
-
-
-class LoopLag:
-    """How late the event loop runs a timer: what a request arriving now waits before its handler runs.
-
-    Under overload the requests gRPC has received queue on the loop before costserve sees
-    them; the batch queue's predicted wait misses that part. A timer every LOAD_SAMPLE_S
-    measures it; :attr:`seconds` is the recent lateness (:func:`~costserve.server.batcher.ewma`).
-    With no request for IDLE_AFTER_S the timer stops (an idle loop runs nothing late, and a
-    timer every 5 ms is most of an idle server's CPU); :meth:`touch` restarts it.
-    """
-
-    def __init__(self, interval_s: float = LOAD_SAMPLE_S, idle_after_s: float = IDLE_AFTER_S) -> None:
-        self.interval_s = interval_s
-        self.idle_after_s = idle_after_s
-        #: Recent lateness of the loop, in seconds.
-        self.seconds = 0.0
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        #: Loop time of the last :meth:`touch`.
-        self._touched_at = 0.0
-
-    def start(self) -> None:
-        """Start measuring on the running loop."""
-        self._loop = asyncio.get_running_loop()
-        self.touch()
-
-    def touch(self) -> None:
-        """Note a request; restarts the timer when it stopped for idleness."""
-        loop = self._loop
-        if loop is None:
-            return
-        self._touched_at = loop.time()
-        if self._timer is None:
-            self._schedule(loop)
-
-    def stop(self) -> None:
-        """Stop measuring."""
-        self._loop = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        due = loop.time() + self.interval_s
-        self._timer = loop.call_at(due, self._tick, loop, due)
-
-    def _tick(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
-        now = loop.time()
-        self.seconds = ewma(self.seconds, max(now - due, 0.0))
-        if now - self._touched_at > self.idle_after_s:
-            self._timer = None
-            self.seconds = 0.0
-            return
-        self._schedule(loop)
 
 
 class InferenceCore:
-    """Classifies images with a loaded model; create, ``await start()``, then ``predict``."""
+    """Classifies images with a loaded model; create, ``await start()``, then ``predict``.
+
+    ``clock`` (monotonic seconds) times the load signals and the policy's hold; tests pass
+    a fake one, or swap ``core.monitor.clock`` later.
+    """
 
     def __init__(
         self,
@@ -106,11 +62,14 @@ class InferenceCore:
         meter: CostMeter | None = None,
         policy: Policy | None = None,
         ledger: TenantLedger | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.model = model
         self.settings = settings
         self.metrics = metrics
         self.meter = meter or CostMeter(Prices())
+        #: Every load signal: demand, loop lag, and the batchers' recent load.
+        self.monitor = LoadMonitor(clock)
         self.policy = policy or Policy(
             {precision: model.metadata.variant(precision).accuracy for precision in model.runtimes},
             PolicyConfig(
@@ -118,15 +77,11 @@ class InferenceCore:
                 latency_slo_s=settings.latency_slo_s,
                 refuse_over_slo=settings.over_slo == "refuse",
             ),
+            clock=self.monitor.now,
         )
         self.ledger = ledger or TenantLedger(Budgets({}))
         #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction.
         self.cost_per_image: dict[Precision, float] = {}
-        self._demand: collections.deque[tuple[float, int]] = collections.deque()
-        self._demand_total = 0
-        self._load: Load | None = None
-        self._load_measured_at = 0.0
-        self.loop_lag = LoopLag()
         self.cache = PredictionCache(settings.cache_size, on_evict=metrics.cache_evictions.inc)
         self.batchers = {
             precision: Batcher(
@@ -171,7 +126,7 @@ class InferenceCore:
             self.metrics.tenant_budget.labels(tenant, budget.period).set(budget.usd)
         self.metrics.tenant_spend.labels(OTHER_TENANT)
         self.metrics.load_shedding.set_function(lambda: float(self.policy.shedding))
-        self.metrics.loop_lag.set_function(lambda: self.loop_lag.seconds)
+        self.metrics.loop_lag.set_function(lambda: self.monitor.loop_lag.seconds)
         for precision, series in self._series.items():
             series.method("Predict")
             for reason in REASONS:
@@ -191,37 +146,58 @@ class InferenceCore:
         gc.freeze()
         for batcher in self.batchers.values():
             await batcher.start()
-        self.loop_lag.start()
+        self.monitor.loop_lag.start()
         self.ready = True
 
     async def stop(self) -> None:
         """Answer whatever is queued, then stop the batchers."""
         self.ready = False
-        self.loop_lag.stop()
+        self.monitor.loop_lag.stop()
         for batcher in self.batchers.values():
             await batcher.stop()
         self.decode_pool.close()
 
-    async def predict(self, request: PredictionRequest, method: str = "Predict") -> PredictionResult:
-        """Classify every image of ``request``; raises :class:`CostserveError` subclasses on failure."""
+    async def predict(
+        self, convert: Callable[[], PredictionRequest], wire: WireCall[Response]
+    ) -> PricedAnswer[Response]:
+        """Answer one call: convert its request, classify every image, encode, price and count.
+
+        ``convert`` builds the request from the front end's message (raising
+        :class:`~costserve.server.errors.InvalidInput` for a bad one); ``wire`` says how the
+        call is counted and how its response is encoded and sized. Every outcome is counted
+        under ``wire.method``; failures raise :class:`CostserveError` subclasses. The request
+        is charged the event loop's CPU from conversion to encoding (less what other requests
+        used while it waited for its batch), its share of the inference batches, and the bytes
+        moved.
+        """
+        cpu_started = time.thread_time()  # the event loop's CPU clock: two reads per request
         started = time.monotonic()
-        self.loop_lag.touch()
+        self.monitor.loop_lag.touch()
+        precision = wire.asked_precision
+        remaining: float | None = None
         try:
+            request = convert()
+            precision, remaining = request.precision, request.time_remaining_s
             result = await self._predict(request)
+            response, bytes_out = wire.encode(result)
         except CostserveError as error:
-            self.count_failure(method, request.precision.value, error)
+            self.metrics.count_refused(wire.method, precision.value, error)
             raise
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the caller goes away and when its deadline
             # passes; the caller sees DEADLINE_EXCEEDED for the latter, and so do the counts.
-            remaining = request.time_remaining_s
             expired = remaining is not None and time.monotonic() - started >= remaining - DEADLINE_SLACK_S
             code, reason = ("DEADLINE_EXCEEDED", "deadline_exceeded") if expired else ("CANCELLED", "cancelled")
-            self.metrics.requests.labels(method, request.precision.value, code).inc()
+            self.metrics.requests.labels(wire.method, precision.value, code).inc()
             self.metrics.rejected.labels(reason).inc()
             raise
+        except Exception:
+            self.metrics.requests.labels(wire.method, precision.value, "INTERNAL").inc()
+            raise
+        handling_cpu = time.thread_time() - cpu_started - result.waiting_loop_cpu_seconds
+        cost = self._charge(result, wire.bytes_in + bytes_out, handling_cpu)
         series = self._series[result.precision]
-        answered, duration = series.method(method)
+        answered, duration = series.method(wire.method)
         answered.inc()
         duration.observe(result.server_seconds)
         hits = result.cache_hits
@@ -229,20 +205,15 @@ class InferenceCore:
             series.images_hit.inc(hits)
         if hits < len(result.predictions):
             series.images_miss.inc(len(result.predictions) - hits)
-        return result
+        return PricedAnswer(result, response, cost)
 
-    def count_failure(self, method: str, precision_label: str, error: CostserveError) -> None:
-        """Count a failed request; front ends call it for requests refused before :meth:`predict`."""
-        self.metrics.count_refused(method, precision_label, error)
+    def describe(self, method: str = "GetModelInfo") -> LoadedModel:
+        """The model served, for a front end's model-information call; counts the call under ``method``."""
+        self.metrics.count_answered(method)
+        return self.model
 
-    def charge(self, result: PredictionResult, network_bytes: int, handling_cpu_seconds: float) -> CostBreakdown:
-        """Price an answered request; counts the cost in the metrics and returns it.
-
-        Front ends call it with the bytes moved and the request's handling CPU: the event
-        loop's CPU from when they took the request up to now, less
-        ``result.waiting_loop_cpu_seconds`` (other requests' work while it waited). Two
-        clock reads per request: each read of a thread's CPU clock is a system call.
-        """
+    def _charge(self, result: PredictionResult, network_bytes: int, handling_cpu_seconds: float) -> CostBreakdown:
+        """Price an answered request; counts the cost in the metrics and the tenant's spend."""
         cost = self.meter.charge(handling_cpu_seconds + result.inference_cpu_seconds, network_bytes)
         series = self._series[result.precision]
         series.cpu_handling.inc(handling_cpu_seconds)
@@ -259,35 +230,9 @@ class InferenceCore:
             self.cost_per_image[result.precision] = ewma(self.cost_per_image.get(result.precision), cost.usd / computed)
         return cost
 
-    def _demand_per_s(self, now: float, images: int = 0) -> float:
-        """Images needing computation per second over the last DEMAND_WINDOW_S; records ``images``."""
-        if images:
-            self._demand.append((now, images))
-            self._demand_total += images
-        while self._demand and self._demand[0][0] <= now - DEMAND_WINDOW_S:
-            self._demand_total -= self._demand.popleft()[1]
-        return self._demand_total / DEMAND_WINDOW_S
-
     def load(self, budget: BudgetStatus = BudgetStatus.NONE) -> Load:
-        """The load signals the policy reads: measured at most every LOAD_SAMPLE_S, plus ``budget``.
-
-        Measuring takes longer than answering a cached request, and the signals move
-        on the scale of batches, not requests.
-        """
-        now = time.monotonic()
-        snapshot = self._load
-        if snapshot is None or now - self._load_measured_at >= LOAD_SAMPLE_S:
-            snapshot = self._load = Load(
-                queue_depth={precision: batcher.queue_depth for precision, batcher in self.batchers.items()},
-                predicted_wait_s={
-                    precision: batcher.predicted_wait_s() for precision, batcher in self.batchers.items()
-                },
-                demand_per_s=self._demand_per_s(now),
-                utilization=self.meter.utilization(),
-                predicted_cost_per_image_usd=dict(self.cost_per_image),
-                loop_lag_s=self.loop_lag.seconds,
-            )
-            self._load_measured_at = now
+        """The load signals the policy reads (:meth:`LoadMonitor.snapshot`), plus ``budget``."""
+        snapshot = self.monitor.snapshot(self.batchers, self.meter.utilization, self.cost_per_image)
         return snapshot if budget is BudgetStatus.NONE else dataclasses.replace(snapshot, budget=budget)
 
     def _decide(
@@ -375,7 +320,7 @@ class InferenceCore:
         if misses:
             if deadline is not None:
                 self._refuse_if_late(precision, deadline)
-            self._demand_per_s(time.monotonic(), len(misses))
+            self.monitor.demand.record(len(misses))
             cpu_mark = time.thread_time()
             answers = await self._compute(precision, [images[index] for index in misses], deadline)
             waiting_cpu = time.thread_time() - cpu_mark
@@ -404,7 +349,7 @@ class InferenceCore:
         Under overload, computing it would spend the capacity that answers others in time
         on an answer nobody waits for; refusing at once costs almost nothing.
         """
-        wait_s = self.batchers[precision].predicted_wait_s() + self.loop_lag.seconds
+        wait_s = self.batchers[precision].predicted_wait_s() + self.monitor.loop_lag.seconds
         left_s = deadline - asyncio.get_running_loop().time()
         if wait_s > left_s:
             raise DeadlineExceeded(

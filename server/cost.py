@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from costserve.server.domain import CostBreakdown
 from costserve.server.errors import CostserveError
@@ -116,7 +116,7 @@ def load_prices(path: Path | None) -> Prices:
 class UtilizationWindow:
     """CPU-seconds attributed to requests over a trailing window, in small time buckets."""
 
-    def __init__(self, window_s: float, vcpus: float, clock: Any = time.monotonic) -> None:
+    def __init__(self, window_s: float, vcpus: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.window_s = window_s
         self.vcpus = vcpus
         self._clock = clock
@@ -155,12 +155,16 @@ class UtilizationWindow:
 
 
 class CostMeter:
-    """Prices requests from their measured resources and the current utilization."""
+    """Prices requests from their measured resources and the current utilization.
 
-    def __init__(self, prices: Prices) -> None:
+    ``clock`` is monotonic seconds (tests pass a fake one).
+    """
+
+    def __init__(self, prices: Prices, clock: Callable[[], float] = time.monotonic) -> None:
         self.prices = prices
-        self.window = UtilizationWindow(prices.window_seconds, prices.vcpus)
-        self.started = time.monotonic()
+        self.clock = clock
+        self.window = UtilizationWindow(prices.window_seconds, prices.vcpus, clock)
+        self.started = clock()
 
     def utilization(self) -> float:
         """Measured utilization R over the trailing window, before clamping."""
@@ -168,7 +172,7 @@ class CostMeter:
 
     def provisioned_usd(self) -> float:
         """What the provisioned CPU and memory have cost since the meter started."""
-        return self.prices.provisioned_usd_per_second * (time.monotonic() - self.started)
+        return self.prices.provisioned_usd_per_second * (self.clock() - self.started)
 
     def charge(self, cpu_seconds: float, network_bytes: int) -> CostBreakdown:
         """Price a request that used ``cpu_seconds`` and moved ``network_bytes``; records its CPU."""
@@ -188,14 +192,3 @@ class CostMeter:
             network_bytes=network_bytes,
             utilization=utilization,
         )
-
-
-class LoopCpuClock:
-    """CPU time of one thread (the event loop's), readable from any thread."""
-
-    def __init__(self, thread_id: int | None = None) -> None:
-        self._clock_id = time.pthread_getcpuclockid(thread_id or threading.get_ident())
-
-    def seconds(self) -> float:
-        """CPU-seconds the thread has used so far."""
-        return time.clock_gettime(self._clock_id)

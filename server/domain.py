@@ -9,8 +9,9 @@ Treat them as values all the same.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class ImagePrediction:
     score: float
 
     @classmethod
-    def of(cls, probabilities: np.ndarray, precision: Precision, cache_hit: bool, batch_size: int) -> "ImagePrediction":
+    def of(cls, probabilities: np.ndarray, precision: Precision, cache_hit: bool, batch_size: int) -> ImagePrediction:
         """The prediction for ``probabilities``, its label and score read off once."""
         label = int(probabilities.argmax())
         return cls(probabilities, precision, cache_hit, batch_size, label, float(probabilities[label]))
@@ -110,7 +111,7 @@ class PredictionResult:
     model_version: str
     server_seconds: float
     #: CPU-seconds the event loop spent on other work while this request waited for its batch:
-    #: what a front end subtracts from the loop CPU it measured around the request.
+    #: what the core subtracts from the loop CPU it measured around the request.
     waiting_loop_cpu_seconds: float = 0.0
     #: The request's share of the CPU-seconds of the inference batches its images were in.
     inference_cpu_seconds: float = 0.0
@@ -125,3 +126,31 @@ class PredictionResult:
     def precision(self) -> Precision:
         """The variant that answered (every image of a request gets the same one)."""
         return self.predictions[0].precision
+
+
+#: A front end's response message type.
+Response = TypeVar("Response")
+
+
+@dataclass(frozen=True, slots=True)
+class WireCall(Generic[Response]):
+    """What a front end knows of one call beyond its request: how the core counts and prices it."""
+
+    #: The method the call is counted under (``Predict``, ``PredictStream``, ...).
+    method: str
+    #: Bytes the request took on the wire.
+    bytes_in: int
+    #: Builds the response to a result and returns it with the bytes it will take on the wire,
+    #: its cost included (the cost is filled in after pricing, which needs the size).
+    encode: Callable[[PredictionResult], tuple[Response, int]]
+    #: The precision the call asked for, counted under when its request cannot be converted.
+    asked_precision: Precision = Precision.AUTO
+
+
+@dataclass(slots=True)
+class PricedAnswer(Generic[Response]):
+    """A request's result, its encoded response (cost not yet filled in) and what it cost."""
+
+    result: PredictionResult
+    response: Response
+    cost: CostBreakdown

@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from typing import Any, AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from typing import Any
 
 import grpc
 
@@ -53,7 +54,7 @@ def tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes],
     def deserialize(raw: bytes) -> Any:
         try:
             return parse(raw)
-        except Exception as error:  # DecodeError, or RuntimeError for recursion too deep
+        except Exception as error:  # noqa: BLE001 - DecodeError, or RuntimeError for recursion too deep
             return Undecodable(
                 Malformed(f"the message ({len(raw)} bytes) is not a valid {type_name}: {type(error).__name__}")
             )
@@ -108,7 +109,7 @@ def _varint(raw: bytes, position: int) -> tuple[int, int]:
 
 
 class CallGate:
-    """Admission of prediction calls: the server-wide in-flight bound and the drain.
+    """Admission of prediction calls: the model loading, the server-wide in-flight bound and the drain.
 
     A plain context manager (``with gate.admit("Predict"):``) entered at the start of a
     call's handler, so a call is counted exactly while its handler runs: the bound is
@@ -116,20 +117,26 @@ class CallGate:
     arriving together is refused beyond the bound rather than admitted as a whole.
     """
 
-    def __init__(self, max_in_flight: int, on_refused: RefusalCounter | None = None) -> None:
+    def __init__(self, max_in_flight: int, on_refused: RefusalCounter | None = None, ready: bool = True) -> None:
         #: Most calls admitted at once; past it, calls get RESOURCE_EXHAUSTED.
         self.max_in_flight = max_in_flight
+        #: False while the model loads (calls get UNAVAILABLE); the app opens the gate once it is warm.
+        self.ready = ready
         #: False once the drain refuses new calls (they get UNAVAILABLE).
         self.accepting = True
         #: Calls being handled now.
         self.in_flight = 0
         self._on_refused = on_refused
 
-    def admit(self, method: str) -> "CallGate":
+    def admit(self, method: str) -> CallGate:
         """Admit a call to ``method`` or raise :class:`ServerBusy` / :class:`Unavailable` (counted)."""
         if not self.accepting:
             error: CostserveError = Unavailable(
                 "the server is shutting down; retry on another replica or after it restarts"
+            )
+        elif not self.ready:
+            error = Unavailable(
+                "the model is still loading; retry shortly (the health service says when it is SERVING)"
             )
         elif self.in_flight >= self.max_in_flight:
             error = ServerBusy(
@@ -207,11 +214,15 @@ def _guard(
     on_malformed: RefusalCounter,
     parser: Callable[[bytes], Any] | None,
 ) -> grpc.RpcMethodHandler:
-    deserializer = parser or tolerant(handler.request_deserializer, _type_name(handler.request_deserializer))
+    generated = handler.request_deserializer
+    if parser is None and generated is not None:
+        parser = tolerant(generated, _type_name(generated))
     if handler.request_streaming:
         behaviour = handler.stream_unary or handler.stream_stream
     else:
         behaviour = handler.unary_unary or handler.unary_stream
+    if behaviour is None:  # a handler carries the behaviour of its own kind: never the case
+        raise ValueError(f"{method}: the handler has no behaviour of its streaming kind")
     wrapped = _wrap(behaviour, method, gate, on_malformed, handler.request_streaming)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -219,7 +230,7 @@ def _guard(
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(handler.request_streaming, handler.response_streaming)]
-    return make(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)
+    return make(wrapped, request_deserializer=parser, response_serializer=handler.response_serializer)
 
 
 def _type_name(deserializer: Callable[[bytes], Any]) -> str:

@@ -1,8 +1,10 @@
 """The costserve.v1 gRPC front end: protobuf <-> domain types, and status codes.
 
-Thin by design: no request logic lives here. Errors are mapped in one place,
-:func:`abort_on_error`: a :class:`CostserveError` aborts with its own status and
-message; anything else is a bug and aborts with ``INTERNAL``.
+Thin by design: it converts messages and maps errors, nothing else. The core
+measures, prices and counts each call (:meth:`InferenceCore.predict`), and the
+app's :class:`~costserve.server.rpc_gate.CallGate` admits it. Errors are mapped in
+one place, :func:`abort_on_error`: a :class:`CostserveError` aborts with its own
+status and message; anything else is a bug and aborts with ``INTERNAL``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import asyncio
 import functools
 import logging
 import math
-import time
 from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
 
 import grpc
@@ -26,8 +27,9 @@ from costserve.server.domain import (
     PredictionRequest,
     PredictionResult,
     RawPixels,
+    WireCall,
 )
-from costserve.server.errors import CostserveError, InvalidInput, Unavailable
+from costserve.server.errors import CostserveError, InvalidInput
 from costserve.server.inputs import ImageLimits
 from costserve.server.rpc_gate import Undecodable, abort_with, count_top_level_field, tolerant
 from costserve.v1 import classifier_pb2 as pb
@@ -214,32 +216,35 @@ def tenant_of(context: grpc.aio.ServicerContext) -> str:
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    """costserve.v1.Classifier over an :class:`InferenceCore` (None until the model is loaded)."""
+    """costserve.v1.Classifier over an :class:`InferenceCore`.
+
+    The app sets :attr:`core` once the model is warm and only then opens its call gate,
+    so every call admitted finds it.
+    """
 
     def __init__(self, core: InferenceCore | None = None) -> None:
         self.core = core
 
     def _ready_core(self) -> InferenceCore:
-        if self.core is None:
-            raise Unavailable("the model is still loading; retry shortly (the health service says when it is SERVING)")
+        assert self.core is not None, "the call gate admits calls only once the core is ready"
         return self.core
 
     async def _answer(
         self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str
     ) -> pb.PredictResponse:
-        """Convert, predict, convert back, and charge the request for what it used."""
-        cpu_started = time.thread_time()  # the event loop's CPU clock
-        try:
-            request = request_from_proto(message, context.time_remaining(), tenant_of(context), core.limits)
-        except InvalidInput as error:
-            core.count_failure(method, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO).value, error)
-            raise
-        result = await core.predict(request, method=method)
-        response = response_to_proto(result, core.model.metadata.labels)
-        network_bytes = message.ByteSize() + response.ByteSize() + COST_FIELD_BYTES
-        handling_cpu = time.thread_time() - cpu_started - result.waiting_loop_cpu_seconds
-        fill_cost(response.cost, core.charge(result, network_bytes, handling_cpu))
-        return response
+        """Hand the message to the core with how to convert it and encode its answer; fill in the cost."""
+        labels = core.model.metadata.labels
+
+        def encode(result: PredictionResult) -> tuple[pb.PredictResponse, int]:
+            response = response_to_proto(result, labels)
+            return response, response.ByteSize() + COST_FIELD_BYTES
+
+        answer = await core.predict(
+            lambda: request_from_proto(message, context.time_remaining(), tenant_of(context), core.limits),
+            WireCall(method, message.ByteSize(), encode, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO)),
+        )
+        fill_cost(answer.response.cost, answer.cost)
+        return answer.response
 
     @abort_on_error
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
@@ -251,11 +256,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
         """Answers each request in order; requests are computed up to STREAM_WINDOW ahead."""
-        try:
-            async for response in self._predict_stream(request_iterator, context):
-                yield response
-        except Unavailable as error:
-            await _abort(context, error)
+        async for response in self._predict_stream(request_iterator, context):
+            yield response
 
     async def _predict_stream(
         self, request_iterator: AsyncIterator[pb.PredictRequest], context: grpc.aio.ServicerContext
@@ -296,12 +298,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     @abort_on_error
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         core = self._ready_core()
-        metadata = core.model.metadata
-        core.metrics.count_answered("GetModelInfo")
+        model = core.describe("GetModelInfo")
+        metadata = model.metadata
         return pb.ModelInfo(
             name=metadata.name,
             version=metadata.version,
-            input_shape=list(core.model.input_shape),
+            input_shape=list(model.input_shape),
             labels=metadata.labels,
             variants=[
                 pb.Variant(
@@ -311,7 +313,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     format=metadata.variant(precision).format,
                     path=metadata.variant(precision).path,
                 )
-                for precision in core.model.runtimes
+                for precision in model.runtimes
             ],
             holdout_examples=metadata.holdout_examples,
             training_data=metadata.training_data,

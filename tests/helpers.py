@@ -65,3 +65,30 @@ def report_table(report: str, header_start: str) -> dict[str, list[str]]:
         cells = [cell.strip() for cell in line.split("|")[1:-1]]
         table[cells[0]] = cells[1:]
     return table
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (seconds), for the core's load signals and policy."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def report_rows(report: str, header_start: str, rows: tuple[str, ...]) -> dict[str, list[str]]:
+    """The cells after the first of each of ``rows`` (named by the start of their first cell) in that table.
+
+    Fails, showing the report, when a row is missing.
+    """
+    table = report_table(report, header_start)
+    found = {}
+    for row in rows:
+        matches = [cells for name, cells in table.items() if name.startswith(row)]
+        assert matches, f"row {row!r} missing from the report:\n{report}"
+        found[row] = matches[0]
+    return found

@@ -14,6 +14,7 @@ from helpers import SpyRuntime
 from costserve.server.batcher import Batcher
 from costserve.server.domain import Precision
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
+from costserve.server.load import RecentLoad, RuntimeWindow, fill_until
 
 T = TypeVar("T")
 
@@ -83,132 +84,129 @@ def test_images_arriving_while_busy_go_together_in_order(spy: SpyRuntime, holdou
 def test_under_load_a_batch_waits_up_to_the_timeout_for_more(spy: SpyRuntime, holdout: Any) -> None:
     async def scenario() -> None:
         batcher = Batcher(spy, max_batch_size=8, batch_timeout_s=3600, max_queue=64)
+        await _keeps_filling_until_full(batcher, spy, holdout.holdout_images)
+
+    run(scenario)
+
+
+class FixedWindow(RuntimeWindow):
+    """A runtime window that reports a chosen recent load: the fill rule's inputs, set by the test."""
+
+    def __init__(self, load: RecentLoad) -> None:
+        super().__init__()
+        self.load = load
+
+    def recent(self, now: float) -> RecentLoad:
+        self.mark(now)
+        return self.load
+
+
+SATURATED = RecentLoad(arrival_per_s=1000.0, duty=1.0, loop_share=0.5)
+TIME_TO_SPARE = RecentLoad(arrival_per_s=1000.0, duty=0.6, loop_share=0.3)
+
+
+async def _three_waiting_after_a_busy_batch(batcher: Batcher, spy: SpyRuntime, images: np.ndarray) -> list[asyncio.Future]:
+    """One image holds the runtime while three more arrive (so they arrived busy); then it frees up."""
+    running = await _hold_runtime(batcher, spy, images[0])
+    waiting = batcher.submit(list(images[1:4]), deadline=None)
+    spy.gate.set()
+    await running
+    return waiting
+
+
+async def _keeps_filling_until_full(batcher: Batcher, spy: SpyRuntime, images: np.ndarray) -> None:
+    """Start ``batcher``; three images arrive busy and, once the runtime is free, wait for more until a batch of 8."""
+    await batcher.start()
+    waiting = await _three_waiting_after_a_busy_batch(batcher, spy, images)
+    await asyncio.sleep(0.05)  # the runtime is free, but the batch of 3 keeps waiting to fill
+    assert spy.batches == [1] and not any(future.done() for future in waiting)
+    rest = batcher.submit(list(images[4:9]), deadline=None)  # fills it to 8
+    await asyncio.gather(*waiting, *rest)
+    assert spy.batches == [1, 8]
+    await batcher.stop()
+
+
+def test_under_saturation_a_batch_keeps_filling_past_the_timeout(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        # Far past the 1 ms timeout, the batch keeps filling.
+        batcher = Batcher(
+            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30, window=FixedWindow(SATURATED)
+        )
+        await _keeps_filling_until_full(batcher, spy, holdout.holdout_images)
+
+    run(scenario)
+
+
+def test_with_time_to_spare_no_batch_waits_past_the_timeout(spy: SpyRuntime, holdout: Any) -> None:
+    async def scenario() -> None:
+        batcher = Batcher(
+            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30,
+            window=FixedWindow(TIME_TO_SPARE),
+        )  # fmt: skip
         await batcher.start()
-        running = await _hold_runtime(batcher, spy, holdout.holdout_images[0])
-        first = batcher.submit(list(holdout.holdout_images[1:3]), deadline=None)
-        spy.gate.set()
-        await running
-        await asyncio.sleep(0.05)  # the runtime is free, but the batch of 2 keeps waiting to fill
-        assert spy.batches == [1] and not any(future.done() for future in first)
-        rest = batcher.submit(list(holdout.holdout_images[3:9]), deadline=None)  # fills it to 8
-        await asyncio.gather(*first, *rest)
-        assert spy.batches == [1, 8]
+        waiting = await _three_waiting_after_a_busy_batch(batcher, spy, holdout.holdout_images)
+        await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)  # not the 30 s fill timeout
+        assert spy.batches == [1, 3]
         await batcher.stop()
 
     run(scenario)
 
 
-class SlowRuntime(SpyRuntime):
-    """A spy whose every batch takes ``seconds`` longer, as a busier model's would."""
+def test_an_image_due_soon_cuts_a_running_fill_wait_short(spy: SpyRuntime, holdout: Any) -> None:
+    """A batch filling under saturation (for up to 30 s) goes before an image that joins it is due."""
 
-    def __init__(self, inner: Any, seconds: float) -> None:
-        super().__init__(inner)
-        self.seconds = seconds
-
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        time.sleep(self.seconds)
-        return super().predict(batch)
-
-
-def _stream(
-    loaded_model: Any,
-    images: np.ndarray,
-    batch_seconds: float,
-    every_s: float | tuple[float, ...],
-    batch_fill_timeout_s: float,
-    deadline_s: float | None = None,
-    deadline_every: int = 1,
-) -> tuple[SlowRuntime, list[Any]]:
-    """Submit one image every ``every_s`` seconds (or after each of those gaps in turn), as a
-    stream of clients would, to a batcher (8 per batch, 1 ms timeout) whose batches take
-    ``batch_seconds``; every ``deadline_every``-th image is due ``deadline_s`` after it is
-    sent. Its runtime and the answers."""
-    slow = SlowRuntime(loaded_model.runtimes[Precision.INT8], seconds=batch_seconds)
-
-    gaps = every_s if isinstance(every_s, tuple) else (every_s,)
-
-    async def scenario() -> list[Any]:
+    async def scenario() -> None:
         loop = asyncio.get_running_loop()
+        # A 0.2 s timeout: the batch starts that long before the due image's deadline.
         batcher = Batcher(
-            slow,
-            max_batch_size=8,
-            batch_timeout_s=0.001,
-            max_queue=len(images),
-            batch_fill_timeout_s=batch_fill_timeout_s,
+            spy, max_batch_size=8, batch_timeout_s=0.2, max_queue=64, batch_fill_timeout_s=30, window=FixedWindow(SATURATED)
         )
         await batcher.start()
-        futures = []
-        for index, image in enumerate(images):
-            due = deadline_s is not None and index % deadline_every == 0
-            futures += batcher.submit([image], deadline=loop.time() + deadline_s if due else None)
-            await asyncio.sleep(gaps[index % len(gaps)])
-        answers = await _answers(*futures)
+        waiting = await _three_waiting_after_a_busy_batch(batcher, spy, holdout.holdout_images)
+        await asyncio.sleep(0.3)  # past the timeout: filling
+        assert spy.batches == [1]
+        due = batcher.submit([holdout.holdout_images[4]], deadline=loop.time() + 1.0)
+        answers = await asyncio.wait_for(_answers(*waiting, *due), timeout=10)  # not the 30 s fill timeout
+        assert spy.batches == [1, 4] and len(answers) == 4  # the due image went with them, in time
         await batcher.stop()
-        return answers
 
-    return slow, run(scenario)
-
-
-def test_under_saturation_batches_keep_filling_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
-    """Images arriving every ~1 ms while each batch takes 3 ms: full batches, not the 3-4 the timeout gives."""
-    images = holdout.holdout_images[:360]
-    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=0.001, batch_fill_timeout_s=1.0)
-    np.testing.assert_array_equal(np.array([answer.probabilities for answer in answers]), slow.inner.predict(images))
-    # Once the batcher has measured the rate for half its 0.25 s window (a third of the
-    # ~0.4 s run), every batch fills.
-    assert slow.batches[-11:-1] == [8] * 10, slow.batches
+    run(scenario)
 
 
-def test_a_runtime_with_time_to_spare_does_not_make_batches_wait(loaded_model: Any, holdout: Any) -> None:
-    """Images in pairs 1 ms apart every 10 ms, batches of 3 ms: each pair's second image finds the
-    runtime busy and the rate would fill 8 within the 1 s fill timeout, but the runtime has a
-    batch only ~60% of the time, so no batch waits to fill."""
-    images = holdout.holdout_images[:120]
-    slow, answers = _stream(loaded_model, images, batch_seconds=0.003, every_s=(0.001, 0.009), batch_fill_timeout_s=1.0)
-    assert len(answers) == sum(slow.batches) == len(images)
-    assert max(slow.batches) < 8, slow.batches
+def test_the_fill_rule_waits_only_under_saturation_and_while_the_rate_fills_the_batch_in_time() -> None:
+    def rule(recent: RecentLoad, missing: int = 4, earliest_deadline: float | None = None) -> float | None:
+        return fill_until(
+            now=100.0, missing=missing, fill_deadline=100.02, earliest_deadline=earliest_deadline,
+            deadline_margin_s=0.005, recent=recent,
+        )  # fmt: skip
+
+    assert rule(SATURATED) == 100.02  # 4 more at 1,000/s take 4 ms: wait, at most to the fill deadline
+    assert rule(RecentLoad(1000.0, duty=0.5, loop_share=0.85)) == 100.02  # the loop's CPU saturated
+    assert rule(TIME_TO_SPARE) is None  # with time to spare, a smaller batch costs nothing
+    assert rule(RecentLoad(100.0, duty=1.0, loop_share=0.0)) is None  # 4 more at 100/s: 40 ms, past 20 ms
+    assert rule(RecentLoad(0.0, duty=1.0, loop_share=1.0)) is None  # no arrivals measured yet
+    assert rule(SATURATED, missing=0) is None  # full
+    assert rule(SATURATED, earliest_deadline=100.015) == pytest.approx(100.01)  # starts 5 ms before it is due
+    assert rule(SATURATED, earliest_deadline=100.008) is None  # 4 ms to fill, 3 ms left before the margin
 
 
-def test_the_batcher_measures_how_busy_its_event_loop_thread_is(spy: SpyRuntime) -> None:
-    """The third signal of saturation: the event loop's thread on CPU most of the recent time."""
-    batcher = Batcher(spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=8, batch_fill_timeout_s=0.02)
-    started = time.monotonic()
-    batcher._recent_load(started)
-    while time.monotonic() < started + 0.2:  # on CPU all the time
-        pass
-    assert batcher._recent_load(time.monotonic())[2] > 0.8
-    time.sleep(0.3)  # off CPU: the window now holds mostly sleep
-    assert batcher._recent_load(time.monotonic())[2] < 0.5
-
-
-def test_a_batch_does_not_wait_to_fill_past_what_its_deadlines_allow(loaded_model: Any, holdout: Any) -> None:
-    """An image every ~10 ms, batches of 12 ms, each image due 60 ms after it is sent: the rate
-    fills 8 within the 1 s fill timeout (~70 ms), too late for the deadlines, so none waits that long."""
-    images = holdout.holdout_images[:60]
-    slow, answers = _stream(
-        loaded_model, images, batch_seconds=0.012, every_s=0.01, batch_fill_timeout_s=1.0, deadline_s=0.06
-    )
-    assert len(answers) == sum(slow.batches) == len(images)  # none dropped as expired
-
-
-def test_an_image_due_soon_cuts_a_running_fill_wait_short(loaded_model: Any, holdout: Any) -> None:
-    """The same stream with no deadlines but on every 7th image (due 40 ms after it is sent):
-    those arrive while a batch waits to fill and must not wait with it."""
-    images = holdout.holdout_images[:120]
-    slow, answers = _stream(
-        loaded_model, images, batch_seconds=0.012, every_s=0.01, batch_fill_timeout_s=1.0,
-        deadline_s=0.04, deadline_every=7,
-    )  # fmt: skip
-    assert len(answers) == sum(slow.batches) == len(images)  # none dropped as expired
-    assert max(slow.batches) == 8  # the images without deadlines still fill batches
-
-
-def test_below_saturation_no_batch_waits_past_the_timeout(loaded_model: Any, holdout: Any) -> None:
-    """Images every ~30 ms, batches of 40 ms: filling 8 would take ~200 ms, past the fill timeout: none waits."""
-    images = holdout.holdout_images[:24]
-    slow, answers = _stream(loaded_model, images, batch_seconds=0.04, every_s=0.03, batch_fill_timeout_s=0.1)
-    assert len(answers) == sum(slow.batches) == len(images)
-    assert max(slow.batches) < 8, slow.batches
+def test_the_runtime_window_measures_arrivals_duty_and_the_loops_cpu_on_its_clocks() -> None:
+    loop_cpu = [0.0]
+    window = RuntimeWindow(loop_cpu=lambda: loop_cpu[0], window_s=0.25)
+    window.mark(10.0)
+    assert window.recent(10.1) == RecentLoad()  # less than half a window seen
+    window.arrived(100)
+    window.busy(0.09)
+    window.filled(0.1)
+    loop_cpu[0] = 0.18
+    recent = window.recent(10.2)
+    assert recent.arrival_per_s == pytest.approx(500.0)  # 100 images in 0.2 s
+    assert recent.duty == pytest.approx(0.9)  # busy 0.09 s of the 0.1 s not spent filling
+    assert recent.loop_share == pytest.approx(0.9) and recent.saturated
+    # Half a second later with nothing arriving, the window holds only idle time.
+    recent = window.recent(10.45)
+    recent = window.recent(10.7)
+    assert recent.arrival_per_s == 0 and recent.duty == 0 and recent.loop_share == 0 and not recent.saturated
 
 
 class HelperThreadRuntime(SpyRuntime):

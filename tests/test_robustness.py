@@ -24,7 +24,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from conftest import EXAMPLES, RunningServer, ServerProcess
+from benchmarks.launch import start_costserve
+from conftest import EXAMPLES, RunningServer
 from helpers import SpyRuntime
 from costserve import image_message
 from costserve.server.domain import ImageInput, PixelType, Precision, RawPixels
@@ -246,6 +247,12 @@ def _small_calls_while(target: str, busy: Callable[[], bool], limit: int = 2000)
     return latencies
 
 
+def _seconds(work: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
+
+
 def test_a_four_million_image_message_is_refused_at_once_while_others_are_served(server: RunningServer) -> None:
     options = [("grpc.max_send_message_length", 64 << 20)]
     with grpc.insecure_channel(server.target, options=options) as channel:
@@ -267,9 +274,11 @@ def test_a_four_million_image_message_is_refused_at_once_while_others_are_served
         finally:
             done.set()
             worker.join(timeout=60)
-    # The slowest part left is moving 8 MB over loopback; the best of three shows the bound
-    # on the server's work without the host's scheduling noise.
-    assert min(refusal_s) < 0.050, refusal_s
+    # Refused from its wire bytes, not parsed: the best of three refusals, 8 MB over loopback
+    # included, takes a small part of what parsing the message alone takes here (both slow
+    # down alike on a loaded host).
+    parse_s = _seconds(lambda: pb.PredictRequest.FromString(FOUR_MILLION_EMPTY_IMAGES))
+    assert min(refusal_s) < parse_s / 4, (refusal_s, parse_s)
     assert small, "no small call was answered meanwhile"
     assert server.metric("costserve_rejected_total", {"reason": "invalid_input"}) == 3
 
@@ -428,12 +437,12 @@ def test_calls_gRPC_drops_past_its_backlog_are_counted_by_the_server(
 @pytest.mark.slow
 def test_sigterm_under_steady_traffic_exits_in_time_with_no_call_cancelled(model_dir: Path) -> None:
     grace_s = 1.0
-    served = ServerProcess(model_dir, "--drain-grace-seconds", str(grace_s))
+    served = start_costserve(model_dir, "--drain-grace-seconds", str(grace_s))
     clients = 8
     outcomes: list[list[tuple[float, grpc.StatusCode, float]]] = [[] for _ in range(clients)]
     stop = threading.Event()
     try:
-        assert served.serving.wait(120), served.log
+        served.wait_serving(120)
 
         def steady(index: int) -> None:
             with grpc.insecure_channel(served.target) as channel:
@@ -463,7 +472,7 @@ def test_sigterm_under_steady_traffic_exits_in_time_with_no_call_cancelled(model
             worker.join(timeout=60)
     finally:
         stop.set()
-        served.stop()
+        served.kill()
     every = [outcome for per_client in outcomes for outcome in per_client]
     codes = {code for _, code, _ in every}
     assert exit_code == 0, served.log
