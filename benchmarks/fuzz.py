@@ -528,8 +528,8 @@ def extreme_cases() -> list[FuzzCase]:
     many_images = pb.PredictRequest(images=[pb.Image(encoded=digit)] * (SERVER_MESSAGE_LIMIT // len(digit) + 8))
     cases = [
         FuzzCase("Predict", (over,), "over the message limit: 16 MiB + 2 KiB of empty images", EXTREME_DEADLINE_S),
-        FuzzCase("Predict", (many_images.SerializeToString(),), f"over the message limit: {len(many_images.images)} PNG digits",
-                 EXTREME_DEADLINE_S),
+        FuzzCase("Predict", (many_images.SerializeToString(),),
+                 f"over the message limit: {len(many_images.images)} PNG digits", EXTREME_DEADLINE_S),
         FuzzCase("PredictStream", (over,), "over the message limit in a stream", EXTREME_DEADLINE_S),
         FuzzCase("GetModelInfo", (over,), "over the message limit", EXTREME_DEADLINE_S),
         FuzzCase("Health.Check", (over,), "over the message limit", EXTREME_DEADLINE_S),
@@ -539,7 +539,8 @@ def extreme_cases() -> list[FuzzCase]:
         FuzzCase("Predict", (pb.PredictRequest(images=[pb.Image(encoded=large_png(6000, 6000))]).SerializeToString(),),
                  "one 6000x6000 PNG", EXTREME_DEADLINE_S),
         FuzzCase("Predict", (pb.PredictRequest(images=[pb.Image(encoded=with_png_size(large_png(8, 8), 65535, 65535))]
-                                               ).SerializeToString(),), "a PNG declaring 65535x65535", EXTREME_DEADLINE_S),
+                                               ).SerializeToString(),),
+                 "a PNG declaring 65535x65535", EXTREME_DEADLINE_S),
     ]  # fmt: skip
     return cases
 

@@ -46,7 +46,8 @@ def run_h2load(target: str, body_file: Path, plan: LoadShape, log_path: Path) ->
     output = done.stdout + done.stderr
     finished = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", output)
     counts = re.search(
-        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout",
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+        r"(\d+) failed, (\d+) errored, (\d+) timeout",
         output,
     )
     statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)

@@ -284,13 +284,13 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         "",
         "## The run",
         "",
-        f"- fp32 capacity, measured first (closed loop, 16 in flight, every image computed): **{capacity:.0f} requests/s** "
-        f"of {IMAGES_PER_REQUEST} images.",
+        "- fp32 capacity, measured first (closed loop, 16 in flight, every image computed): "
+        f"**{capacity:.0f} requests/s** of {IMAGES_PER_REQUEST} images.",
         "- Open-loop Poisson arrivals, the same arrivals and inputs for every mode, "
         + ", ".join(f"{name} {rate:.0f} req/s for {phase_s:.0f} s" for (name, _), rate in zip(PHASES, workload.rates))
         + f" ({len(workload.arrivals)} requests).",
-        f"- {REPEAT_SHARE:.0%} of requests re-send an input sent before; the rest are distinct variants of the held-out "
-        f"digits (labels known). Each call has a {DEADLINE_S:.0f} s deadline. Every server runs with "
+        f"- {REPEAT_SHARE:.0%} of requests re-send an input sent before; the rest are distinct variants of the "
+        f"held-out digits (labels known). Each call has a {DEADLINE_S:.0f} s deadline. Every server runs with "
         f"`{' '.join(SERVER_FLAGS)}`: AUTO requests are held to the objective (refused at once when no variant "
         "is predicted to answer within it), explicit precisions queue. A fresh server (cold cache) per mode. "
         "The load generator sends each request as bytes joined from pre-encoded images, so its CPU stays "
@@ -299,7 +299,7 @@ def write_results(results: dict[str, dict], capacity: float, workload: Workload,
         "- Cost per 1M predictions three ways: **compute** = the CPU and memory the answers used, at list price "
         "(the part a precision can change); **resources** = compute plus the network bytes moved (the same for "
         "every mode); **charged** = what the server billed, which also spreads the idle capacity of one fixed "
-        "2-vCPU server over the answers (README, Cost).",
+        "2-vCPU server over the answers (docs/cost-and-policy.md, The cost model).",
         "",
         "## Per mode",
         "",

@@ -810,7 +810,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((
             f"a. fuzzing, {fuzz['cases']:,} cases",
             "0 INTERNAL/UNKNOWN, every call a status, valid Predict after",
-            f"{fuzz['forbidden']} INTERNAL/UNKNOWN, {fuzz['without_status']} without status, final Predict {fuzz['final_predict']}",
+            f"{fuzz['forbidden']} INTERNAL/UNKNOWN, {fuzz['without_status']} without status, "
+            f"final Predict {fuzz['final_predict']}",
             verdict(fuzz["passed"]),
         ))  # fmt: skip
     if not failed("stall", "b. one request can't stall others"):
@@ -871,7 +872,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((
             f"e. SIGTERM under load from {term['clients']} clients",
             f"0 lost, no CANCELLED, exit 0 within {term['bound_s']:.2f} s",
-            f"{term['lost']} lost, {term['cancelled']} CANCELLED, exit {term['exit_code']} after {fmt(term['exit_s'], '.2f')} s",
+            f"{term['lost']} lost, {term['cancelled']} CANCELLED, exit {term['exit_code']} "
+            f"after {fmt(term['exit_s'], '.2f')} s",
             verdict(ok),
         ))  # fmt: skip
     return rows
@@ -880,11 +882,15 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def render_report(results: dict[str, Any], rows: list[tuple[str, str, str, str]], notes: str) -> str:
     """The whole RESULTS-reliability.md."""
     plan, info, parts = results["plan"], results["machine"], results["parts"]
+    run_kind = (
+        "quick smoke run: short durations, servers started together up front, figures are rough"
+        if plan["quick"]
+        else "full run"
+    )
     lines = [
         "# costserve reliability benchmark",
         "",
-        f"Written by `{results['command']}` "
-        f"({'quick smoke run: short durations, servers started together up front, figures are rough' if plan['quick'] else 'full run'}) "
+        f"Written by `{results['command']}` ({run_kind}) "
         f"on {info['date']} in {results['elapsed_s']:.0f} s, costserve at commit {results['code']}. "
         "Every figure was measured in this run, each part against a fresh `costserve-server serve` on 127.0.0.1. "
         "Do not edit above the notes marker: the next run rewrites it.",
@@ -942,7 +948,8 @@ def section_fuzz(fuzz: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"- Cases by kind: {counts_text(fuzz['kinds'])}.",
         f"- INTERNAL or UNKNOWN: {fuzz['forbidden']}; without a status: {fuzz['without_status']}; "
         f"a valid Predict afterwards: {fuzz['final_predict']}: **{verdict(fuzz['passed'])}**.",
-        f"- Slowest call: {fuzz['slowest'][0]:.2f} s, {fuzz['slowest'][1]} ({fuzz['slowest'][2]}) -> {fuzz['slowest'][3]}.",
+        f"- Slowest call: {fuzz['slowest'][0]:.2f} s, {fuzz['slowest'][1]} ({fuzz['slowest'][2]}) "
+        f"-> {fuzz['slowest'][3]}.",
         f"- Server's `costserve_rejected_total` after the run: {counts_text(fuzz.get('rejected', {}))}.",
     ]
     if fuzz["failures"]:
@@ -958,8 +965,9 @@ def section_stall(stall: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         "## b. One request can't stall others",
         "",
         f"{SMALL_CALL_STREAMS} streams of sequential small calls (one 28x28 digit PNG, fp32, cache bypassed) for "
-        f"{plan['stall_seconds']:g} s alone, then for {plan['stall_seconds']:g} s while {WORST_SENDERS} sender processes of their own sent "
-        "the worst requests back to back. The limits were found by probing with black PNGs: the largest square image "
+        f"{plan['stall_seconds']:g} s alone, then for {plan['stall_seconds']:g} s while {WORST_SENDERS} sender "
+        "processes of their own sent the worst requests back to back. The limits were found by probing with black "
+        "PNGs: the largest square image "
         f"answered OK alone was {probe['largest_single_image_side']}x{probe['largest_single_image_side']}, in a "
         f"request of 64 images {probe['largest_64_image_side']}x{probe['largest_64_image_side']} (searched up to "
         f"{PROBE_MAX_SIDE}).",
@@ -1000,13 +1008,13 @@ def section_overload(load: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"- Capacity: closed loop, {capacity['concurrency']} concurrent calls, {capacity['seconds']:g} s: "
         f"**{capacity['rps']:.0f} req/s** answered OK (p50 {fmt(capacity['p50_ms'], '.1f')} ms, p99 "
         f"{fmt(capacity['p99_ms'], '.1f')} ms; statuses {counts_text(capacity['statuses'])}).",
-        f"- Open loop at {OVERLOAD_FACTOR:g}x = {load['rate_asked']:.0f} req/s for {load['seconds']:g} s, evenly spaced "
-        f"arrivals, deadline {CALL_DEADLINE_S:g} s per call: {offered['calls']:,} calls sent over "
+        f"- Open loop at {OVERLOAD_FACTOR:g}x = {load['rate_asked']:.0f} req/s for {load['seconds']:g} s, "
+        f"evenly spaced arrivals, deadline {CALL_DEADLINE_S:g} s per call: {offered['calls']:,} calls sent over "
         f"{offered['send_span_s']:.2f} s = **{offered['achieved_rps']:.0f} req/s offered** "
         f"({100 * offered['achieved_rps'] / capacity['rps']:.0f}% of capacity); send lag behind schedule p50 "
         f"{fmt(offered['lag_p50_ms'], '.1f')} ms, p99 {fmt(offered['lag_p99_ms'], '.1f')} ms, max "
-        f"{fmt(offered['lag_max_ms'], '.1f')} ms; generator CPU {', '.join(f'{cpu:.1f}' for cpu in offered['generator_cpu_s'])} s "
-        "per process.",
+        f"{fmt(offered['lag_max_ms'], '.1f')} ms; generator CPU "
+        f"{', '.join(f'{cpu:.1f}' for cpu in offered['generator_cpu_s'])} s per process.",
         f"- Goodput: {load['ok']:,} OK = {load['goodput_rps']:.0f} req/s = **{100 * load['goodput_share']:.1f}% of "
         f"capacity** (target >= {100 * TARGET_GOODPUT:.0f}%: {verdict(load['goodput_share'] >= TARGET_GOODPUT)}); "
         f"{load['ok_in_deadline']:,} of them within {CALL_DEADLINE_S:g} s of their scheduled time = "
@@ -1038,7 +1046,8 @@ def section_overload(load: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"{counts_text(load['rejected'])}.",
         "",
         f"- Server RSS (VmRSS, every second from before the open loop to 1 s after recovery): start "
-        f"{rss['start_bytes'] / 2**20:.0f} MiB, max {rss['max_bytes'] / 2**20:.0f} MiB, end {rss['end_bytes'] / 2**20:.0f} MiB. "
+        f"{rss['start_bytes'] / 2**20:.0f} MiB, max {rss['max_bytes'] / 2**20:.0f} MiB, "
+        f"end {rss['end_bytes'] / 2**20:.0f} MiB. "
         "Samples (s: MiB): " + ", ".join(f"{at:g}: {value / 2**20:.0f}" for at, value in rss["samples"]) + ".",
         f"- Time to recover: after the load generator returned (every call it made had ended), single sequential "
         f"calls until one was answered in under {RECOVERED_MS:.0f} ms: "
@@ -1083,8 +1092,8 @@ def section_sigterm(term: dict[str, Any], plan: dict[str, Any]) -> list[str]:
         f"{fmt(term['last_ok_after_signal_s'], '.2f')} s after the signal.",
         f"- CANCELLED, any call: {term['cancelled']}.",
         f"- Exit code {term['exit_code']}, {fmt(term['exit_s'], '.2f')} s after the signal; bound = grace "
-        f"{term['grace_s']:g} s + longest call in the drain {term['longest_call_s']:.3f} s + 1 s = {term['bound_s']:.2f} s: "
-        f"**{verdict(ok)}**.",
+        f"{term['grace_s']:g} s + longest call in the drain {term['longest_call_s']:.3f} s + 1 s = "
+        f"{term['bound_s']:.2f} s: **{verdict(ok)}**.",
         "",
     ]
 

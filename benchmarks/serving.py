@@ -671,7 +671,9 @@ def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "measured": f"{gain:.2f}x",
             "target": f">= {TARGET_BATCHING_GAIN:.0f}x",
             "result": verdict(gain >= TARGET_BATCHING_GAIN),
-            "costserve": f"{saturation['fp32']['costserve_rps']:.0f} vs {saturation['fp32_nobatch']['costserve_rps']:.0f} req/s",
+            "costserve": (
+                f"{saturation['fp32']['costserve_rps']:.0f} vs {saturation['fp32_nobatch']['costserve_rps']:.0f} req/s"
+            ),
             "ceiling": "-",
             "p50": "-",
             "p99": "-",
@@ -764,7 +766,8 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         tool = (
             f"the Python `grpc.aio` client of this benchmark "
             f"({'h2load was not found' if not shutil.which('h2load') else 'chosen with --tool python'}): one channel, "
-            f"{plan['streams']} concurrent calls, {plan['duration_s']:g} s per run after {plan['warmup_s']:g} s warm-up. "
+            f"{plan['streams']} concurrent calls, {plan['duration_s']:g} s per run after {plan['warmup_s']:g} s "
+            "warm-up. "
             "A Python client is slower than h2load and shares the two cores, so these ratios flatter the server"
         )
     lines = [
@@ -786,14 +789,16 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         "",
         f"- Load tool: {tool}.",
         "- Ceiling: `benchmarks/ceiling.py`, a minimal `grpc.aio` server (same channel options as costserve) answering "
-        f"`Predict` with a fixed response: costserve's own answer for this image ({sizes['ceiling_response_bytes']} bytes; "
-        f"costserve's answer {sizes['costserve_response_bytes']} bytes; request {sizes['request_bytes']} bytes).",
+        "`Predict` with a fixed response: costserve's own answer for this image "
+        f"({sizes['ceiling_response_bytes']} bytes; costserve's answer {sizes['costserve_response_bytes']} bytes; "
+        f"request {sizes['request_bytes']} bytes).",
         "- Request: one 28x28 uint8 raw-pixel image (`examples/digits/digit_7.png`); \"cache bypassed\" sets "
         "`skip_cache=true`, so every request is computed; the cache-hit row sends the same image without it, after one "
         "warming request.",
         "- Every answer counted is a gRPC OK: a Python call with the same bytes was checked first (label, precision, "
-        "cache_hit, batch size), and after each run costserve's `costserve_requests_total{code=\"OK\"}` had grown by at "
-        "least the client's count with no error status (streams still open when the tool stops are CANCELLED, not errors).",
+        "cache_hit, batch size), and after each run costserve's `costserve_requests_total{code=\"OK\"}` had grown "
+        "by at least the client's count with no error status (streams still open when the tool stops are "
+        "CANCELLED, not errors).",
         "",
         "### Per scenario",
         "",
@@ -842,16 +847,17 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         "",
         "### Memory and the cache bound",
         "",
-        f"- A fresh server with the default cache ({full['capacity']:,} entries) was sent {full['images_sent']:,} distinct "
-        f"random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
+        f"- A fresh server with the default cache ({full['capacity']:,} entries) was sent {full['images_sent']:,} "
+        f"distinct random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
         f"{full['seconds']:.0f} s: {full['entries']:,} entries at the end, at most {full['most_entries_seen']:,} seen "
         f"(polled every 0.25 s), {full['evictions']:,} evictions.",
         f"- Peak memory (VmHWM) {full['vmhwm_bytes'] / 2**20:.0f} MiB with the cache "
-        f"{'full' if full['full'] else 'partly filled (quick run)'}; it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB "
-        f"when the server was warm with an empty cache (RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
+        f"{'full' if full['full'] else 'partly filled (quick run)'}; "
+        f"it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB when the server was warm with an empty cache "
+        f"(RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
         f"{full['vmrss_bytes'] / 2**20:.0f} MiB after).",
-        f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: {small['entries']:,} entries, "
-        f"at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
+        f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: "
+        f"{small['entries']:,} entries, at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
         "",
         *machine_section(machine_info, "client and servers"),
     ]

@@ -21,8 +21,9 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -117,7 +118,8 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
         min_accuracy=args.min_accuracy,
         max_cost_usd=args.max_cost_usd,
     )
-    rows = [
+    # JSON objects: the --json output as is, and the table's cells.
+    rows: list[dict[str, Any]] = [
         {
             "file": str(path),
             "label": prediction.label_name or str(prediction.label),
@@ -161,8 +163,10 @@ def _info(client: Client, args: argparse.Namespace) -> int:
             f"{PRECISION_NAMES.get(variant.precision, '?'):<8} {variant.format:<12} "
             f"{variant.accuracy * 100:>8.2f}% {variant.size_bytes:>12,d} B"
         )
-    print(f"accuracy measured on {info.holdout_examples} held-out images; "
-          f"up to {info.max_images_per_request} images per request")
+    print(
+        f"accuracy measured on {info.holdout_examples} held-out images; "
+        f"up to {info.max_images_per_request} images per request"
+    )
     return 0
 
 

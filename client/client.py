@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator, Protocol, Sequence, Union
+from typing import Any, Protocol, cast
 
 import grpc
 import grpc.aio
@@ -17,9 +18,9 @@ from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
 #: An image: a path to a PNG/JPEG file, its bytes, or an array of pixels
 #: (uint8 0..255 or float32 0..1, shape (h, w) or (h, w, c)).
-ImageLike = Union[str, Path, bytes, np.ndarray]
+ImageLike = str | Path | bytes | np.ndarray
 #: gRPC metadata as it arrives: (key, value) pairs.
-Metadata = Iterable[tuple[str, Union[str, bytes]]]
+Metadata = Iterable[tuple[str, str | bytes]]
 
 PRECISIONS = {"auto": pb.PRECISION_AUTO, "fp32": pb.PRECISION_FP32, "int8": pb.PRECISION_INT8}
 PRECISION_NAMES = {value: name for name, value in PRECISIONS.items()}
@@ -50,14 +51,14 @@ def image_message(image: ImageLike) -> pb.Image:
     return pb.Image(pixels=pb.Pixels(shape=list(array.shape), dtype=dtype, data=np.ascontiguousarray(array).tobytes()))
 
 
-def precision_value(precision: str | int) -> int:
+def precision_value(precision: str | int) -> pb.Precision:
     """``"auto"``/``"fp32"``/``"int8"`` (or the enum value) as the costserve.v1 Precision value."""
     if isinstance(precision, str):
         try:
             return PRECISIONS[precision.lower()]
         except KeyError:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}") from None
-    return int(precision)
+    return cast(pb.Precision, int(precision))  # an enum's values are ints at run time
 
 
 def predict_request(
@@ -168,7 +169,7 @@ class Client(_Defaults):
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -239,7 +240,11 @@ class Client(_Defaults):
         is the stream's total cost.
         """
         build = functools.partial(
-            predict_request, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+            predict_request,
+            precision=precision,
+            skip_cache=skip_cache,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
         )
         requests = (build(images) for images in batches)
         return self._stub.PredictStream(requests, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
@@ -250,7 +255,9 @@ class Client(_Defaults):
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name: ``SERVING``, ``NOT_SERVING``, ...; raises on no answer."""
-        reply = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
+        reply = self._health.Check(  # type: ignore[attr-defined]  # typeshed's HealthStub omits Check
+            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
@@ -292,13 +299,15 @@ class AsyncClient(_Defaults):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            raise RuntimeError("create an AsyncClient inside a coroutine: its channel belongs to the running event loop") from None
+            raise RuntimeError(
+                "create an AsyncClient inside a coroutine: its channel belongs to the running event loop"
+            ) from None
         super().__init__(target, timeout, tenant)
         self._channel = grpc.aio.insecure_channel(target, options=_channel_options(options))
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -360,13 +369,17 @@ class AsyncClient(_Defaults):
         max_cost_usd: float = 0.0,
         timeout: float | None = None,
     ) -> grpc.aio.StreamStreamCall:
-        """One PredictStream request per element of ``batches`` (an iterable or async iterable); ``async for`` the answers.
+        """One PredictStream request per element of ``batches`` (an iterable or async iterable).
 
-        As :meth:`Client.predict_stream`; the returned call also gives
+        ``async for`` the answers, as with :meth:`Client.predict_stream`; the returned call also gives
         ``cost_usd(await stream.trailing_metadata())``.
         """
         build = functools.partial(
-            predict_request, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+            predict_request,
+            precision=precision,
+            skip_cache=skip_cache,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
         )
         requests: Iterator[pb.PredictRequest] | AsyncIterator[pb.PredictRequest]
         if isinstance(batches, AsyncIterable):
@@ -381,5 +394,7 @@ class AsyncClient(_Defaults):
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name, as :meth:`Client.health`."""
-        reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))
+        reply = await self._health.Check(  # type: ignore[attr-defined]  # typeshed's HealthStub omits Check
+            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

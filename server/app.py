@@ -130,7 +130,10 @@ class CostserveServer:
             self.metrics.track_transport(transport.read)
         services = MethodCollector()
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, services)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
+        health_pb2_grpc.add_HealthServicer_to_server(
+            self.health,
+            services,  # type: ignore[arg-type]  # a stand-in Server: only its add_* methods are called
+        )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)), services
         )
@@ -269,4 +272,3 @@ async def serve(settings: Settings) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-

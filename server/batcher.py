@@ -25,9 +25,9 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -169,7 +169,7 @@ class Batcher:
         if self.metrics is not None:
             self.metrics.track_queue_depth(self.label, lambda: self._waiting)
             self._series = (
-                self.metrics.inference_duration.labels(self.label),  # type: ignore[assignment]
+                self.metrics.inference_duration.labels(self.label),
                 self.metrics.batch_size.labels(self.label),
                 self.metrics.queue_duration.labels(self.label),
             )
@@ -336,8 +336,10 @@ class Batcher:
             )
         except Exception as exc:  # the runtime failed: fail this batch only
             log.exception("%s batch of %d failed", self.label, size)
-            error = exc if isinstance(exc, InferenceFailed) else InferenceFailed(
-                f"{self.label} inference failed on a batch of {size}: {type(exc).__name__}: {exc}"
+            error = (
+                exc
+                if isinstance(exc, InferenceFailed)
+                else InferenceFailed(f"{self.label} inference failed on a batch of {size}: {type(exc).__name__}: {exc}")
             )
             for waiting in batch:
                 if not waiting.future.done():
@@ -366,9 +368,7 @@ class Batcher:
                 )
             row = end
 
-    def _predict(
-        self, images: list[np.ndarray]
-    ) -> tuple[list[np.ndarray], list[int], list[float], float, float]:
+    def _predict(self, images: list[np.ndarray]) -> tuple[list[np.ndarray], list[int], list[float], float, float]:
         """Run one batch on the inference thread, with the work around it.
 
         Stacks ``images``, runs the runtime, checks it returned one row per image, and

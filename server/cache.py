@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from cachetools import LRUCache
@@ -44,14 +45,14 @@ def _digest_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
     return f"{dtype}{shape}".encode()
 
 
-class _CountingLRU(LRUCache):
+class _CountingLRU(LRUCache[CacheKey, Any]):
     """An LRUCache that reports each eviction (``popitem`` is how cachetools evicts)."""
 
     def __init__(self, maxsize: int, on_evict: Callable[[], None]) -> None:
         super().__init__(maxsize)
         self._on_evict = on_evict
 
-    def popitem(self):  # type: ignore[no-untyped-def]
+    def popitem(self) -> tuple[CacheKey, Any]:
         item = super().popitem()
         self._on_evict()
         return item

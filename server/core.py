@@ -16,7 +16,7 @@ import dataclasses
 import gc
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from costserve.server.batcher import BatchAnswer, Batcher
 from costserve.server.budgets import OTHER_TENANT, Budgets, BudgetStatus, TenantLedger
@@ -332,8 +332,10 @@ class InferenceCore:
                 if digests is not None:
                     self._remember(precision, digests[index], answer)
 
+        answered = [prediction for prediction in predictions if prediction is not None]
+        assert len(answered) == count, f"{count - len(answered)} of {count} images left without a prediction"
         return PredictionResult(
-            predictions=predictions,  # type: ignore[arg-type]
+            predictions=answered,
             model_version=self.model.version,
             server_seconds=time.perf_counter() - started,
             waiting_loop_cpu_seconds=waiting_cpu,

@@ -32,9 +32,10 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from costserve.server.domain import CostBreakdown
 from costserve.server.errors import CostserveError

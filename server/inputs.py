@@ -17,9 +17,10 @@ import struct
 import sys
 import threading
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,7 +49,7 @@ JPEG_DRAFT_FACTOR = 2
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _ITEMSIZE = {PixelType.UINT8: 1, PixelType.FLOAT32: 4}
-_NUMPY_DTYPE = {PixelType.UINT8: np.dtype(np.uint8), PixelType.FLOAT32: np.dtype("<f4")}
+_NUMPY_DTYPE: dict[PixelType, np.dtype[Any]] = {PixelType.UINT8: np.dtype(np.uint8), PixelType.FLOAT32: np.dtype("<f4")}
 # ITU-R 601-2 luma, the weights PIL uses for mode "L", so raw RGB and PNG RGB agree.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -74,7 +75,7 @@ class DecodedImage:
         self.digest = pixels_digest(source)
 
     @classmethod
-    def of_level_bytes(cls, data: bytes, shape: tuple[int, int, int]) -> "DecodedImage":
+    def of_level_bytes(cls, data: bytes, shape: tuple[int, int, int]) -> DecodedImage:
         """An image of 8-bit levels already checked to be ``shape``: no array is made until one is needed."""
         image = cls.__new__(cls)
         image._levels = image._pixels = None
@@ -123,7 +124,7 @@ class ImageLimits:
     @classmethod
     def for_model(
         cls, input_shape: tuple[int, int, int], max_images: int, max_image_pixels: int = 0, max_request_pixels: int = 0
-    ) -> "ImageLimits":
+    ) -> ImageLimits:
         """Limits for a model of ``input_shape``; a pixel limit of 0 is sized from the input (see the constants)."""
         input_pixels = input_shape[0] * input_shape[1]
         image_cap = max_image_pixels or min(
@@ -137,7 +138,8 @@ class ImageLimits:
             raise InvalidInput(f"the request has no images; send 1 to {self.max_images}")
         if count > self.max_images:
             raise InvalidInput(
-                f"the request has {count} images; at most {self.max_images} per request (split it, or use PredictStream)"
+                f"the request has {count} images; at most {self.max_images} per request"
+                " (split it, or use PredictStream)"
             )
 
     def check_pixels(self, images: Sequence[ImageInput]) -> bool:
@@ -181,7 +183,7 @@ def declared_pixels(image: ImageInput) -> int:
         try:
             with Image.open(io.BytesIO(data), formats=("JPEG",)) as opened:
                 return opened.width * opened.height
-        except Exception:  # not a readable JPEG header: the decoder reports it
+        except Exception:  # noqa: BLE001 - not a readable JPEG header: the decoder reports it
             return 0
     return 0
 
@@ -207,9 +209,7 @@ def decode(
     return _decode_pixels(image.pixels, input_shape, index)
 
 
-def decode_all(
-    images: Sequence[ImageInput], input_shape: tuple[int, int, int], max_pixels: int
-) -> list[DecodedImage]:
+def decode_all(images: Sequence[ImageInput], input_shape: tuple[int, int, int], max_pixels: int) -> list[DecodedImage]:
     """:func:`decode` every image of a request, in order."""
     return [decode(image, input_shape, index, max_pixels) for index, image in enumerate(images)]
 
@@ -282,15 +282,15 @@ def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int, 
                     )
                 if opened.format == "JPEG":
                     # Decode at 1/2..1/8 scale when the file is far larger than the input.
-                    opened.draft("L" if channels == 1 else "RGB", (JPEG_DRAFT_FACTOR * width, JPEG_DRAFT_FACTOR * height))
+                    opened.draft(
+                        "L" if channels == 1 else "RGB", (JPEG_DRAFT_FACTOR * width, JPEG_DRAFT_FACTOR * height)
+                    )
                 opened.load()
                 picture = _to_mode(opened, channels, (width, height))
     except InvalidInput:
         raise
     except UnidentifiedImageError:
-        raise InvalidInput(
-            f"images[{index}].encoded ({len(data)} bytes) is not a PNG or JPEG file"
-        ) from None
+        raise InvalidInput(f"images[{index}].encoded ({len(data)} bytes) is not a PNG or JPEG file") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise InvalidInput(
             f"images[{index}].encoded could not be decoded as PNG/JPEG ({exc}); the file may be truncated or corrupt"

@@ -21,8 +21,9 @@ import asyncio
 import collections
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the batcher imports this module
     from costserve.server.batcher import Batcher

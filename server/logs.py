@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("costserve.server")
 
@@ -25,7 +26,10 @@ class RateLimitedLog:
     """Logs one line per kind at most every ``interval_s`` seconds, counting the lines left out."""
 
     def __init__(
-        self, logger: logging.Logger = log, interval_s: float = QUIET_INTERVAL_S, clock: Callable[[], float] = time.monotonic
+        self,
+        logger: logging.Logger = log,
+        interval_s: float = QUIET_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._logger = logger
         self._interval_s = interval_s

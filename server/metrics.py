@@ -16,8 +16,10 @@ updates per request that was a tenth of a cache hit's time. Gauges stay
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from bisect import bisect_left
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
@@ -80,62 +82,101 @@ class LoopHistogram:
         self.sum += value * count
 
 
-class LoopFamily:
-    """A labelled family of :class:`LoopCounter` (``buckets`` None) or :class:`LoopHistogram` series.
+#: The series type of a :class:`LoopFamily`.
+SeriesT = TypeVar("SeriesT", LoopCounter, LoopHistogram)
+
+
+class LoopFamily(ABC, Generic[SeriesT]):
+    """A labelled family of series: a :class:`CounterFamily` or a :class:`HistogramFamily`.
 
     ``labels(*values)`` returns the series, creating it on first use; callers on the
     hot path keep the series rather than look it up per request.
     """
 
-    def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str] = (), buckets: Sequence[float] | None = None
-    ) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
-        self.buckets = tuple(buckets) if buckets is not None else None
-        self._series: dict[tuple[str, ...], LoopCounter | LoopHistogram] = {}
-        self._unlabelled = self.labels() if not self.labelnames else None
+        self._series: dict[tuple[str, ...], SeriesT] = {}
 
-    def labels(self, *values: str) -> "LoopCounter | LoopHistogram":
+    def labels(self, *values: str) -> SeriesT:
         """The series with these label values (in ``labelnames`` order)."""
         series = self._series.get(values)
         if series is None:
             if len(values) != len(self.labelnames):
                 raise ValueError(f"{self.name} takes labels {self.labelnames}, got {values}")
-            series = LoopCounter() if self.buckets is None else LoopHistogram(self.buckets)
-            self._series[values] = series
+            series = self._series[values] = self._new_series()
         return series
 
-    def inc(self, amount: float = 1.0) -> None:
-        """Add to the unlabelled counter."""
-        self._unlabelled.inc(amount)  # type: ignore[union-attr]
+    @abstractmethod
+    def _new_series(self) -> SeriesT:
+        """An empty series of this family."""
 
+    @abstractmethod
     def family(self) -> Metric:
         """The family as ``prometheus_client`` exposes it, read now."""
+
+
+class CounterFamily(LoopFamily[LoopCounter]):
+    """A labelled family of :class:`LoopCounter` series."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, documentation, labelnames)
+        self._unlabelled = self.labels() if not self.labelnames else None
+
+    def _new_series(self) -> LoopCounter:
+        return LoopCounter()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add to the unlabelled counter (a family without labels)."""
+        unlabelled = self._unlabelled
+        if unlabelled is None:
+            raise ValueError(f"{self.name} takes labels {self.labelnames}: inc() one of its labels(...)")
+        unlabelled.inc(amount)
+
+    def family(self) -> Metric:
         series = list(self._series.items())  # one C-level copy: the loop may add series meanwhile
-        if self.buckets is None:
-            counters = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for values, counter in series:
-                counters.add_metric(values, counter.value)  # type: ignore[union-attr]
-            return counters
+        counters = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, counter in series:
+            counters.add_metric(values, counter.value)
+        return counters
+
+
+class HistogramFamily(LoopFamily[LoopHistogram]):
+    """A labelled family of :class:`LoopHistogram` series over the same ``buckets``."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        self.buckets = tuple(buckets)
+        super().__init__(name, documentation, labelnames)
+        if not self.labelnames:
+            self.labels()
+
+    def _new_series(self) -> LoopHistogram:
+        return LoopHistogram(self.buckets)
+
+    def family(self) -> Metric:
+        series = list(self._series.items())  # one C-level copy: the loop may add series meanwhile
         histograms = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
         edges = [floatToGoString(bound) for bound in self.buckets] + ["+Inf"]
         for values, histogram in series:
-            counts, total = list(histogram.counts), histogram.sum  # type: ignore[union-attr]
+            counts, total = list(histogram.counts), histogram.sum
             histograms.add_metric(values, list(zip(edges, itertools.accumulate(counts))), total)
         return histograms
+
+
+_FamilyT = TypeVar("_FamilyT", CounterFamily, HistogramFamily)
 
 
 class _LoopFamilies(Collector):
     """Exports every :class:`LoopFamily` of a :class:`ServiceMetrics` at scrape time."""
 
-    def __init__(self, families: list[LoopFamily]) -> None:
+    def __init__(self, families: list[CounterFamily | HistogramFamily]) -> None:
         self._families = families
 
     def collect(self) -> Iterator[Metric]:
         for family in self._families:
             yield family.family()
+
 
 class _ProvisionedCost(Collector):
     """``costserve_provisioned_cost_usd_total``, read from a function at scrape time."""
@@ -174,12 +215,13 @@ class ServiceMetrics:
 
     def __init__(self, registry: CollectorRegistry, process_collector: bool = True) -> None:
         self.registry = registry
-        self._loop_families: list[LoopFamily] = []
+        self._loop_families: list[CounterFamily | HistogramFamily] = []
         if process_collector:
             ProcessCollector(registry=registry)
         self.requests = self._counter(
             "costserve_requests_total",
-            "Calls to costserve.v1 by method, precision that answered (or was asked; auto when none was) and status code.",
+            "Calls to costserve.v1 by method, precision that answered (or was asked; auto when none was)"
+            " and status code.",
             ["method", "precision", "code"],
         )
         self.images = self._counter(
@@ -305,15 +347,15 @@ class ServiceMetrics:
             ["tenant"],
         )
 
-    def _counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> LoopFamily:
-        return self._add_loop_family(LoopFamily(name, documentation, labelnames))
+    def _counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> CounterFamily:
+        return self._add_loop_family(CounterFamily(name, documentation, labelnames))
 
     def _histogram(
         self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
-    ) -> LoopFamily:
-        return self._add_loop_family(LoopFamily(name, documentation, labelnames, buckets))
+    ) -> HistogramFamily:
+        return self._add_loop_family(HistogramFamily(name, documentation, labelnames, buckets))
 
-    def _add_loop_family(self, family: LoopFamily) -> LoopFamily:
+    def _add_loop_family(self, family: _FamilyT) -> _FamilyT:
         if not self._loop_families:
             self.registry.register(_LoopFamilies(self._loop_families))
         self._loop_families.append(family)

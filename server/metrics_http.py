@@ -20,10 +20,11 @@ import queue
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ class _PooledWSGIServer(WSGIServer):
         self._lock = threading.Lock()
         #: Every connection accepted and not yet closed (queued or being handled) -> its deadline (monotonic s).
         self._deadlines: dict[socket.socket, float] = {}
-        super().__init__((sockaddr[0], port), _QuietHandler)
+        # An AF_INET or AF_INET6 address: its host part is text (typeshed also admits other families').
+        super().__init__((str(sockaddr[0]), port), _QuietHandler)
         self.set_app(app)
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]
+    def process_request(self, request: socket.socket, client_address: Any) -> None:  # type: ignore[override]  # TCP requests are sockets
         """On the accept thread: queue the connection for the pool, or refuse it when the queue is full."""
         # Only this thread puts connections, so the queue cannot fill up between the check and the put.
         if self.pending.full():
@@ -137,7 +139,9 @@ def _hang_up(sock: socket.socket) -> None:
 
 def _plain(start_response: _StartResponse, status: str, text: str, headers: list[tuple[str, str]]) -> list[bytes]:
     body = text.encode()
-    start_response(status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers])
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers]
+    )
     return [body]
 
 
@@ -150,7 +154,9 @@ def _metrics_only(metrics_app: _App) -> _App:
             return _plain(start_response, "404 Not Found", f"Not found: metrics are served at {METRICS_PATH}\n", [])
         if method not in ("GET", "HEAD"):
             return _plain(
-                start_response, "405 Method Not Allowed", f"Method {method} not allowed: use GET or HEAD\n",
+                start_response,
+                "405 Method Not Allowed",
+                f"Method {method} not allowed: use GET or HEAD\n",
                 [("Allow", "GET, HEAD")],
             )
         # prometheus_client's app answers GET only: HEAD runs it as a GET and drops the body.
@@ -239,7 +245,9 @@ def start_metrics_server(
         OSError: The address cannot be bound.
     """
     if threads < 1 or max_pending < 1 or not timeout_s > 0:
-        raise ValueError(f"need threads >= 1, max_pending >= 1 and timeout_s > 0, got {threads}, {max_pending}, {timeout_s}")
+        raise ValueError(
+            f"need threads >= 1, max_pending >= 1 and timeout_s > 0, got {threads}, {max_pending}, {timeout_s}"
+        )
     app = _metrics_only(make_wsgi_app(registry))
     httpd = _PooledWSGIServer(host, port, app, timeout_s=timeout_s, max_pending=max_pending)
     return MetricsHttpServer(httpd, threads)

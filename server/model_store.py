@@ -58,7 +58,7 @@ class ModelMetadata:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelMetadata":
+    def from_json(cls, text: str) -> ModelMetadata:
         """Parse ``metadata.json`` text."""
         raw = json.loads(text)
         raw["input_shape"] = tuple(raw["input_shape"])

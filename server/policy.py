@@ -39,8 +39,8 @@ images are all cached under a variant meeting its floor is answered from there
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import Precision, PredictionRequest
@@ -248,9 +248,12 @@ class Policy:
         if wait.get(decision.precision, 0.0) <= bound:
             return decision
         # Only toward the cheaper variant: under overload the machine's CPU is what runs short.
-        if decision.precision is not Precision.INT8 and Precision.INT8 in candidates:
-            if wait.get(Precision.INT8, 0.0) <= bound:
-                return self.decision(Precision.INT8, "load_shed")
+        if (
+            decision.precision is not Precision.INT8
+            and Precision.INT8 in candidates
+            and wait.get(Precision.INT8, 0.0) <= bound
+        ):
+            return self.decision(Precision.INT8, "load_shed")
         shortest = min(wait.get(precision, 0.0) for precision in candidates) + load.loop_lag_s
         raise OverObjective(
             f"overloaded: the variants this request allows are predicted to wait at least "

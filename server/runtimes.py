@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import abc
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from costserve.server.domain import Precision
 
+if TYPE_CHECKING:  # for annotations only: LiteRTRuntime imports LiteRT where it is used
+    from ai_edge_litert.interpreter import Interpreter
 
 #: The model input of each 8-bit level: ``LEVEL_FLOATS[v] == np.float32(v) / np.float32(255)``.
 LEVEL_FLOATS = np.arange(256, dtype=np.float32) / np.float32(255.0)
@@ -67,7 +70,7 @@ class Runtime(abc.ABC):
         """
         return self.predict(levels_to_floats(levels))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a runtime with nothing to release inherits the no-op
         """Release what the runtime holds beyond Python objects (a no-op unless it holds some)."""
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
@@ -163,16 +166,17 @@ class LiteRTRuntime(Runtime):
         probe = Interpreter(model_content=self._model, num_threads=self._threads)
         input_detail = probe.get_input_details()[0]
         output_detail = probe.get_output_details()[0]
-        self.input_shape = tuple(int(dim) for dim in input_detail["shape"][1:])  # type: ignore[assignment]
-        if len(self.input_shape) != 3:
+        input_shape = tuple(int(dim) for dim in input_detail["shape"][1:])
+        if len(input_shape) != 3:
             raise ValueError(f"{tflite_path}: expected an input of shape (batch, h, w, c), got {input_detail['shape']}")
+        self.input_shape = input_shape
         self.num_classes = int(output_detail["shape"][-1])
         self._input_dtype = np.dtype(input_detail["dtype"])
         self._input_scale, self._input_zero = input_detail["quantization"]
         self._output_scale, self._output_zero = output_detail["quantization"]
         #: The quantized input of each 8-bit level, made exactly as ``_quantize`` makes it.
         self._level_codes = self._quantize(LEVEL_FLOATS)
-        self._interpreters: dict[int, tuple[object, int, int]] = {}
+        self._interpreters: dict[int, tuple[Interpreter, int, int]] = {}
         for size in self._batch_sizes:
             interpreter = Interpreter(model_content=self._model, num_threads=self._threads)
             interpreter.resize_tensor_input(input_detail["index"], [size, *self.input_shape])
@@ -204,9 +208,9 @@ class LiteRTRuntime(Runtime):
             padded = np.zeros((size, *self.input_shape), dtype=self._input_dtype)
             padded[: len(batch)] = quantized
             quantized = padded
-        interpreter.set_tensor(input_index, quantized)  # type: ignore[attr-defined]
-        interpreter.invoke()  # type: ignore[attr-defined]
-        raw = interpreter.get_tensor(output_index)[: len(batch)]  # type: ignore[attr-defined]
+        interpreter.set_tensor(input_index, quantized)
+        interpreter.invoke()
+        raw = interpreter.get_tensor(output_index)[: len(batch)]
         if self._output_scale:
             return ((raw.astype(np.float32) - self._output_zero) * self._output_scale).astype(np.float32)
         return raw.astype(np.float32)

@@ -13,7 +13,8 @@ import asyncio
 import functools
 import logging
 import math
-from typing import AsyncIterator, Awaitable, Callable, Mapping, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
 import grpc
 
@@ -54,12 +55,9 @@ TENANT_METADATA_KEY = "x-costserve-tenant"
 COST_METADATA_KEY = "x-costserve-cost-usd"
 #: Bytes a filled Cost field adds to a response (seven doubles, a varint of a typical
 #: byte count, the field's tag and length): the response is sized before its cost is known.
-COST_FIELD_BYTES = (
-    pb.Cost(
-        usd=1, cpu_usd=1, memory_usd=1, network_usd=1, cpu_seconds=1, memory_gb_seconds=1, utilization=1, network_bytes=1000
-    ).ByteSize()
-    + 2
-)
+COST_FIELD_BYTES = 2 + pb.Cost(
+    usd=1, cpu_usd=1, memory_usd=1, network_usd=1, cpu_seconds=1, memory_gb_seconds=1, utilization=1, network_bytes=1000
+).ByteSize()  # fmt: skip
 
 #: A PredictRequest larger than this, in bytes, has its images counted from its wire bytes
 #: before it is parsed; a smaller one parses in well under a millisecond whatever it holds.
@@ -104,7 +102,7 @@ def abort_on_error(
     """Turn errors escaping a unary handler into ``context.abort(status, message)``."""
 
     @functools.wraps(handler)
-    async def wrapper(self: "ClassifierServicer", request: object, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(self: ClassifierServicer, request: object, context: grpc.aio.ServicerContext) -> Response:
         try:
             return await handler(self, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -269,7 +267,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 core = self._ready_core()
                 async for message in request_iterator:
                     await window.put(asyncio.ensure_future(self._answer(core, message, context, "PredictStream")))
-            except Exception as error:  # surfaced in order, after the answers before it
+            except Exception as error:  # noqa: BLE001 - failed in order, after the answers before it; _abort maps it
                 failed: asyncio.Future = asyncio.get_running_loop().create_future()
                 failed.set_exception(error)
                 await window.put(failed)
@@ -285,6 +283,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     raise
                 except Exception as error:
                     await _abort(context, error)
+                    raise  # unreachable: abort raises
                 total_usd += response.cost.usd
                 yield response
             context.set_trailing_metadata(cost_metadata(total_usd))

@@ -15,8 +15,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,7 +104,7 @@ def load_mnist_npz(path: Path) -> Dataset:
     )
 
 
-def build_model(input_shape: tuple[int, int, int], num_classes: int):  # -> keras.Model
+def build_model(input_shape: tuple[int, int, int], num_classes: int) -> Any:  # a keras.Model: TensorFlow has no types
     """The seed's CNN, compiled with Adam and sparse categorical cross-entropy."""
     import tensorflow as tf
 
@@ -127,7 +129,10 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int):  # -> kera
 def accuracy(runtime: Runtime, images: np.ndarray, labels: np.ndarray, batch_size: int = 32) -> float:
     """Share of ``images`` the runtime labels correctly."""
     predicted = np.concatenate(
-        [runtime.predict(images[start : start + batch_size]).argmax(axis=1) for start in range(0, len(images), batch_size)]
+        [
+            runtime.predict(images[start : start + batch_size]).argmax(axis=1)
+            for start in range(0, len(images), batch_size)
+        ]
     )
     return float((predicted == labels).mean())
 
@@ -148,7 +153,7 @@ def train_and_export(
     log.info("training on %s for up to %d epochs", dataset.name, epochs)
     tf.keras.utils.set_random_seed(seed)
     input_shape = tuple(dataset.train_images.shape[1:])
-    model = build_model(input_shape, len(dataset.labels))  # type: ignore[arg-type]
+    model = build_model(input_shape, len(dataset.labels))
     model.fit(
         dataset.train_images,
         dataset.train_labels,
@@ -157,9 +162,7 @@ def train_and_export(
         verbose=2,
         # Model selection uses a slice of the training data; the held-out split stays unseen.
         validation_split=VALIDATION_FRACTION,
-        callbacks=[
-            tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)
-        ],
+        callbacks=[tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)],
     )
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ def train_and_export(
         metadata = ModelMetadata(
             name=name,
             version=version,
-            input_shape=input_shape,  # type: ignore[arg-type]
+            input_shape=input_shape,
             labels=dataset.labels,
             variants=variants,
             holdout_examples=len(dataset.holdout_labels),
@@ -224,9 +227,11 @@ def _quantize_int8(saved_model: Path, calibration_pool: np.ndarray, seed: int) -
     """Post-training full-integer quantization (uint8 in and out) calibrated on training images."""
     import tensorflow as tf
 
-    chosen = np.random.default_rng(seed).choice(len(calibration_pool), size=min(CALIBRATION_EXAMPLES, len(calibration_pool)), replace=False)
+    chosen = np.random.default_rng(seed).choice(
+        len(calibration_pool), size=min(CALIBRATION_EXAMPLES, len(calibration_pool)), replace=False
+    )
 
-    def representative_dataset():
+    def representative_dataset() -> Iterator[list[np.ndarray]]:
         for index in chosen:
             yield [calibration_pool[index : index + 1]]
 

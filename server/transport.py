@@ -18,8 +18,9 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+import grpc
 from grpc_channelz.v1 import channelz, channelz_pb2
 
 
@@ -35,13 +36,22 @@ class _Lookup:
     def set_details(self, details: str) -> None:
         """Ignored: a missing server reads as no calls."""
 
+    def context(self) -> grpc.ServicerContext:
+        """This object as the servicer context channelz's lookups are typed to take.
+
+        They call only :meth:`set_code` and :meth:`set_details` of it.
+        """
+        return cast(grpc.ServicerContext, self)
+
 
 def server_ids() -> set[int]:
     """The channelz ids of the gRPC servers of this process."""
     ids: set[int] = set()
     start = 0
     while True:
-        page = channelz.ChannelzServicer.GetServers(channelz_pb2.GetServersRequest(start_server_id=start), _Lookup())
+        page = channelz.ChannelzServicer.GetServers(
+            channelz_pb2.GetServersRequest(start_server_id=start), _Lookup().context()
+        )
         ids.update(server.ref.server_id for server in page.server)
         if page.end or not page.server:
             return ids
@@ -55,7 +65,7 @@ class TransportCalls:
         self.server_id = server_id
 
     @classmethod
-    def of_new_server(cls, before: set[int]) -> "TransportCalls | None":
+    def of_new_server(cls, before: set[int]) -> TransportCalls | None:
         """The counters of the one server created since ``before`` was listed; None when that is not one."""
         new = server_ids() - before
         return cls(new.pop()) if len(new) == 1 else None
@@ -63,7 +73,9 @@ class TransportCalls:
     def read(self) -> int:
         """Calls gRPC received for this server so far (0 once it is gone)."""
         lookup = _Lookup()
-        reply = channelz.ChannelzServicer.GetServer(channelz_pb2.GetServerRequest(server_id=self.server_id), lookup)
+        reply = channelz.ChannelzServicer.GetServer(
+            channelz_pb2.GetServerRequest(server_id=self.server_id), lookup.context()
+        )
         if lookup.missing or reply is None:
             return 0
         return reply.server.data.calls_started

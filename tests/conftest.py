@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -86,7 +87,9 @@ def start_server(loaded_model: Any, model_dir: Path) -> Iterator[Callable[..., R
 
     started: list[RunningServer] = []
     # No drain grace: an in-process test server has no load balancer to tell.
-    defaults = dict(host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5, drain_grace_seconds=0)
+    defaults = dict(
+        host="127.0.0.1", port=0, metrics_port=0, model_dir=model_dir, drain_seconds=5, drain_grace_seconds=0
+    )
 
     def start(model: Any = None, **overrides: Any) -> RunningServer:
         settings = Settings(**{**defaults, **overrides})  # validated as it is built

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-
 from helpers import SpyRuntime
+
 from costserve.server.batcher import Batcher
 from costserve.server.domain import Precision
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
@@ -105,7 +106,9 @@ SATURATED = RecentLoad(arrival_per_s=1000.0, duty=1.0, loop_share=0.5)
 TIME_TO_SPARE = RecentLoad(arrival_per_s=1000.0, duty=0.6, loop_share=0.3)
 
 
-async def _three_waiting_after_a_busy_batch(batcher: Batcher, spy: SpyRuntime, images: np.ndarray) -> list[asyncio.Future]:
+async def _three_waiting_after_a_busy_batch(
+    batcher: Batcher, spy: SpyRuntime, images: np.ndarray
+) -> list[asyncio.Future]:
     """One image holds the runtime while three more arrive (so they arrived busy); then it frees up."""
     running = await _hold_runtime(batcher, spy, images[0])
     waiting = batcher.submit(list(images[1:4]), deadline=None)
@@ -130,8 +133,9 @@ def test_under_saturation_a_batch_keeps_filling_past_the_timeout(spy: SpyRuntime
     async def scenario() -> None:
         # Far past the 1 ms timeout, the batch keeps filling.
         batcher = Batcher(
-            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30, window=FixedWindow(SATURATED)
-        )
+            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30,
+            window=FixedWindow(SATURATED),
+        )  # fmt: skip
         await _keeps_filling_until_full(batcher, spy, holdout.holdout_images)
 
     run(scenario)
@@ -159,8 +163,9 @@ def test_an_image_due_soon_cuts_a_running_fill_wait_short(spy: SpyRuntime, holdo
         loop = asyncio.get_running_loop()
         # A 0.2 s timeout: the batch starts that long before the due image's deadline.
         batcher = Batcher(
-            spy, max_batch_size=8, batch_timeout_s=0.2, max_queue=64, batch_fill_timeout_s=30, window=FixedWindow(SATURATED)
-        )
+            spy, max_batch_size=8, batch_timeout_s=0.2, max_queue=64, batch_fill_timeout_s=30,
+            window=FixedWindow(SATURATED),
+        )  # fmt: skip
         await batcher.start()
         waiting = await _three_waiting_after_a_busy_batch(batcher, spy, holdout.holdout_images)
         await asyncio.sleep(0.3)  # past the timeout: filling
@@ -315,7 +320,9 @@ def test_a_runtime_returning_the_wrong_row_count_fails_the_batch(loaded_model: A
             return self.inner.predict(batch)[:-1]
 
     async def scenario() -> None:
-        batcher = Batcher(Truncating(loaded_model.runtimes[Precision.INT8]), max_batch_size=4, batch_timeout_s=0, max_queue=8)
+        batcher = Batcher(
+            Truncating(loaded_model.runtimes[Precision.INT8]), max_batch_size=4, batch_timeout_s=0, max_queue=8
+        )
         await batcher.start()
         (future,) = batcher.submit([holdout.holdout_images[0]], deadline=None)
         with pytest.raises(InferenceFailed, match="returned 0 rows for a batch of 1"):

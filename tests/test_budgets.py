@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
+
 from costserve.server.budgets import (
     BudgetFileError,
     BudgetStatus,
@@ -57,7 +57,9 @@ def test_bad_files_are_refused_with_the_reason(tmp_path: Path, text: str, messag
 
 
 def test_ok_then_near_then_over(tmp_path: Path) -> None:
-    ledger = TenantLedger(_budgets(tmp_path, "near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = 1.0\n"), FakeClock(HALF_PAST))
+    ledger = TenantLedger(
+        _budgets(tmp_path, "near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = 1.0\n"), FakeClock(HALF_PAST)
+    )
     assert ledger.state("acme").status is BudgetStatus.OK
     ledger.charge("acme", 0.5)
     assert ledger.state("acme").status is BudgetStatus.NEAR

@@ -6,13 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pytest
-
 from conftest import EXAMPLES, RunningServer
+
 from costserve.cli import _predict, build_parser, main
 from costserve.v1 import classifier_pb2 as pb
 
@@ -58,7 +59,9 @@ def test_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[str])
     assert "UNAVAILABLE" in capsys.readouterr().err
 
 
-def test_bad_file_is_invalid_argument(server: RunningServer, tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_file_is_invalid_argument(
+    server: RunningServer, tmp_path: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = tmp_path / "broken.png"  # type: ignore[operator]
     broken.write_bytes(b"not a png")
     assert main(["--target", server.target, "predict", str(broken)]) == 1
@@ -134,7 +137,11 @@ def test_predict_flags_reach_the_client(monkeypatch: pytest.MonkeyPatch, capsys:
     argv = ["predict", str(EXAMPLES[3]), "--tenant", "acme", "--min-accuracy", "0.97", "--max-cost-usd", "1e-6"]
     assert _predict(client, build_parser().parse_args(argv)) == 0  # type: ignore[arg-type]
     assert client.options == {
-        "precision": "auto", "skip_cache": False, "tenant": "acme", "min_accuracy": 0.97, "max_cost_usd": 1e-6
+        "precision": "auto",
+        "skip_cache": False,
+        "tenant": "acme",
+        "min_accuracy": 0.97,
+        "max_cost_usd": 1e-6,
     }
     monkeypatch.setenv("COSTSERVE_TENANT", "globex")
     assert _predict(client, build_parser().parse_args(["predict", str(EXAMPLES[3])])) == 0  # type: ignore[arg-type]
@@ -153,7 +160,9 @@ def test_predict_flags_reach_the_client(monkeypatch: pytest.MonkeyPatch, capsys:
         (["--max-cost-usd", "-1"], "-1 is not a cost of 0 USD or more"),
     ],
 )
-def test_bad_constraint_flags_are_usage_errors(flags: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_constraint_flags_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["predict", str(EXAMPLES[0]), *flags])
     assert exited.value.code == 2 and message in capsys.readouterr().err
@@ -172,7 +181,9 @@ def test_predict_charges_the_tenant(
 
 def test_a_refused_constraint_is_a_clear_error(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
     for _ in range(5):  # recent costs: what the server predicts the next one from
-        assert main(["--target", server.target, "predict", str(EXAMPLES[2]), "--skip-cache", "--precision", "fp32"]) == 0
+        assert (
+            main(["--target", server.target, "predict", str(EXAMPLES[2]), "--skip-cache", "--precision", "fp32"]) == 0
+        )
     argv = ["--target", server.target, "predict", str(EXAMPLES[2]), "--precision", "fp32", "--max-cost-usd", "1e-15"]
     assert main(argv) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
@@ -184,6 +195,8 @@ def test_loadtest_without_scikit_learn_says_which_extra(
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else find_spec(name, *a)
+    )
     assert main(["loadtest", "--requests", "1"]) == 2
     assert "pip install 'costserve[loadtest]'" in capsys.readouterr().err

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 import pytest
-
 from conftest import EXAMPLES, RunningServer
+
 from costserve import AsyncClient, Client, cost_usd, predict_request
 from costserve.server.model_store import LoadedModel
 from costserve.v1 import classifier_pb2 as pb

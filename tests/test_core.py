@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -81,7 +82,9 @@ def _model() -> LoadedModel:
         training_data="none",
         created_at="2026-11-30T00:00:00Z",
     )
-    runtimes: dict[Precision, Runtime] = {precision: NumpyRuntime(precision) for precision in (Precision.FP32, Precision.INT8)}
+    runtimes: dict[Precision, Runtime] = {
+        precision: NumpyRuntime(precision) for precision in (Precision.FP32, Precision.INT8)
+    }
     return LoadedModel(metadata=metadata, version_dir=Path("numpy-model"), runtimes=runtimes)
 
 

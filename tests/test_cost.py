@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-
-from benchmarks.launch import start_costserve
 from conftest import EXAMPLES, REPO_ROOT, RunningServer
 from helpers import FakeClock
-from costserve import Client, image_message, metrics_text
-from costserve.server.domain import CostBreakdown
+
+from costserve import Client, image_message
 from costserve.server.cost import GB, CostMeter, PriceFileError, Prices, UtilizationWindow, load_prices
+from costserve.server.domain import CostBreakdown
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -23,7 +20,15 @@ from costserve.v1 import classifier_pb2_grpc as pb_grpc
 def test_the_shipped_price_file_holds_the_defaults() -> None:
     shipped = load_prices(REPO_ROOT / "deploy" / "prices.toml")
     defaults = Prices()
-    for name in ("vcpu_hour_usd", "memory_gb_hour_usd", "network_gb_usd", "vcpus", "memory_gb", "window_seconds", "min_utilization"):
+    for name in (
+        "vcpu_hour_usd",
+        "memory_gb_hour_usd",
+        "network_gb_usd",
+        "vcpus",
+        "memory_gb",
+        "window_seconds",
+        "min_utilization",
+    ):
         assert getattr(shipped, name) == getattr(defaults, name), name
     assert "Google Cloud" in shipped.source and "2026-11-28" in shipped.source
 
@@ -61,7 +66,15 @@ def test_utilization_is_attributed_cpu_over_the_trailing_window() -> None:
 
 
 def test_charge_follows_the_formula() -> None:
-    prices = Prices(vcpu_hour_usd=3.6, memory_gb_hour_usd=0.36, network_gb_usd=2.0, vcpus=2, memory_gb=4, window_seconds=1e9, min_utilization=0.01)
+    prices = Prices(
+        vcpu_hour_usd=3.6,
+        memory_gb_hour_usd=0.36,
+        network_gb_usd=2.0,
+        vcpus=2,
+        memory_gb=4,
+        window_seconds=1e9,
+        min_utilization=0.01,
+    )
     meter = CostMeter(prices)
     meter.window._started -= 100  # 100 s of history: R = cpu / (100 s * 2 vCPUs)
     cost = meter.charge(cpu_seconds=50.0, network_bytes=GB // 2)
@@ -132,7 +145,9 @@ def test_metric_counts_equal_what_the_client_sent(server: RunningServer, client:
         client.predict(images, precision=precision)
         sent[precision] += len(images)
     for precision, images in sent.items():
-        assert server.metric("costserve_requests_total", {"method": "Predict", "precision": precision, "code": "OK"}) == 3
+        assert (
+            server.metric("costserve_requests_total", {"method": "Predict", "precision": precision, "code": "OK"}) == 3
+        )
         assert server.metric("costserve_images_total", {"precision": precision, "cache": "miss"}) == images
     assert server.metric("costserve_cache_misses_total") == sum(sent.values())
 

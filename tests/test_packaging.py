@@ -16,12 +16,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES, REPO_ROOT, RunningServer
 
 #: What the wheel is built from (as the Dockerfile copies it).
 SOURCES = ("pyproject.toml", "README.md", "client", "server")
-SERVER_ONLY = ("tensorflow", "ai_edge_litert", "sklearn", "cachetools", "grpc_reflection", "keras")
+SERVER_ONLY = ("tensorflow", "ai_edge_litert", "sklearn", "cachetools", "grpc_reflection", "keras", "pydantic_settings")
 
 
 def _run(*command: str | Path, cwd: Path, timeout: float = 300) -> str:
@@ -30,7 +29,9 @@ def _run(*command: str | Path, cwd: Path, timeout: float = 300) -> str:
     result = subprocess.run(
         [str(part) for part in command], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"{' '.join(map(str, command))} exited {result.returncode}:\n{result.stdout}{result.stderr}"
+    )
     return result.stdout
 
 
@@ -79,9 +80,13 @@ def test_client_only_install_predicts_against_a_server(wheel: Path, server: Runn
     _run(*pip, "--no-deps", wheel, cwd=tmp_path)
     _run(*pip, *requires, cwd=tmp_path)
 
-    probe = f"import importlib.util, json; print(json.dumps([m for m in {SERVER_ONLY!r} if importlib.util.find_spec(m)]))"
+    probe = (
+        f"import importlib.util, json; print(json.dumps([m for m in {SERVER_ONLY!r} if importlib.util.find_spec(m)]))"
+    )
     assert json.loads(_run(python, "-c", probe, cwd=tmp_path)) == []
-    assert _run(python, "-c", "import costserve, costserve.cli; print(costserve.__file__)", cwd=tmp_path).startswith(str(venv))
+    assert _run(python, "-c", "import costserve, costserve.cli; print(costserve.__file__)", cwd=tmp_path).startswith(
+        str(venv)
+    )
 
     costserve = venv / "bin" / "costserve"
     assert _run(costserve, "--version", cwd=tmp_path).strip() == f"costserve {version('costserve')}"
@@ -91,6 +96,10 @@ def test_client_only_install_predicts_against_a_server(wheel: Path, server: Runn
 
     # The server is not there, and says how to get it rather than failing on an import.
     refused = subprocess.run(
-        [venv / "bin" / "costserve-server", "serve", "--port", "0"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [venv / "bin" / "costserve-server", "serve", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert refused.returncode != 0 and "pip install 'costserve[server]'" in refused.stderr, refused.stderr

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-
 from conftest import RunningServer
 from helpers import FakeClock, SpyRuntime
+
 from costserve import Client, image_message
 from costserve.server.budgets import period_start
 from costserve.server.domain import Precision
@@ -117,7 +118,10 @@ def test_a_backed_up_fp32_queue_sheds_auto_to_int8_until_load_stays_low(
 ) -> None:
     spies = {precision: SpyRuntime(runtime) for precision, runtime in loaded_model.runtimes.items()}
     server = start_server(
-        model=dataclasses.replace(loaded_model, runtimes=dict(spies)), latency_slo_ms=1.0, max_batch_size=1, cache_size=0
+        model=dataclasses.replace(loaded_model, runtimes=dict(spies)),
+        latency_slo_ms=1.0,
+        max_batch_size=1,
+        cache_size=0,
     )
     fp32 = spies[Precision.FP32]
     # The demand window and the policy's hold run on the core's clock, which the test drives.
@@ -175,7 +179,9 @@ def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
         for spy, precision in ((spies[Precision.FP32], pb.PRECISION_FP32), (spies[Precision.INT8], pb.PRECISION_INT8)):
             spy.gate.clear()
             spy.entered.clear()
-            held += [stub.Predict.future(_request(60 + index + 10 * precision, precision), timeout=60) for index in range(3)]
+            held += [
+                stub.Predict.future(_request(60 + index + 10 * precision, precision), timeout=60) for index in range(3)
+            ]
             assert spy.entered.wait(30)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and min(b.queue_depth for b in server.core.batchers.values()) < 2:
@@ -197,7 +203,9 @@ def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
 
 def _budget_server(start_server: Callable[..., RunningServer], tmp_path: Path, usd: float) -> RunningServer:
     path = tmp_path / "budgets.toml"
-    path.write_text(f"near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = {usd!r}\n[tenants.globex]\nusd_per_hour = 1.0\n")
+    path.write_text(
+        f"near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = {usd!r}\n[tenants.globex]\nusd_per_hour = 1.0\n"
+    )
     return start_server(budgets=path)
 
 
@@ -217,11 +225,13 @@ def test_budget_degrades_then_refuses_then_resets(start_server: Callable[..., Ru
         else:
             pytest.fail("the tenant was never refused")
         assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert re.search(r"tenant 'acme' has spent \$[0-9.e-]+ of its \$1e-06 per-hour budget; it resets at ", refusal.details())
+        assert re.search(
+            r"tenant 'acme' has spent \$[0-9.e-]+ of its \$1e-06 per-hour budget; it resets at ", refusal.details()
+        )
         # Refused on the first request after crossing: spend before the last answer was under the budget.
         assert sum(spent) >= 1e-6 > sum(spent[:-1])
         assert reasons[0] == "accuracy_first" and "budget_near" in reasons
-        assert reasons.index("budget_near") > 0 and set(reasons[reasons.index("budget_near"):]) == {"budget_near"}
+        assert reasons.index("budget_near") > 0 and set(reasons[reasons.index("budget_near") :]) == {"budget_near"}
         # Still refused, also for an explicit precision, while other tenants are served as usual.
         with pytest.raises(grpc.RpcError) as error:
             client.predict([_pixels(1)], precision="int8", tenant="acme")

@@ -31,9 +31,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import grpc
 import numpy as np
@@ -280,7 +281,9 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
     latency = "costserve_request_duration_seconds"
     return {
         ("Throughput", "A"): (
-            w.rate("costserve_requests_total", ["precision"], code="OK", method=lambda method: method.startswith("Predict")),
+            w.rate(
+                "costserve_requests_total", ["precision"], code="OK", method=lambda method: method.startswith("Predict")
+            ),
             EXACT,
         ),
         ("Throughput", "B"): (w.rate(images, ["precision"]), EXACT),
@@ -351,7 +354,10 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
         ),
         ("Policy decisions", "A"): (w.rate("costserve_decisions_total", ["precision", "reason"]), EXACT),
         ("Policy decisions", "B"): (w.gauge("costserve_load_shedding", how=max), EXACT),
-        ("Spend by tenant (USD/hour)", "A"): (_scale(3600, w.rate("costserve_tenant_spend_usd_total", ["tenant"])), EXACT),
+        ("Spend by tenant (USD/hour)", "A"): (
+            _scale(3600, w.rate("costserve_tenant_spend_usd_total", ["tenant"])),
+            EXACT,
+        ),
         ("Spend by tenant (USD/hour)", "B"): (w.rate("costserve_budget_rejections_total", ["tenant"]), EXACT),
         ("Tenant budgets", "A"): (w.gauge("costserve_tenant_budget_usd", ["tenant", "period"], how=max), EXACT),
     }
@@ -648,7 +654,7 @@ def test_dashboard_model() -> None:
     cells: set[tuple[int, int]] = set()
     for panel in _panels(dashboard["panels"]):
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         columns, rows = range(grid["x"], grid["x"] + grid["w"]), range(grid["y"], grid["y"] + grid["h"])
         mine = {(x, y) for x in columns for y in rows}
         assert not mine & cells, f"{panel['title']} overlaps another panel"
@@ -857,14 +863,14 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
             "dashboard": next(t for p, t in _dashboard_targets() if p == "Cost per 1,000 predictions")["expr"],
             "rule": next(r for r in rules if r["name"].startswith("job_precision:costserve_cost_per_1k"))["query"],
         }
+
+        def served(name: str, precision: str) -> float:
+            return sum(
+                after[key] - before[key] for key in after if key[0] == name and ("precision", precision) in key[1]
+            )
+
         for precision in ("fp32", "int8"):
-
-            def served(name: str) -> float:
-                return sum(
-                    after[key] - before[key] for key in after if key[0] == name and ("precision", precision) in key[1]
-                )
-
-            cost, images = served("costserve_cost_usd_total"), served("costserve_images_total")
+            cost, images = served("costserve_cost_usd_total", precision), served("costserve_images_total", precision)
             assert cost > 0 and images > 0
             for source, expr in per_1k.items():
                 got = prometheus.values(_with_window(expr, window.range_ms, [*DASHBOARD_RANGES, RULE_RANGE]), t2)

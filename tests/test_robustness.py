@@ -15,18 +15,19 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from conftest import EXAMPLES, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import SpyRuntime
 from PIL import Image
 
 from benchmarks.launch import start_costserve
-from conftest import EXAMPLES, RunningServer
-from helpers import SpyRuntime
 from costserve import image_message
 from costserve.server.domain import ImageInput, PixelType, Precision, RawPixels
 from costserve.server.errors import DecodeQueueFull, InvalidInput, ServerBusy, Unavailable
@@ -261,7 +262,9 @@ def test_a_four_million_image_message_is_refused_at_once_while_others_are_served
         refusal_s = []
         done = threading.Event()
         small: list[float] = []
-        worker = threading.Thread(target=lambda: small.extend(_small_calls_while(server.target, lambda: not done.is_set())))
+        worker = threading.Thread(
+            target=lambda: small.extend(_small_calls_while(server.target, lambda: not done.is_set()))
+        )
         worker.start()
         try:
             for _ in range(3):
@@ -359,9 +362,12 @@ def test_garbage_bytes_get_invalid_argument_on_every_rpc_without_a_traceback(
     assert "Traceback" not in caplog.text
     assert server.metric("costserve_rejected_total", {"reason": "malformed"}) == len(codes)
     for method in ("Predict", "GetModelInfo", "PredictStream"):
-        assert server.metric(
-            "costserve_requests_total", {"method": method, "precision": "auto", "code": "INVALID_ARGUMENT"}
-        ) == 1
+        assert (
+            server.metric(
+                "costserve_requests_total", {"method": method, "precision": "auto", "code": "INVALID_ARGUMENT"}
+            )
+            == 1
+        )
     with grpc.insecure_channel(server.target) as channel:
         assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == (
             health_pb2.HealthCheckResponse.SERVING
@@ -397,9 +403,12 @@ def test_a_flood_beyond_the_in_flight_bound_is_refused_and_counted(
     refused = [call.exception() for call in calls if call.exception()]
     assert all("--max-concurrent-rpcs" in error.details() for error in refused)
     assert server.metric("costserve_rejected_total", {"reason": "server_busy"}) == flood - 8
-    assert server.metric(
-        "costserve_requests_total", {"method": "Predict", "precision": "auto", "code": "RESOURCE_EXHAUSTED"}
-    ) == flood - 8
+    assert (
+        server.metric(
+            "costserve_requests_total", {"method": "Predict", "precision": "auto", "code": "RESOURCE_EXHAUSTED"}
+        )
+        == flood - 8
+    )
     assert server.metric("costserve_requests_total", {"method": "Predict", "precision": "fp32", "code": "OK"}) == 8
     assert server.metric("costserve_grpc_calls_started_total") == flood  # every call gRPC received reached costserve
 
@@ -431,7 +440,8 @@ def test_calls_gRPC_drops_past_its_backlog_are_counted_by_the_server(
     dropped_by_grpc = codes.count(grpc.StatusCode.CANCELLED)
     assert dropped_by_grpc > 0, "the backlog bound never dropped a call"
     assert started == flood + 1  # every call the client made reached gRPC ...
-    assert started - seen == dropped_by_grpc  # ... and those costserve never saw (the first call included) are gRPC's drops
+    # ... and those costserve never saw (the first call included) are gRPC's drops
+    assert started - seen == dropped_by_grpc
 
 
 @pytest.mark.slow
@@ -476,8 +486,15 @@ def test_sigterm_under_steady_traffic_exits_in_time_with_no_call_cancelled(model
     every = [outcome for per_client in outcomes for outcome in per_client]
     codes = {code for _, code, _ in every}
     assert exit_code == 0, served.log
-    cancelled = [(round(started - signalled, 3), round(duration, 3)) for started, code, duration in every if code is grpc.StatusCode.CANCELLED]
-    assert not cancelled, f"CANCELLED (sent after the signal, s; duration s): {cancelled}; exited {exited - signalled:.3f} s after\n{served.log}"
+    cancelled = [
+        (round(started - signalled, 3), round(duration, 3))
+        for started, code, duration in every
+        if code is grpc.StatusCode.CANCELLED
+    ]
+    assert not cancelled, (
+        f"CANCELLED (sent after the signal, s; duration s): {cancelled}; "
+        f"exited {exited - signalled:.3f} s after\n{served.log}"
+    )
     assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
     before = [code for started, code, _ in every if started < signalled]
     assert before and set(before) == {grpc.StatusCode.OK}, "a call sent before the signal was not answered"

@@ -98,7 +98,9 @@ def test_metadata_records_both_variants(loaded_model: Any) -> None:
     assert metadata.variants["fp32"].format == "saved_model"
     assert metadata.variants["int8"].format == "tflite"
     assert metadata.variants["int8"].size_bytes < metadata.variants["fp32"].size_bytes
-    assert (loaded_model.version_dir / metadata.variants["int8"].path).stat().st_size == metadata.variants["int8"].size_bytes
+    assert (loaded_model.version_dir / metadata.variants["int8"].path).stat().st_size == metadata.variants[
+        "int8"
+    ].size_bytes
     assert metadata.holdout_examples == 360
     assert "sklearn-digits" in metadata.training_data
 

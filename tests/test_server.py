@@ -7,17 +7,18 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from conftest import EXAMPLES, RunningServer
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from helpers import SpyRuntime
 from PIL import Image
 
-from conftest import EXAMPLES, RunningServer
-from helpers import SpyRuntime
 from costserve import Client, image_message
 from costserve.server.domain import Precision
 from costserve.server.model_store import LoadedModel
@@ -242,7 +243,9 @@ def test_message_larger_than_the_limit_is_refused(start_server: Callable[..., Ru
         with pytest.raises(grpc.RpcError) as error:
             stub.Predict(pb.PredictRequest(images=[pb.Image(encoded=b"\0" * 100_000)]), timeout=10)
         assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert stub.Predict(pb.PredictRequest(images=[image_message(EXAMPLES[1])]), timeout=10).predictions[0].label == 1
+        assert (
+            stub.Predict(pb.PredictRequest(images=[image_message(EXAMPLES[1])]), timeout=10).predictions[0].label == 1
+        )
 
 
 def _distinct_images(holdout: Any, count: int) -> np.ndarray:
@@ -258,7 +261,9 @@ def test_500_concurrent_distinct_requests_each_get_their_own_answer(
     channel, stub = _stub(server.target)
     with channel:
         futures = [
-            stub.Predict.future(pb.PredictRequest(images=[image_message(_uint8(image))], precision=pb.PRECISION_INT8), timeout=60)
+            stub.Predict.future(
+                pb.PredictRequest(images=[image_message(_uint8(image))], precision=pb.PRECISION_INT8), timeout=60
+            )
             for image in images
         ]
         responses = [future.result() for future in futures]
@@ -281,18 +286,24 @@ def test_batched_answers_equal_unbatched(
             results[mode] = {}
             for precision in (pb.PRECISION_FP32, pb.PRECISION_INT8):
                 futures = [
-                    stub.Predict.future(pb.PredictRequest(images=[image_message(image)], precision=precision), timeout=60)
+                    stub.Predict.future(
+                        pb.PredictRequest(images=[image_message(image)], precision=precision), timeout=60
+                    )
                     for image in images
                 ]
                 responses = [future.result() for future in futures]
                 results[mode][precision] = np.array([r.predictions[0].probabilities for r in responses])
                 sizes = {r.predictions[0].batch_size for r in responses}
                 assert sizes == {1} if mode == "unbatched" else max(sizes) > 1
-    np.testing.assert_allclose(results["batched"][pb.PRECISION_FP32], results["unbatched"][pb.PRECISION_FP32], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        results["batched"][pb.PRECISION_FP32], results["unbatched"][pb.PRECISION_FP32], atol=1e-5, rtol=0
+    )
     np.testing.assert_array_equal(results["batched"][pb.PRECISION_INT8], results["unbatched"][pb.PRECISION_INT8])
 
 
-def test_multi_image_requests_are_split_and_joined_in_order(client: Client, holdout: Any, loaded_model: LoadedModel) -> None:
+def test_multi_image_requests_are_split_and_joined_in_order(
+    client: Client, holdout: Any, loaded_model: LoadedModel
+) -> None:
     images = holdout.holdout_images[:40]
     response = client.predict([_uint8(image) for image in images], precision="int8")
     expected = loaded_model.runtimes[Precision.INT8].predict(images)
@@ -351,7 +362,12 @@ def test_an_expired_deadline_is_never_computed(
     # server counts what the client saw: DEADLINE_EXCEEDED, not CANCELLED.
     assert server.metric("costserve_rejected_total", {"reason": "deadline_exceeded"}) == 1
     assert server.metric("costserve_rejected_total", {"reason": "cancelled"}) == 0
-    assert server.metric("costserve_requests_total", {"method": "Predict", "precision": "fp32", "code": "DEADLINE_EXCEEDED"}) == 1
+    assert (
+        server.metric(
+            "costserve_requests_total", {"method": "Predict", "precision": "fp32", "code": "DEADLINE_EXCEEDED"}
+        )
+        == 1
+    )
 
 
 def test_a_failing_batch_fails_only_its_own_callers(
