@@ -103,6 +103,18 @@ def start_server(loaded_model: Any, model_dir: Path) -> Iterator[Callable[..., R
 
 
 @pytest.fixture
+def start_budgeted_server(start_server: Callable[..., RunningServer], tmp_path: Path) -> Callable[..., RunningServer]:
+    """Factory: start a server with ``budgets`` (the text of a budgets TOML file) and settings overrides."""
+
+    def start(budgets: str, **overrides: Any) -> RunningServer:
+        path = tmp_path / "budgets.toml"
+        path.write_text(budgets)
+        return start_server(budgets=path, **overrides)
+
+    return start
+
+
+@pytest.fixture
 def server(start_server: Callable[..., RunningServer]) -> RunningServer:
     """A server with default settings."""
     return start_server()

@@ -169,11 +169,9 @@ def test_bad_constraint_flags_are_usage_errors(
 
 
 def test_predict_charges_the_tenant(
-    start_server: Callable[..., RunningServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    start_budgeted_server: Callable[..., RunningServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    budgets = tmp_path / "budgets.toml"
-    budgets.write_text("[tenants.acme]\nusd_per_hour = 100.0\n")
-    server = start_server(budgets=budgets)
+    server = start_budgeted_server("[tenants.acme]\nusd_per_hour = 100.0\n")
     assert main(["--target", server.target, "predict", str(EXAMPLES[1]), "--tenant", "acme", "--json"]) == 0
     cost = json.loads(capsys.readouterr().out)["cost_usd"]
     assert server.metric("costserve_tenant_spend_usd_total", {"tenant": "acme"}) == pytest.approx(cost)

@@ -33,11 +33,9 @@ def _spend(server: RunningServer, tenant: str) -> float:
 
 
 @pytest.fixture
-def budgeted(start_server: Callable[..., RunningServer], tmp_path: Path) -> RunningServer:
+def budgeted(start_budgeted_server: Callable[..., RunningServer]) -> RunningServer:
     """A server where tenants acme and globex have budgets, so their spend is counted under their names."""
-    budgets = tmp_path / "budgets.toml"
-    budgets.write_text("[tenants.acme]\nusd_per_hour = 100.0\n[tenants.globex]\nusd_per_hour = 100.0\n")
-    return start_server(budgets=budgets)
+    return start_budgeted_server("[tenants.acme]\nusd_per_hour = 100.0\n[tenants.globex]\nusd_per_hour = 100.0\n")
 
 
 @pytest.fixture

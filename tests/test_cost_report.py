@@ -8,7 +8,6 @@ import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,11 +270,9 @@ def test_prometheus_errors_are_clear(http_server: Callable[[Route], str], capsys
 
 
 def test_by_tenant_lists_spend_beside_budgets(
-    start_server: Callable[..., RunningServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    start_budgeted_server: Callable[..., RunningServer], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    budgets = tmp_path / "budgets.toml"
-    budgets.write_text("[tenants.acme]\nusd_per_hour = 0.5\n[tenants.globex]\nusd_per_day = 2\n")
-    server = start_server(budgets=budgets)
+    server = start_budgeted_server("[tenants.acme]\nusd_per_hour = 0.5\n[tenants.globex]\nusd_per_day = 2\n")
     spent = {"acme": 0.0, "other": 0.0}
     with Client(server.target, timeout=30) as client:
         for label, tenant in (("acme", "acme"), ("other", "zed"), ("other", None)):

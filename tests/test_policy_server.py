@@ -6,7 +6,6 @@ import dataclasses
 import re
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -201,16 +200,10 @@ def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
     assert server.metric("costserve_rejected_total", {"reason": "over_objective"}) == 1
 
 
-def _budget_server(start_server: Callable[..., RunningServer], tmp_path: Path, usd: float) -> RunningServer:
-    path = tmp_path / "budgets.toml"
-    path.write_text(
-        f"near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = {usd!r}\n[tenants.globex]\nusd_per_hour = 1.0\n"
+def test_budget_degrades_then_refuses_then_resets(start_budgeted_server: Callable[..., RunningServer]) -> None:
+    server = start_budgeted_server(
+        "near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = 1e-06\n[tenants.globex]\nusd_per_hour = 1.0\n"
     )
-    return start_server(budgets=path)
-
-
-def test_budget_degrades_then_refuses_then_resets(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
-    server = _budget_server(start_server, tmp_path, usd=1e-6)
     reasons: list[str] = []
     spent: list[float] = []
     with Client(server.target, timeout=30) as client:
