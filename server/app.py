@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,14 +78,32 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def ensure_model(model_dir: Path) -> Path:
-    """The newest model version in ``model_dir``; trains the default model when there is none."""
+    """The newest model version in ``model_dir``; trains the default model when there is none.
+
+    Training runs as ``costserve-server train`` in a process of its own: in this one, its
+    Python would hold the GIL for most of a minute and keep the event loop from answering
+    even health checks (NOT_SERVING) on a busy host.
+    """
     version_dir = latest_version_dir(model_dir)
     if version_dir is None:
         log.info("no model in %s: training the default model on scikit-learn's digits (about a minute)", model_dir)
-        from costserve.server.training import train_and_export
-
-        version_dir = train_and_export(model_dir)
+        command = [sys.executable, "-m", "costserve.server.cli", "train", "--model-dir", str(model_dir)]
+        trained = subprocess.run(command, stdout=subprocess.DEVNULL, check=False)  # its log goes to stderr
+        version_dir = latest_version_dir(model_dir)
+        if trained.returncode != 0 or version_dir is None:
+            raise RuntimeError(f"training the default model into {model_dir} failed (exit {trained.returncode})")
     return version_dir
+
+
+def load_served_model(settings: Settings) -> LoadedModel:
+    """Configure TensorFlow, train the default model if there is none, and load both variants.
+
+    Run off the event loop: importing TensorFlow alone takes seconds, during which the loop
+    must go on answering health checks.
+    """
+    configure_tensorflow_threads(settings.inference_threads)
+    version_dir = ensure_model(settings.model_dir)
+    return load_model(version_dir, settings.max_batch_size, settings.inference_threads)
 
 
 @dataclass
@@ -162,11 +181,7 @@ class CostserveServer:
         )
         loop = asyncio.get_running_loop()
         if self.model is None:
-            configure_tensorflow_threads(self.settings.inference_threads)
-            version_dir = await loop.run_in_executor(None, ensure_model, self.settings.model_dir)
-            self.model = await loop.run_in_executor(
-                None, load_model, version_dir, self.settings.max_batch_size, self.settings.inference_threads
-            )
+            self.model = await loop.run_in_executor(None, load_served_model, self.settings)
         self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
         await self.core.start()
         self.servicer.core = self.core

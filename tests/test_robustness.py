@@ -296,7 +296,8 @@ def test_an_image_over_the_pixel_cap_is_refused_from_its_header(server: RunningS
         elapsed = time.perf_counter() - started
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "36,000,000 pixels" in error.value.details() and "--max-image-pixels" in error.value.details()
-    assert elapsed < 1.0  # decoding it would take about a second and 36 MB
+    # Refused from its header: in a small part of the time decoding it takes (and 36 MB).
+    assert elapsed < _seconds(lambda: Image.open(io.BytesIO(huge)).load()) / 2
 
 
 def test_a_huge_png_does_not_delay_a_concurrent_small_call(start_server: Callable[..., RunningServer]) -> None:
@@ -322,8 +323,12 @@ def test_a_huge_png_does_not_delay_a_concurrent_small_call(start_server: Callabl
     heavy.join(timeout=120)
     assert len(heavy_results) == 3 and all(len(result.predictions) == 1 for result in heavy_results)
     assert len(during) >= 10, "too few small calls overlapped the heavy ones to judge"
-    baseline = statistics.median(alone)
-    assert max(during) - baseline < 0.050, f"worst small call {max(during):.3f} s against a median of {baseline:.4f} s"
+    # Decoded on the loop, each heavy image would hold every call for its whole decode. Off
+    # it, the worst small call is delayed by a small part of that (both scale alike on a
+    # loaded host, so the bound is the decode time measured here, now).
+    decode_s = _seconds(lambda: Image.open(io.BytesIO(huge.images[0].encoded)).convert("L").resize((28, 28)))
+    delay_s = max(during) - statistics.median(alone)
+    assert delay_s < decode_s / 3, f"worst small call delayed {delay_s:.3f} s; decoding takes {decode_s:.3f} s"
 
 
 def _garbage_calls(target: str) -> dict[str, grpc.StatusCode]:

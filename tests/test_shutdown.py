@@ -27,7 +27,25 @@ def served(model_dir: Path) -> Iterator[ServerProcess]:
         server.kill()
 
 
-def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(served: ServerProcess) -> None:
+def _wait_for_calls(server: ServerProcess, calls: int) -> None:
+    """Wait until the server's gRPC has received ``calls`` calls (channelz, through /metrics)."""
+    deadline = time.monotonic() + 60
+    while metrics_text.total(metrics_text.scrape(server.metrics_url), "costserve_grpc_calls_started_total") < calls:
+        assert time.monotonic() < deadline, f"the server never received {calls} calls"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(model_dir: Path) -> None:
+    # Calls the server received before SIGTERM are taken up within the drain grace, however
+    # loaded the host: 5 s is far more than that takes.
+    served = start_costserve(model_dir, "--drain-grace-seconds", "5", metrics=True, serving=True)
+    try:
+        _sigterm_during_a_burst(served)
+    finally:
+        served.kill()
+
+
+def _sigterm_during_a_burst(served: ServerProcess) -> None:
     channel = grpc.insecure_channel(served.target)
     stub = pb_grpc.ClassifierStub(channel)
     request = pb.PredictRequest(images=[image_message(EXAMPLES[8])], precision=pb.PRECISION_FP32, skip_cache=True)
@@ -59,6 +77,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request_and_exits_0(serve
     # Also in flight: unary calls started before the signal.
     unary = [stub.Predict.future(request, timeout=120) for _ in range(100)]
     first_answers.wait(timeout=60)
+    _wait_for_calls(served, streams + len(unary))  # sent before SIGTERM, and on the server's side of the wire
     served.process.send_signal(signal.SIGTERM)
     signal_sent.set()
     for worker in workers:
