@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models/digits
 
-.PHONY: serve test install install-test train proto bench bench-policy bench-reliability clean
+.PHONY: serve test install install-test train proto bench bench-ab bench-policy bench-reliability clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,15 @@ proto: install-test
 ## bench: throughput and latency against the gRPC ceiling; writes benchmarks/RESULTS.md
 bench: install-test
 	$(BIN)/python -m benchmarks.serving
+
+## bench-ab: interleaved A/B of the serving path, the working tree against REF side by side (make bench-ab REF=<commit> [ARGS=--rounds 2]); writes benchmarks/RESULTS-ab.md
+ifneq ($(filter bench-ab,$(MAKECMDGOALS)),)
+ifeq ($(strip $(REF)),)
+$(error bench-ab needs the commit to compare against: make bench-ab REF=<commit>)
+endif
+endif
+bench-ab: install-test
+	$(BIN)/python -m benchmarks.ab --against '$(REF)' $(ARGS)
 
 ## bench-policy: one load ramp served fp32-only, int8-only and AUTO; writes benchmarks/RESULTS-policy.md
 bench-policy: install-test

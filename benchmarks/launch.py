@@ -44,11 +44,17 @@ class ServerProcess:
 
     ``port`` and ``metrics_port`` (0 when /metrics is off) are known once :meth:`wait_bound`
     returned; the launchers below call it. Stop it with :meth:`stop` (SIGTERM, then SIGKILL)
-    or :meth:`kill`; as a context manager it stops on exit.
+    or :meth:`kill`; as a context manager it stops on exit. With ``ready_file=False`` (a server
+    from before ``--ready-file``) the command gets no such flag: the caller sets ``port``.
     """
 
     def __init__(
-        self, name: str, command: Sequence[str], workdir: Path | None = None, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        command: Sequence[str],
+        workdir: Path | None = None,
+        env: Mapping[str, str] | None = None,
+        ready_file: bool = True,
     ) -> None:
         self.name = name
         self._own_dir = workdir is None
@@ -61,7 +67,7 @@ class ServerProcess:
         self._final_log: str | None = None
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
-                [*command, "--ready-file", str(self.ready_file)],
+                [*command, *(("--ready-file", str(self.ready_file)) if ready_file else ())],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO_ROOT,
@@ -180,11 +186,7 @@ def start_costserve(
     SERVING. ``workdir`` keeps the log and ready file (default: a temporary directory removed on
     stop); ``env`` adds environment variables. Raises :class:`ServerFailed` with the log's tail.
     """
-    command = [
-        sys.executable, "-m", "costserve.server.cli", "serve", "--model-dir", str(model_dir),
-        "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0" if metrics else "-1", *flags,
-    ]  # fmt: skip
-    server = ServerProcess(name, command, workdir, env)
+    server = ServerProcess(name, costserve_command(model_dir, 0, 0 if metrics else -1, *flags), workdir, env)
     try:
         server.wait_bound(timeout_s)
         if serving:
@@ -193,6 +195,14 @@ def start_costserve(
         server.kill()
         raise
     return server
+
+
+def costserve_command(model_dir: Path, port: int, metrics_port: int, *flags: str) -> list[str]:
+    """``costserve-server serve`` on 127.0.0.1 ``port`` (0: a free one), /metrics on ``metrics_port`` (-1: off)."""
+    return [
+        sys.executable, "-m", "costserve.server.cli", "serve", "--model-dir", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *flags,
+    ]  # fmt: skip
 
 
 def start_benchmark_server(model_dir: Path, *flags: str, name: str, workdir: Path) -> ServerProcess:

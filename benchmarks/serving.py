@@ -186,13 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_tool(choice: str) -> str:
+    """The saturation client for ``--tool`` ``auto``, ``h2load`` or ``python``: auto is h2load when installed."""
+    if choice == "auto":
+        return "h2load" if shutil.which("h2load") else "python"
+    if choice == "h2load" and not shutil.which("h2load"):
+        raise SystemExit("--tool h2load: h2load is not installed (apt-get install nghttp2-client)")
+    return choice
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     """Durations and sizes from the options."""
-    tool = args.tool
-    if tool == "auto":
-        tool = "h2load" if shutil.which("h2load") else "python"
-    elif tool == "h2load" and not shutil.which("h2load"):
-        raise SystemExit("--tool h2load: h2load is not installed (apt-get install nghttp2-client)")
+    tool = load_tool(args.tool)
     quick = args.quick
     return Plan(
         quick=quick,
@@ -307,19 +312,19 @@ class Verifier:
 
 
 def saturate(
-    target: str, body: bytes, body_file: Path, plan: Plan, log_path: Path, pid: int | None = None
+    target: str, body: bytes, body_file: Path, shape: LoadShape, tool: str, log_path: Path, pid: int | None = None
 ) -> LoadResult:
-    """One saturation run with the plan's tool; with ``pid``, also the server's CPU per request."""
+    """One saturation run with ``tool`` (h2load or python); with ``pid``, also the server's CPU per request."""
     sampler = None
-    if pid is not None and not plan.requests:  # inside the measured window, away from its edges
-        margin = min(0.2, plan.duration_s / 5)
-        sampler = CpuSampler(pid, plan.warmup_s + margin, plan.warmup_s + plan.duration_s - margin)
-    before = thread_cpu_seconds(pid) if pid is not None and plan.requests else None
+    if pid is not None and not shape.requests:  # inside the measured window, away from its edges
+        margin = min(0.2, shape.duration_s / 5)
+        sampler = CpuSampler(pid, shape.warmup_s + margin, shape.warmup_s + shape.duration_s - margin)
+    before = thread_cpu_seconds(pid) if pid is not None and shape.requests else None
     with sampler or contextlib.nullcontext():
-        if plan.tool == "h2load":
-            result = run_h2load(target, body_file, plan.shape, log_path)
+        if tool == "h2load":
+            result = run_h2load(target, body_file, shape, log_path)
         else:
-            result = run_python_load(target, body, plan.shape)
+            result = run_python_load(target, body, shape)
     if sampler is not None and sampler.usage is not None and result.rps > 0:
         result.loop_cpu_us = sampler.usage[0] / result.rps * 1e6
         result.process_cpu_us = sampler.usage[1] / result.rps * 1e6
@@ -334,29 +339,8 @@ def sanity_check(servers: dict[str, ServerProcess], bodies: dict[str, bytes]) ->
     """One call per (server, request) through a Python channel: the bytes h2load sends get a real OK answer."""
     facts: dict[str, Any] = {}
     for scenario in SCENARIOS:
-        server = servers[scenario.server]
         body = bodies[scenario.key]
-        precision = pb.PRECISION_FP32 if scenario.precision == pb.PRECISION_FP32 else pb.PRECISION_INT8
-        reply = pb.PredictResponse.FromString(call_raw(server.target, body))
-        if not scenario.skip_cache:  # the first call filled the cache; the second must hit
-            reply = pb.PredictResponse.FromString(call_raw(server.target, body))
-        prediction = reply.predictions[0]
-        problems = []
-        if len(reply.predictions) != 1 or prediction.precision != precision:
-            problems.append(f"answered {len(reply.predictions)} predictions in precision {prediction.precision}")
-        if prediction.cache_hit == scenario.skip_cache:
-            problems.append(f"cache_hit={prediction.cache_hit} with skip_cache={scenario.skip_cache}")
-        if scenario.server == "nobatch" and prediction.batch_size != 1:
-            problems.append(f"batch_size {prediction.batch_size} with batching off")
-        probabilities = list(prediction.probabilities)
-        if (
-            not probabilities
-            or abs(sum(probabilities) - 1.0) > 0.05
-            or prediction.label != int(np.argmax(probabilities))
-        ):
-            problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
-        if problems:
-            raise RuntimeError(f"sanity call {scenario.key} on {server.name}: " + "; ".join(problems))
+        reply = check_answer(servers[scenario.server], scenario, body)
         ceiling_reply = pb.PredictResponse.FromString(call_raw(servers["ceiling"].target, body))
         facts[scenario.key] = {
             "request_bytes": len(body),
@@ -364,6 +348,28 @@ def sanity_check(servers: dict[str, ServerProcess], bodies: dict[str, bytes]) ->
             "ceiling_response_bytes": ceiling_reply.ByteSize(),
         }
     return facts
+
+
+def check_answer(server: ServerProcess, scenario: Scenario, body: bytes) -> pb.PredictResponse:
+    """Send ``body`` as ``scenario`` does and check the answer makes sense for it; return it. Raises RuntimeError."""
+    precision = pb.PRECISION_FP32 if scenario.precision == pb.PRECISION_FP32 else pb.PRECISION_INT8
+    reply = pb.PredictResponse.FromString(call_raw(server.target, body))
+    if not scenario.skip_cache:  # the first call filled the cache; the second must hit
+        reply = pb.PredictResponse.FromString(call_raw(server.target, body))
+    prediction = reply.predictions[0]
+    problems = []
+    if len(reply.predictions) != 1 or prediction.precision != precision:
+        problems.append(f"answered {len(reply.predictions)} predictions in precision {prediction.precision}")
+    if prediction.cache_hit == scenario.skip_cache:
+        problems.append(f"cache_hit={prediction.cache_hit} with skip_cache={scenario.skip_cache}")
+    if scenario.server == "nobatch" and prediction.batch_size != 1:
+        problems.append(f"batch_size {prediction.batch_size} with batching off")
+    probabilities = list(prediction.probabilities)
+    if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or prediction.label != int(np.argmax(probabilities)):
+        problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
+    if problems:
+        raise RuntimeError(f"sanity call {scenario.key} on {server.name}: " + "; ".join(problems))
+    return reply
 
 
 def measure_saturation(
@@ -376,19 +382,16 @@ def measure_saturation(
             server = servers[scenario.server]
             precision = "int8" if scenario.precision == pb.PRECISION_INT8 else "fp32"
             order = ("ceiling", "costserve") if round_index % 2 == 0 else ("costserve", "ceiling")
+            body, body_file = bodies[scenario.key], body_files[scenario.key]
             for who in order:
                 log_path = workdir / f"h2load-{scenario.key}-{who}-{round_index}.log"
                 if who == "ceiling":
                     ceiling = servers["ceiling"]
-                    result = saturate(
-                        ceiling.target, bodies[scenario.key], body_files[scenario.key], plan, log_path, ceiling.pid
-                    )
+                    result = saturate(ceiling.target, body, body_file, plan.shape, plan.tool, log_path, ceiling.pid)
                     measured[scenario.key].ceiling.append(result)
                 else:
                     verifier = Verifier(server)
-                    result = saturate(
-                        server.target, bodies[scenario.key], body_files[scenario.key], plan, log_path, server.pid
-                    )
+                    result = saturate(server.target, body, body_file, plan.shape, plan.tool, log_path, server.pid)
                     mean_batch, hit_share = verifier.check(result, precision)
                     measured[scenario.key].costserve.append(result)
                     measured[scenario.key].mean_batch.append(mean_batch)
@@ -575,7 +578,7 @@ def profile_under_load(
     seconds = max(3, int(plan.duration_s))
     for scenario in SCENARIOS:
         server = servers[scenario.server]
-        profile_plan = dataclasses.replace(plan, duration_s=seconds + 2.0, requests=None)
+        profile_shape = dataclasses.replace(plan.shape, duration_s=seconds + 2.0, requests=None)
         raw = out_dir / f"profile-{scenario.key}.txt"
         recorder = subprocess.Popen(
             [py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds), "--rate", "250",
@@ -587,7 +590,8 @@ def profile_under_load(
                 server.target,
                 bodies[scenario.key],
                 body_files[scenario.key],
-                profile_plan,
+                profile_shape,
+                plan.tool,
                 out_dir / "h2load-profile.log",
             )
         finally:

@@ -42,12 +42,12 @@ class SpyRuntime(Runtime):
         return self.inner.predict(batch)
 
 
-def run_quick_benchmark(module: str, model_dir: Path, output: Path, figures: Path) -> str:
-    """Run ``python -m <module> --quick`` from the repository root; return the report it wrote."""
+def run_quick_benchmark(module: str, model_dir: Path, output: Path, figures: Path, *args: str) -> str:
+    """Run ``python -m <module> --quick [args]`` from the repository root; return the report it wrote."""
     repo_root = Path(__file__).resolve().parent.parent
     command = [
         sys.executable, "-m", module, "--quick",
-        "--output", str(output), "--json", str(figures), "--model-dir", str(model_dir),
+        "--output", str(output), "--json", str(figures), "--model-dir", str(model_dir), *args,
     ]  # fmt: skip
     done = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"benchmark failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
