@@ -41,7 +41,7 @@ import numpy as np
 
 from benchmarks.launch import REPO_ROOT, ServerProcess, ensure_model, start_benchmark_server
 from benchmarks.payloads import PREDICT
-from benchmarks.report import markdown_table, verdict
+from benchmarks.report import NOTES_MARKER, existing_notes, markdown_table, verdict
 from costserve import metrics_text
 from costserve.loadtest import LoadtestConfig, run_loadtest
 from costserve.loadtest.generator import Timed, open_loop
@@ -416,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name, policy, precision in MODES:
         results[name] = run_mode(args.model_dir, workdir, name, policy, precision, workload, inputs)
+    notes = existing_notes(args.output) or "\n"
     text = write_results(results, capacity, workload, args.phase_seconds, time.monotonic() - started)
-    args.output.write_text(text)
+    args.output.write_text(text.rstrip("\n") + "\n\n" + NOTES_MARKER + notes)
     print(f"wrote {args.output}")
     return 0
 
