@@ -106,6 +106,14 @@ SATURATED = RecentLoad(arrival_per_s=1000.0, duty=1.0, loop_share=0.5)
 TIME_TO_SPARE = RecentLoad(arrival_per_s=1000.0, duty=0.6, loop_share=0.3)
 
 
+def _batcher_under(load: RecentLoad, spy: SpyRuntime, batch_timeout_s: float = 0.001) -> Batcher:
+    """A batcher of 8 whose fill rule sees ``load``, with a 30 s fill timeout (never reached by a test)."""
+    return Batcher(
+        spy, max_batch_size=8, batch_timeout_s=batch_timeout_s, max_queue=64, batch_fill_timeout_s=30,
+        window=FixedWindow(load),
+    )  # fmt: skip
+
+
 async def _three_waiting_after_a_busy_batch(
     batcher: Batcher, spy: SpyRuntime, images: np.ndarray
 ) -> list[asyncio.Future]:
@@ -132,10 +140,7 @@ async def _keeps_filling_until_full(batcher: Batcher, spy: SpyRuntime, images: n
 def test_under_saturation_a_batch_keeps_filling_past_the_timeout(spy: SpyRuntime, holdout: Any) -> None:
     async def scenario() -> None:
         # Far past the 1 ms timeout, the batch keeps filling.
-        batcher = Batcher(
-            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30,
-            window=FixedWindow(SATURATED),
-        )  # fmt: skip
+        batcher = _batcher_under(SATURATED, spy)
         await _keeps_filling_until_full(batcher, spy, holdout.holdout_images)
 
     run(scenario)
@@ -143,10 +148,7 @@ def test_under_saturation_a_batch_keeps_filling_past_the_timeout(spy: SpyRuntime
 
 def test_with_time_to_spare_no_batch_waits_past_the_timeout(spy: SpyRuntime, holdout: Any) -> None:
     async def scenario() -> None:
-        batcher = Batcher(
-            spy, max_batch_size=8, batch_timeout_s=0.001, max_queue=64, batch_fill_timeout_s=30,
-            window=FixedWindow(TIME_TO_SPARE),
-        )  # fmt: skip
+        batcher = _batcher_under(TIME_TO_SPARE, spy)
         await batcher.start()
         waiting = await _three_waiting_after_a_busy_batch(batcher, spy, holdout.holdout_images)
         await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)  # not the 30 s fill timeout
@@ -162,10 +164,7 @@ def test_an_image_due_soon_cuts_a_running_fill_wait_short(spy: SpyRuntime, holdo
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         # A 0.2 s timeout: the batch starts that long before the due image's deadline.
-        batcher = Batcher(
-            spy, max_batch_size=8, batch_timeout_s=0.2, max_queue=64, batch_fill_timeout_s=30,
-            window=FixedWindow(SATURATED),
-        )  # fmt: skip
+        batcher = _batcher_under(SATURATED, spy, batch_timeout_s=0.2)
         await batcher.start()
         waiting = await _three_waiting_after_a_busy_batch(batcher, spy, holdout.holdout_images)
         await asyncio.sleep(0.3)  # past the timeout: filling
