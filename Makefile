@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL_DIR ?= models/digits
+MODEL_REPOSITORY ?= models
 
 .PHONY: serve test install install-test train proto bench bench-ab bench-policy bench-reliability clean
 
@@ -25,13 +25,13 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-## serve: install, train the default model if absent, serve on 127.0.0.1:50051
+## serve: install, train the default model if the repository is empty, serve every model on 127.0.0.1:50051
 serve: install
-	$(BIN)/costserve-server serve --model-dir $(MODEL_DIR)
+	$(BIN)/costserve-server serve --model-repository $(MODEL_REPOSITORY)
 
-## train: (re)train the default model into MODEL_DIR as a new version
+## train: (re)train the default model into MODEL_REPOSITORY/digits as a new version
 train: install
-	$(BIN)/costserve-server train --model-dir $(MODEL_DIR)
+	$(BIN)/costserve-server train --model-dir $(MODEL_REPOSITORY)/digits
 
 ## test: install the test extras and run the whole suite
 test: install-test

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import signal
@@ -215,6 +216,37 @@ def wait_health_serving(server: ServerProcess, timeout_s: float = 300) -> None:
         time.sleep(POLL_S * 4)
 
 
+#: The metadata.json fields every costserve version reads; older ones refuse any other.
+LEGACY_METADATA_FIELDS = (
+    "name", "version", "input_shape", "labels", "variants", "holdout_examples", "training_data", "created_at",
+    "training",
+)  # fmt: skip
+LEGACY_VARIANT_FIELDS = ("path", "format", "accuracy", "size_bytes")
+
+
+def legacy_model_copy(model_dir: Path, target: Path) -> Path:
+    """A copy of ``model_dir``'s newest version whose ``metadata.json`` holds only what old servers read.
+
+    The same model files: the old and the new server serve the same weights.
+    """
+    from costserve.server.repository.store import METADATA_FILE, latest_version_dir
+
+    version_dir = latest_version_dir(model_dir)
+    assert version_dir is not None, f"no model version in {model_dir}"
+    copy = target / version_dir.name
+    copy.mkdir(parents=True)
+    for entry in version_dir.iterdir():
+        if entry.name != METADATA_FILE:
+            (copy / entry.name).symlink_to(entry.resolve())
+    metadata = json.loads((version_dir / METADATA_FILE).read_text())
+    legacy = {key: metadata[key] for key in LEGACY_METADATA_FIELDS if key in metadata}
+    legacy["variants"] = {
+        name: {key: variant[key] for key in LEGACY_VARIANT_FIELDS} for name, variant in metadata["variants"].items()
+    }
+    (copy / METADATA_FILE).write_text(json.dumps(legacy, indent=2) + "\n")
+    return target
+
+
 def start_old(model_dir: Path, workdir: Path, env: dict[str, str], announces_ports: bool) -> ServerProcess:
     """The old server, SERVING: on port 0 when it knows ``--ready-file``, else on a port found free."""
     if announces_ports:
@@ -372,8 +404,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         env = old_env(packages)
         results["old"]["ready_file"] = probe_old(packages, env)
         print("starting the old and the new server ...", flush=True)
+        old_model_dir = legacy_model_copy(model_dir, workdir / "old-model" / model_dir.name)
         servers = {
-            "old": stack.enter_context(start_old(model_dir, workdir, env, results["old"]["ready_file"])),
+            "old": stack.enter_context(start_old(old_model_dir, workdir, env, results["old"]["ready_file"])),
             "new": stack.enter_context(
                 start_costserve(model_dir, *BENCHMARK_FLAGS, name="new", workdir=workdir, serving=True)
             ),

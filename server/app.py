@@ -1,8 +1,10 @@
 """The server process: gRPC (costserve.v1, health, reflection), /metrics, start-up and drain.
 
 Start-up binds the ports first and reports ``NOT_SERVING`` on the health service
-while the model loads and warms (training the default model when the model
-directory is empty), then ``SERVING``. Every service is registered behind the
+while the models load and warm (training the default model when the repository is
+empty), then ``SERVING``; the repository manager then keeps the served versions in
+step with the repository (every ``--poll-seconds``, and on SIGHUP) without leaving
+``SERVING``. Every service is registered behind the
 :mod:`~costserve.server.rpc_gate`: undecodable messages get ``INVALID_ARGUMENT``, and
 prediction calls past ``--max-concurrent-rpcs`` get ``RESOURCE_EXHAUSTED``, counted.
 
@@ -38,7 +40,8 @@ from costserve.server.errors import CostserveError
 from costserve.server.logs import quiet_client_errors
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.metrics_http import MetricsHttpServer, start_metrics_server
-from costserve.server.model_store import LoadedModel, latest_version_dir, load_model
+from costserve.server.repository.manager import RepositoryManager
+from costserve.server.repository.store import LoadedModel, latest_version_dir, list_models, list_versions
 from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
@@ -47,6 +50,9 @@ from costserve.server.transport import TransportCalls, server_ids
 from costserve.v1 import classifier_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: The embedded default model's name: trained into the repository when it holds no model.
+DEFAULT_MODEL_NAME = "digits"
 
 #: After the drain's calls in flight are done, how long the transport may take to close, in
 #: seconds: what it still holds then are refusals (UNAVAILABLE) and health watches.
@@ -78,7 +84,7 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 def ensure_model(model_dir: Path) -> Path:
-    """The newest model version in ``model_dir``; trains the default model when there is none.
+    """The newest model version in ``model_dir``; trains the default model into it when there is none.
 
     Training runs as ``costserve-server train`` in a process of its own: in this one, its
     Python would hold the GIL for most of a minute and keep the event loop from answering
@@ -95,15 +101,19 @@ def ensure_model(model_dir: Path) -> Path:
     return version_dir
 
 
-def load_served_model(settings: Settings) -> LoadedModel:
-    """Configure TensorFlow, train the default model if there is none, and load both variants.
+def prepare_models(settings: Settings) -> None:
+    """Configure TensorFlow, and train the default model when there is no model to serve.
 
-    Run off the event loop: importing TensorFlow alone takes seconds, during which the loop
-    must go on answering health checks.
+    With ``--model-dir``, into that directory when it has no version; otherwise into
+    ``<repository>/digits`` when no model of the repository has a version. Run off the
+    event loop: importing TensorFlow alone takes seconds, during which the loop must go on
+    answering health checks.
     """
     configure_tensorflow_threads(settings.inference_threads)
-    version_dir = ensure_model(settings.model_dir)
-    return load_model(version_dir, settings.max_batch_size, settings.inference_threads)
+    if settings.model_dir is not None:
+        ensure_model(settings.model_dir)
+    elif not any(list_versions(model) for model in list_models(settings.model_repository)):
+        ensure_model(settings.model_repository / DEFAULT_MODEL_NAME)
 
 
 @dataclass
@@ -112,7 +122,7 @@ class CostserveServer:
 
     Example (tests use port 0 and read the bound ports)::
 
-        server = CostserveServer(Settings(port=0, metrics_port=0, model_dir=Path("models/digits")))
+        server = CostserveServer(Settings(port=0, metrics_port=0, model_repository=Path("models")))
         await server.start()
         print(server.port, server.metrics_port)
         await server.stop()
@@ -120,6 +130,7 @@ class CostserveServer:
 
     settings: Settings
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    #: A version already loaded (tests share one): served without loading it again, never closed here.
     model: LoadedModel | None = None
     port: int = 0
     metrics_port: int = 0
@@ -134,6 +145,7 @@ class CostserveServer:
         #: Admission of prediction calls: closed while the model loads, the in-flight bound, and the
         #: drain's refusal of new calls. The drain's call tracking is its count of calls in flight.
         self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused, ready=False)
+        self.repository: RepositoryManager | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
@@ -181,21 +193,22 @@ class CostserveServer:
         )
         loop = asyncio.get_running_loop()
         if self.model is None:
-            self.model = await loop.run_in_executor(None, load_served_model, self.settings)
-        self.core = InferenceCore(self.model, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
+            await loop.run_in_executor(None, prepare_models, self.settings)
+        self.core = InferenceCore(None, self.settings, self.metrics, meter=self.meter, ledger=self.ledger)
+        self.repository = RepositoryManager(
+            self.core, self.settings, self.metrics, preloaded=[self.model] if self.model is not None else None
+        )
+        await self.repository.start()
         await self.core.start()
         self.servicer.core = self.core
         self.gate.ready = True
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._write_ready_file(serving=True)
-        metadata = self.model.metadata
         log.info(
-            "SERVING %s v%s %s: %s",
-            metadata.name,
-            metadata.version,
-            "x".join(map(str, self.model.input_shape)),
-            ", ".join(f"{name} accuracy {info.accuracy:.4f}" for name, info in metadata.variants.items()),
+            "SERVING %s (default %s)",
+            ", ".join(f"{served.name} v{served.version}" for served in self.core.served_versions()),
+            self.core.default_model_name(),
         )
 
     def _write_ready_file(self, serving: bool) -> None:
@@ -252,6 +265,8 @@ class CostserveServer:
         if self._grpc is not None and close_transport:
             # What the transport still holds are refusals and health watches: they end at once or may be cut.
             await self._grpc.stop(TRANSPORT_CLOSE_S)
+        if self.repository is not None:
+            await self.repository.stop()
         if self.core is not None:
             await self.core.stop()
         if self._metrics_http is not None:
@@ -271,6 +286,7 @@ async def serve(settings: Settings) -> NoReturn:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: server.repository.poll_now() if server.repository else None)
     start = asyncio.ensure_future(server.start())
     await asyncio.wait([start, asyncio.ensure_future(stop_requested.wait())], return_when=asyncio.FIRST_COMPLETED)
     if start.done():

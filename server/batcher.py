@@ -103,8 +103,11 @@ class Batcher:
         metrics: ServiceMetrics | None = None,
         batch_fill_timeout_s: float | None = None,
         window: RuntimeWindow | None = None,
+        model: str = "",
     ) -> None:
         self.runtime = runtime
+        #: The model's name, the first label of the batcher's metrics.
+        self.model = model
         self.max_batch_size = max_batch_size
         self.batch_timeout_s = batch_timeout_s
         #: Longest a batch keeps filling while images arrive fast enough to fill it, counted
@@ -164,14 +167,14 @@ class Batcher:
     async def start(self) -> None:
         """Create the inference thread and the dispatcher in the running loop."""
         self._loop_cpu = LoopCpuClock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{self.label}")
-        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{self.label}")
+        name = f"{self.model}-{self.label}" if self.model else self.label
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher-{name}")
         if self.metrics is not None:
-            self.metrics.track_queue_depth(self.label, lambda: self._waiting)
             self._series = (
-                self.metrics.inference_duration.labels(self.label),
-                self.metrics.batch_size.labels(self.label),
-                self.metrics.queue_duration.labels(self.label),
+                self.metrics.inference_duration.labels(self.model, self.label),
+                self.metrics.batch_size.labels(self.model, self.label),
+                self.metrics.queue_duration.labels(self.model, self.label),
             )
 
     def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:

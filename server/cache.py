@@ -1,8 +1,9 @@
 """The LRU prediction cache.
 
-Keys are (model version, variant, digest of the decoded pixels): a PNG and the
+Keys are (model, version, variant, digest of the decoded pixels): a PNG and the
 same raw pixels share an entry, fp32 and int8 answers never mix, and a new model
-version never sees the old entries. ``cachetools.LRUCache`` is not thread-safe,
+version never sees the old entries. The cache is bounded by entries and by bytes,
+so a model with a thousand classes cannot take more memory than its budget. ``cachetools.LRUCache`` is not thread-safe,
 so every access holds a lock (the metrics endpoint reads sizes from its own
 thread).
 """
@@ -18,10 +19,15 @@ from typing import Any, NamedTuple
 import numpy as np
 from cachetools import LRUCache
 
+#: Bytes an entry holds beyond its probabilities' array: the key, its digest, the value tuple,
+#: the array's header, and the LRU's own bookkeeping (measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD_BYTES = 480
+
 
 class CacheKey(NamedTuple):
     """Identity of a cached prediction."""
 
+    model: str
     model_version: str
     #: The variant's label (``Precision.value``): a string, so the key holds nothing the GC tracks.
     variant: str
@@ -45,11 +51,17 @@ def _digest_prefix(dtype: str, shape: tuple[int, ...]) -> bytes:
     return f"{dtype}{shape}".encode()
 
 
-class _CountingLRU(LRUCache[CacheKey, Any]):
-    """An LRUCache that reports each eviction (``popitem`` is how cachetools evicts)."""
+def entry_bytes(answer: Any) -> int:
+    """Estimated bytes of one entry: its first item's array (the probabilities) plus the fixed overhead."""
+    first = answer[0] if isinstance(answer, tuple) else answer
+    return ENTRY_OVERHEAD_BYTES + int(getattr(first, "nbytes", 0))
 
-    def __init__(self, maxsize: int, on_evict: Callable[[], None]) -> None:
-        super().__init__(maxsize)
+
+class _CountingLRU(LRUCache[CacheKey, Any]):
+    """An LRUCache bounded in bytes that reports each eviction (``popitem`` is how cachetools evicts)."""
+
+    def __init__(self, max_bytes: int, on_evict: Callable[[], None]) -> None:
+        super().__init__(max_bytes, getsizeof=entry_bytes)
         self._on_evict = on_evict
 
     def popitem(self) -> tuple[CacheKey, Any]:
@@ -59,26 +71,31 @@ class _CountingLRU(LRUCache[CacheKey, Any]):
 
 
 class PredictionCache:
-    """Thread-safe LRU of answers, bounded to ``max_entries`` (0 = off).
+    """Thread-safe LRU of answers, bounded to ``max_entries`` (0 = off) and ``max_bytes`` (estimated).
 
     Values are stored as given and must not be changed afterwards; the core stores
     each image's (read-only probabilities, label, score).
 
     Example::
 
-        cache = PredictionCache(max_entries=10_000)
-        key = CacheKey("1", "fp32", pixels_digest(pixels))
+        cache = PredictionCache(max_entries=10_000, max_bytes=64 * 2**20)
+        key = CacheKey("digits", "1", "fp32", pixels_digest(pixels))
         if (probabilities := cache.get(key)) is None:
             probabilities = runtime.predict(pixels[None])[0]
             cache.put(key, probabilities)
     """
 
-    def __init__(self, max_entries: int, on_evict: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, max_entries: int, max_bytes: int = 256 * 2**20, on_evict: Callable[[], None] | None = None
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.evictions = 0
         self._on_evict = on_evict
         self._lock = threading.Lock()
-        self._entries: _CountingLRU | None = _CountingLRU(max_entries, self._count_eviction) if max_entries else None
+        self._entries: _CountingLRU | None = (
+            _CountingLRU(max_bytes, self._count_eviction) if max_entries and max_bytes else None
+        )
 
     @property
     def enabled(self) -> bool:
@@ -101,11 +118,39 @@ class PredictionCache:
                 return None
 
     def put(self, key: CacheKey, answer: Any) -> None:
-        """Store ``answer``, evicting the least recently used entry when full."""
-        if self._entries is None:
+        """Store ``answer``, evicting the least recently used entries while over either bound.
+
+        An answer larger than the whole byte budget is not stored.
+        """
+        entries = self._entries
+        if entries is None:
             return
         with self._lock:
-            self._entries[key] = answer
+            try:
+                entries[key] = answer
+            except ValueError:  # cachetools: the value alone is larger than max_bytes
+                return
+            while len(entries) > self.max_entries:
+                entries.popitem()
+
+    def discard(self, doomed: Callable[[CacheKey], bool]) -> int:
+        """Remove every entry whose key ``doomed`` accepts (an unloaded model version's); returns how many."""
+        entries = self._entries
+        if entries is None:
+            return 0
+        with self._lock:
+            keys = [key for key in entries if doomed(key)]
+            for key in keys:
+                del entries[key]
+        return len(keys)
+
+    @property
+    def size_bytes(self) -> int:
+        """Estimated bytes the entries hold."""
+        if self._entries is None:
+            return 0
+        with self._lock:
+            return int(self._entries.currsize)
 
     def __len__(self) -> int:
         if self._entries is None:

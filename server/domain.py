@@ -66,6 +66,12 @@ class PredictionRequest:
     min_accuracy: float = 0.0
     #: Most the request may cost, in USD; 0 sets no ceiling.
     max_cost_usd: float = 0.0
+    #: The model asked for; "" is the server's default model.
+    model_name: str = ""
+    #: The version asked for; "" is the model's latest served version.
+    model_version: str = ""
+    #: Answer only the ``top_k`` most probable classes per image (0: every class); the front end trims.
+    top_k: int = 0
 
 
 @dataclass(slots=True)
@@ -110,6 +116,12 @@ class PredictionResult:
     predictions: list[ImagePrediction]
     model_version: str
     server_seconds: float
+    #: The model that answered.
+    model_name: str = ""
+    #: Its class names, by class index (shared with the model version: not to be changed).
+    labels: Sequence[str] = ()
+    #: What the request asked of the answer's size (see :attr:`PredictionRequest.top_k`).
+    top_k: int = 0
     #: CPU-seconds the event loop spent on other work while this request waited for its batch:
     #: what the core subtracts from the loop CPU it measured around the request.
     waiting_loop_cpu_seconds: float = 0.0
@@ -145,6 +157,33 @@ class WireCall(Generic[Response]):
     encode: Callable[[PredictionResult], tuple[Response, int]]
     #: The precision the call asked for, counted under when its request cannot be converted.
     asked_precision: Precision = Precision.AUTO
+
+
+class VersionState(enum.Enum):
+    """Where a model version is in its life in the server. Values are the metric label values."""
+
+    LOADING = "loading"
+    AVAILABLE = "available"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One version of a model and its state; ``reason`` says why it failed."""
+
+    version: str
+    state: VersionState
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """A model of the repository and its versions, oldest first."""
+
+    name: str
+    is_default: bool
+    versions: tuple[VersionStatus, ...]
 
 
 @dataclass(slots=True)

@@ -74,6 +74,13 @@ class ConstraintUnmet(CostserveError):
     reason = "constraint"
 
 
+class NotFound(CostserveError):
+    """The request names a model or version the server does not serve; the message names those it does."""
+
+    status = grpc.StatusCode.NOT_FOUND
+    reason = "not_found"
+
+
 class DeadlineExceeded(CostserveError):
     """The request's deadline passed before it could be computed."""
 

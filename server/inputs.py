@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from costserve.server.cache import buffer_digest, pixels_digest
 from costserve.server.domain import ImageInput, PixelType, RawPixels
@@ -188,30 +188,39 @@ def declared_pixels(image: ImageInput) -> int:
     return 0
 
 
-def decode_image(image: ImageInput, input_shape: tuple[int, int, int], index: int = 0) -> np.ndarray:
+def decode_image(
+    image: ImageInput, input_shape: tuple[int, int, int], index: int = 0, resize: str = "stretch"
+) -> np.ndarray:
     """Decode one image to float32 ``input_shape`` in [0, 1]; ``index`` names it in errors."""
-    return decode(image, input_shape, index).pixels
+    return decode(image, input_shape, index, resize=resize).pixels
 
 
 def decode(
-    image: ImageInput, input_shape: tuple[int, int, int], index: int = 0, max_pixels: int = AUTO_IMAGE_PIXELS_CEILING
+    image: ImageInput,
+    input_shape: tuple[int, int, int],
+    index: int = 0,
+    max_pixels: int = AUTO_IMAGE_PIXELS_CEILING,
+    resize: str = "stretch",
 ) -> DecodedImage:
     """Validate one image and decode it as far as its digest; ``index`` names it in errors.
 
     ``max_pixels`` bounds an encoded image's width x height, checked from its header
-    before anything is decompressed.
+    before anything is decompressed. ``resize`` is the model's (``Preprocessing.resize``):
+    ``stretch`` to the input's height x width, or ``crop`` (shorter side to fit, centre cut out).
     """
     if (image.encoded is None) == (image.pixels is None):
         raise InvalidInput(f"images[{index}]: set exactly one of `encoded` (PNG/JPEG bytes) or `pixels`")
     if image.encoded is not None:
-        return _decode_encoded(image.encoded, input_shape, index, max_pixels)
+        return _decode_encoded(image.encoded, input_shape, index, max_pixels, resize)
     assert image.pixels is not None
     return _decode_pixels(image.pixels, input_shape, index)
 
 
-def decode_all(images: Sequence[ImageInput], input_shape: tuple[int, int, int], max_pixels: int) -> list[DecodedImage]:
+def decode_all(
+    images: Sequence[ImageInput], input_shape: tuple[int, int, int], max_pixels: int, resize: str = "stretch"
+) -> list[DecodedImage]:
     """:func:`decode` every image of a request, in order."""
-    return [decode(image, input_shape, index, max_pixels) for index, image in enumerate(images)]
+    return [decode(image, input_shape, index, max_pixels, resize) for index, image in enumerate(images)]
 
 
 Result = TypeVar("Result")
@@ -267,7 +276,9 @@ class DecodePool:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int, max_pixels: int) -> DecodedImage:
+def _decode_encoded(
+    data: bytes, input_shape: tuple[int, int, int], index: int, max_pixels: int, resize: str = "stretch"
+) -> DecodedImage:
     height, width, channels = input_shape
     if not data:
         raise InvalidInput(f"images[{index}].encoded is empty; expected the bytes of a PNG or JPEG file")
@@ -296,7 +307,10 @@ def _decode_encoded(data: bytes, input_shape: tuple[int, int, int], index: int, 
             f"images[{index}].encoded could not be decoded as PNG/JPEG ({exc}); the file may be truncated or corrupt"
         ) from None
     if picture.size != (width, height):
-        picture = picture.resize((width, height), Image.Resampling.BILINEAR)
+        if resize == "crop":
+            picture = ImageOps.fit(picture, (width, height), Image.Resampling.BILINEAR)
+        else:
+            picture = picture.resize((width, height), Image.Resampling.BILINEAR)
     return DecodedImage(levels=np.asarray(picture, dtype=np.uint8).reshape(input_shape))
 
 

@@ -1,7 +1,8 @@
 """Prometheus metrics of the service, on a registry passed in.
 
 Names start ``costserve_``, use base units, counters end ``_total``; label values
-are bounded (method names, precisions, status code names, fixed reasons). Tests
+are bounded (model names of the repository, method names, precisions, status code
+names, fixed reasons). Tests
 build a fresh ``CollectorRegistry`` and read values with ``get_sample_value``.
 
 Counters and histograms that change per request or per batch are
@@ -21,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -43,6 +44,7 @@ REJECTION_REASONS = (
     "unavailable",
     "budget",
     "constraint",
+    "not_found",
 )
 #: Request latency buckets, in seconds (0.5 ms .. 10 s).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)
@@ -220,41 +222,41 @@ class ServiceMetrics:
             ProcessCollector(registry=registry)
         self.requests = self._counter(
             "costserve_requests_total",
-            "Calls to costserve.v1 by method, precision that answered (or was asked; auto when none was)"
-            " and status code.",
-            ["method", "precision", "code"],
+            "Calls to costserve.v1 by model (empty when refused before one was found), method, precision that "
+            "answered (or was asked; auto when none was) and status code.",
+            ["model", "method", "precision", "code"],
         )
         self.images = self._counter(
             "costserve_images_total",
-            "Images classified, by precision that answered and whether the cache answered.",
-            ["precision", "cache"],
+            "Images classified, by model, precision that answered and whether the cache answered.",
+            ["model", "precision", "cache"],
         )
         self.request_duration = self._histogram(
             "costserve_request_duration_seconds",
             "Time from a request entering the core to its answer, in seconds.",
-            ["method", "precision"],
+            ["model", "method", "precision"],
             buckets=LATENCY_BUCKETS,
         )
         self.queue_duration = self._histogram(
             "costserve_queue_duration_seconds",
             "Time an image waited in the batch queue before its batch started, in seconds.",
-            ["precision"],
+            ["model", "precision"],
             buckets=LATENCY_BUCKETS,
         )
         self.inference_duration = self._histogram(
             "costserve_inference_duration_seconds",
             "Wall time of one runtime call (one batch), in seconds.",
-            ["precision"],
+            ["model", "precision"],
             buckets=LATENCY_BUCKETS,
         )
         self.batch_size = self._histogram(
             "costserve_batch_size",
             "Images per runtime call, padding excluded.",
-            ["precision"],
+            ["model", "precision"],
             buckets=BATCH_BUCKETS,
         )
         self.queue_depth = Gauge(
-            "costserve_queue_depth", "Images waiting in the batch queue.", ["precision"], registry=registry
+            "costserve_queue_depth", "Images waiting in the batch queues.", ["model", "precision"], registry=registry
         )
         self.cache_hits = self._counter("costserve_cache_hits_total", "Cache lookups that found an answer.")
         self.cache_misses = self._counter("costserve_cache_misses_total", "Cache lookups that found nothing.")
@@ -262,6 +264,9 @@ class ServiceMetrics:
             "costserve_cache_evictions_total", "Entries evicted to make room (least recently used first)."
         )
         self.cache_entries = Gauge("costserve_cache_entries", "Entries in the prediction cache.", registry=registry)
+        self.cache_bytes = Gauge(
+            "costserve_cache_bytes", "Bytes the prediction cache's entries hold (estimated).", registry=registry
+        )
         self.rejected = self._counter(
             "costserve_rejected_total",
             "Requests that got no answer, by reason (" + ", ".join(REJECTION_REASONS) + ").",
@@ -269,31 +274,44 @@ class ServiceMetrics:
         )
         self.model_info = Gauge(
             "costserve_model_info",
-            "The model being served (value 1), with its version, precision, format and held-out accuracy.",
+            "Each model version being served (value 1), with its precision, format and held-out accuracy "
+            "(unknown when not measured).",
             ["name", "version", "precision", "format", "accuracy"],
+            registry=registry,
+        )
+        self.model_versions = Gauge(
+            "costserve_model_versions",
+            "Versions of each model of the repository by state (loading, available, unloading, failed).",
+            ["model", "state"],
+            registry=registry,
+        )
+        self.model_load_failures = Counter(
+            "costserve_model_load_failures",
+            "Model versions that failed to load (the reason is in the log and in ListModels).",
+            ["model"],
             registry=registry,
         )
 
         self.request_cost = self._histogram(
             "costserve_request_cost_usd",
             "Cost of one answered request, in USD.",
-            ["precision"],
+            ["model", "precision"],
             buckets=COST_BUCKETS,
         )
         self.cost = self._counter(
             "costserve_cost_usd_total",
-            "Cost charged to answered requests, in USD, by resource (cpu, memory, network) and precision.",
-            ["resource", "precision"],
+            "Cost charged to answered requests, in USD, by model, resource (cpu, memory, network) and precision.",
+            ["model", "resource", "precision"],
         )
         self.cpu_seconds = self._counter(
             "costserve_cpu_seconds_total",
-            "CPU-seconds attributed to answered requests, by precision and phase (inference, handling).",
-            ["precision", "phase"],
+            "CPU-seconds attributed to answered requests, by model, precision and phase (inference, handling).",
+            ["model", "precision", "phase"],
         )
         self.network_bytes = self._counter(
             "costserve_network_bytes_total",
-            "Bytes of answered requests and their responses, by precision.",
-            ["precision"],
+            "Bytes of answered requests and their responses, by model and precision.",
+            ["model", "precision"],
         )
         self.utilization = Gauge(
             "costserve_utilization",
@@ -315,9 +333,9 @@ class ServiceMetrics:
 
         self.decisions = self._counter(
             "costserve_decisions_total",
-            "Policy decisions, by precision chosen and reason (requested, cache, accuracy_floor, cost_ceiling, "
-            "budget_near, load_shed, deadline, cost_first, accuracy_first).",
-            ["precision", "reason"],
+            "Policy decisions, by model, precision chosen and reason (requested, cache, accuracy_floor, "
+            "cost_ceiling, budget_near, load_shed, deadline, cost_first, accuracy_first).",
+            ["model", "precision", "reason"],
         )
         self.loop_lag = Gauge(
             "costserve_event_loop_lag_seconds",
@@ -361,13 +379,14 @@ class ServiceMetrics:
         self._loop_families.append(family)
         return family
 
-    def count_answered(self, method: str, precision: str = "auto") -> None:
-        """Count a call answered OK that the core does not count itself (``GetModelInfo``)."""
-        self.requests.labels(method, precision, "OK").inc()
+    def count_answered(self, method: str, precision: str = "auto", model: str = "") -> None:
+        """Count a call answered OK that the core does not count itself (``GetModelInfo``, ``ListModels``)."""
+        self.requests.labels(model, method, precision, "OK").inc()
 
-    def count_refused(self, method: str, precision: str, error: CostserveError) -> None:
-        """Count a call that ended with ``error``: its status under ``method`` and ``precision``, and its reason."""
-        self.requests.labels(method, precision, error.status.name).inc()
+    def count_refused(self, method: str, precision: str, error: CostserveError, model: str = "") -> None:
+        """Count a call that ended with ``error``: its status under ``model``, ``method`` and ``precision``,
+        and its reason."""
+        self.requests.labels(model, method, precision, error.status.name).inc()
         if error.reason:
             self.rejected.labels(error.reason).inc()
 
@@ -380,38 +399,40 @@ class ServiceMetrics:
         """Read the calls gRPC received at scrape time."""
         self.registry.register(_TransportCalls(read))
 
-    def track_queue_depth(self, precision: str, depth: Callable[[], int]) -> None:
-        """Read a batcher's queue depth at scrape time."""
-        self.queue_depth.labels(precision).set_function(depth)
+    def track_queue_depth(self, model: str, precision: str, depth: Callable[[], int]) -> None:
+        """Read a model's queue depth at scrape time."""
+        self.queue_depth.labels(model, precision).set_function(depth)
 
-    def track_cache_entries(self, entries: Callable[[], int]) -> None:
-        """Read the cache's size at scrape time."""
+    def track_cache(self, entries: Callable[[], int], size_bytes: Callable[[], int]) -> None:
+        """Read the cache's entries and bytes at scrape time."""
         self.cache_entries.set_function(entries)
+        self.cache_bytes.set_function(size_bytes)
 
 
 class PrecisionSeries:
-    """The labelled series of one precision, looked up once rather than per request."""
+    """The labelled series of one model's precision, looked up once rather than per request."""
 
-    def __init__(self, metrics: ServiceMetrics, precision: str) -> None:
+    def __init__(self, metrics: ServiceMetrics, model: str, precision: str) -> None:
         self._metrics = metrics
+        self._model = model
         self._precision = precision
         self._methods: dict[str, tuple[LoopCounter, LoopHistogram]] = {}
-        self.images_hit = metrics.images.labels(precision, "hit")
-        self.images_miss = metrics.images.labels(precision, "miss")
-        self.cost_cpu = metrics.cost.labels("cpu", precision)
-        self.cost_memory = metrics.cost.labels("memory", precision)
-        self.cost_network = metrics.cost.labels("network", precision)
-        self.cpu_handling = metrics.cpu_seconds.labels(precision, "handling")
-        self.cpu_inference = metrics.cpu_seconds.labels(precision, "inference")
-        self.network_bytes = metrics.network_bytes.labels(precision)
-        self.request_cost = metrics.request_cost.labels(precision)
+        self.images_hit = metrics.images.labels(model, precision, "hit")
+        self.images_miss = metrics.images.labels(model, precision, "miss")
+        self.cost_cpu = metrics.cost.labels(model, "cpu", precision)
+        self.cost_memory = metrics.cost.labels(model, "memory", precision)
+        self.cost_network = metrics.cost.labels(model, "network", precision)
+        self.cpu_handling = metrics.cpu_seconds.labels(model, precision, "handling")
+        self.cpu_inference = metrics.cpu_seconds.labels(model, precision, "inference")
+        self.network_bytes = metrics.network_bytes.labels(model, precision)
+        self.request_cost = metrics.request_cost.labels(model, precision)
 
     def method(self, method: str) -> tuple[LoopCounter, LoopHistogram]:
         """The answered-requests counter and the duration histogram of ``method``."""
         series = self._methods.get(method)
         if series is None:
             series = self._methods[method] = (
-                self._metrics.requests.labels(method, self._precision, "OK"),
-                self._metrics.request_duration.labels(method, self._precision),
+                self._metrics.requests.labels(self._model, method, self._precision, "OK"),
+                self._metrics.request_duration.labels(self._model, method, self._precision),
             )
         return series

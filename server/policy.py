@@ -111,17 +111,21 @@ class PolicyConfig:
 class Policy:
     """Chooses fp32 or int8 per request; holds the load-shedding state (one per core).
 
-    ``accuracy`` maps each served variant to its held-out accuracy; ``clock`` is
-    monotonic seconds (tests pass their own).
+    ``accuracy`` maps each variant the model version has to its held-out accuracy (None
+    when it was not measured: such a variant answers no request with an accuracy floor);
+    ``model`` names the version in messages; ``clock`` is monotonic seconds (tests pass
+    their own).
     """
 
     def __init__(
         self,
-        accuracy: Mapping[Precision, float] | None = None,
+        accuracy: Mapping[Precision, float | None] | None = None,
         config: PolicyConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        model: str = "the model",
     ) -> None:
-        self.accuracy = dict(accuracy or {Precision.FP32: 1.0, Precision.INT8: 1.0})
+        self.accuracy: dict[Precision, float | None] = dict(accuracy or {Precision.FP32: 1.0, Precision.INT8: 1.0})
+        self.model = model
         self.config = config or PolicyConfig()
         if self.config.mode not in POLICIES:
             raise ValueError(f"policy {self.config.mode!r} is not one of {', '.join(POLICIES)}")
@@ -141,9 +145,11 @@ class Policy:
         return decision
 
     def allowed(self, request: PredictionRequest) -> list[Precision]:
-        """Variants meeting the request's accuracy floor, most accurate first."""
-        variants = sorted(self.accuracy, key=lambda precision: -self.accuracy[precision])
-        return [precision for precision in variants if self.accuracy[precision] >= request.min_accuracy]
+        """Variants meeting the request's accuracy floor, most accurate first (unknown accuracy last)."""
+        variants = sorted(self.accuracy, key=lambda precision: -(self.accuracy[precision] or -1.0))
+        if request.min_accuracy <= 0:
+            return variants
+        return [precision for precision in variants if (self.accuracy[precision] or 0.0) >= request.min_accuracy]
 
     def observe(self, load: Load) -> bool:
         """Update the load-shedding state from ``load``; return whether shedding now."""
@@ -176,9 +182,21 @@ class Policy:
         ceiling = request.max_cost_usd
         if request.precision is not Precision.AUTO:  # honoured or refused; the load state is AUTO's
             precision = request.precision
-            if self.accuracy.get(precision, 0.0) < request.min_accuracy:
+            if precision not in self.accuracy:
                 raise ConstraintUnmet(
-                    f"precision {precision.value} has held-out accuracy {self.accuracy.get(precision, 0.0):.4f}, "
+                    f"{self.model} has no {precision.value} variant (it serves "
+                    f"{', '.join(p.value for p in self.accuracy)}); ask for PRECISION_AUTO or another precision"
+                )
+            accuracy = self.accuracy[precision]
+            if request.min_accuracy > 0 and accuracy is None:
+                raise ConstraintUnmet(
+                    f"the held-out accuracy of {self.model}'s {precision.value} variant is unknown (imported "
+                    "without --holdout data), so it cannot meet min_accuracy; drop the floor or re-import with "
+                    "held-out data"
+                )
+            if accuracy is not None and accuracy < request.min_accuracy:
+                raise ConstraintUnmet(
+                    f"precision {precision.value} has held-out accuracy {accuracy:.4f}, "
                     f"below the request's min_accuracy {request.min_accuracy:.4f}; "
                     "lower the floor or ask for PRECISION_AUTO"
                 )
@@ -194,9 +212,15 @@ class Policy:
         shedding = self.observe(load)
         candidates = self.allowed(request)
         if not candidates:
-            best = max(self.accuracy.values())
+            known = [accuracy for accuracy in self.accuracy.values() if accuracy is not None]
+            if not known:
+                raise ConstraintUnmet(
+                    f"the held-out accuracy of every variant of {self.model} is unknown (imported without "
+                    "--holdout data), so none can meet min_accuracy; drop the floor or re-import with held-out data"
+                )
             raise ConstraintUnmet(
-                f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is {best:.4f}"
+                f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is "
+                f"{max(known):.4f}"
             )
         if ceiling > 0:
             count = len(request.images)
@@ -215,7 +239,7 @@ class Policy:
     def _choose_auto(
         self, request: PredictionRequest, load: Load, candidates: list[Precision], shedding: bool
     ) -> Decision:
-        if len(candidates) == 1:
+        if len(candidates) == 1 and len(self.accuracy) > 1:
             return self.decision(candidates[0], "accuracy_floor")
         if Precision.INT8 in candidates and Precision.FP32 in candidates:
             if load.budget is BudgetStatus.NEAR:

@@ -1,5 +1,10 @@
 """Runtimes: one interface, ``predict(batch) -> probabilities``, two implementations.
 
+A runtime takes the server's canonical pixels (float32 in [0, 1], or uint8 levels)
+and applies the model version's :class:`~costserve.server.preprocessing.Preprocessing`
+to the whole batch on its inference thread: scaling, channel order, and softmax for
+a model that outputs logits.
+
 * :class:`SavedModelRuntime` (fp32) runs the SavedModel's ``serving_default``
   signature through one session callable (never ``Model.predict``, which costs
   ~100 ms a call).
@@ -16,19 +21,17 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from costserve.server.domain import Precision
+from costserve.server.preprocessing import LEVEL_FLOATS, Preprocessing
 
 if TYPE_CHECKING:  # for annotations only: LiteRTRuntime imports LiteRT where it is used
     from ai_edge_litert.interpreter import Interpreter
-
-#: The model input of each 8-bit level: ``LEVEL_FLOATS[v] == np.float32(v) / np.float32(255)``.
-LEVEL_FLOATS = np.arange(256, dtype=np.float32) / np.float32(255.0)
 
 
 def levels_to_floats(levels: np.ndarray) -> np.ndarray:
@@ -56,18 +59,15 @@ class Runtime(abc.ABC):
     #: True when a call does all its work on the calling thread (one thread per call), so
     #: that thread's CPU clock measures it exactly; otherwise other threads share the work.
     runs_on_calling_thread: bool = False
+    #: How canonical pixels become this model's input, and its outputs probabilities.
+    preprocessing: Preprocessing = Preprocessing()
 
     @abc.abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Classify ``batch``: float32 ``(n, *input_shape)`` in [0, 1] -> float32 ``(n, num_classes)``."""
+        """Classify ``batch``: float32 ``(n, *input_shape)`` in [0, 1] -> float32 ``(n, num_classes)`` probabilities."""
 
     def predict_levels(self, levels: np.ndarray) -> np.ndarray:
-        """Classify a batch of uint8 levels 0..255: the same answer as ``predict(levels / 255)``.
-
-        One table lookup makes the whole batch's input. The inference thread gives up the
-        GIL inside every large numpy operation and may wait milliseconds to get it back
-        from a busy event loop, so fewer operations per batch keep the runtime busy.
-        """
+        """Classify a batch of uint8 levels 0..255: the same answer as ``predict(levels / 255)``."""
         return self.predict(levels_to_floats(levels))
 
     def close(self) -> None:  # noqa: B027 - optional: a runtime with nothing to release inherits the no-op
@@ -81,6 +81,40 @@ class Runtime(abc.ABC):
     def _check_batch(self, batch: np.ndarray) -> None:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"batch shape {batch.shape} does not match (n, {', '.join(map(str, self.input_shape))})")
+
+
+class PreprocessedRuntime(Runtime):
+    """A runtime of a model file: applies the version's preprocessing around the model itself (``_run_model``)."""
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        self._check_batch(batch)
+        return self.preprocessing.probabilities(self._run_model(self._encode(self.preprocessing.scale(batch))))
+
+    def predict_levels(self, levels: np.ndarray) -> np.ndarray:
+        """The same answer as ``predict(levels / 255)``, the whole batch's input made by one table lookup.
+
+        The inference thread gives up the GIL inside every large numpy operation and may
+        wait milliseconds to get it back from a busy event loop, so fewer operations per
+        batch keep the runtime busy.
+        """
+        self._check_batch(levels)
+        model_input = self.preprocessing.scale_levels(levels, self._level_table())
+        return self.preprocessing.probabilities(self._run_model(model_input))
+
+    def _encode(self, model_input: np.ndarray) -> np.ndarray:
+        """The model's input in its own type (the identity, unless the model is quantized)."""
+        return model_input
+
+    @abc.abstractmethod
+    def _run_model(self, model_input: np.ndarray) -> np.ndarray:
+        """The model's raw outputs for a batch already in its input type."""
+
+    def _level_table(self) -> np.ndarray:
+        """The model input of each level per channel, ``(256, channels)``, in the model's input type."""
+        table = getattr(self, "_table", None)
+        if table is None:
+            table = self._table = self._encode(self.preprocessing.level_table(self.input_shape[2]))
+        return table
 
 
 def configure_tensorflow_threads(threads: int) -> None:
@@ -97,7 +131,7 @@ def configure_tensorflow_threads(threads: int) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-class SavedModelRuntime(Runtime):
+class SavedModelRuntime(PreprocessedRuntime):
     """fp32: the ``serving_default`` signature of a TensorFlow SavedModel, run by a graph session.
 
     The signature's graph runs through one ``Session.make_callable`` with every op on
@@ -109,7 +143,7 @@ class SavedModelRuntime(Runtime):
 
     precision = Precision.FP32
 
-    def __init__(self, saved_model_dir: Path, threads: int = 1) -> None:
+    def __init__(self, saved_model_dir: Path, threads: int = 1, preprocessing: Preprocessing | None = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -136,6 +170,7 @@ class SavedModelRuntime(Runtime):
             raise ValueError(f"{saved_model_dir}: expected an input of shape (batch, h, w, c), got {dims}")
         self.input_shape = (dims[1], dims[2], dims[3])
         self.num_classes = int(output_tensor.shape[-1])
+        self.preprocessing = preprocessing or Preprocessing.from_dict(None, self.input_shape[2])
         # The session's ops use TensorFlow's process-wide pool, sized by the first TensorFlow use
         # in the process (see configure_tensorflow_threads): with one thread, ops run inline.
         # The eager setting is what this reads; the server and the tests set it before any other
@@ -143,20 +178,21 @@ class SavedModelRuntime(Runtime):
         self.runs_on_calling_thread = threads == 1 and tf.config.threading.get_intra_op_parallelism_threads() == 1
         self._call = self._session.make_callable(output_tensor, [input_tensor])
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        self._check_batch(batch)
-        return self._call(np.asarray(batch, dtype=np.float32))
+    def _run_model(self, model_input: np.ndarray) -> np.ndarray:
+        return self._call(model_input)
 
     def close(self) -> None:
         self._session.close()
 
 
-class LiteRTRuntime(Runtime):
+class LiteRTRuntime(PreprocessedRuntime):
     """int8: a full-integer quantized model on LiteRT, one interpreter per batch size."""
 
     precision = Precision.INT8
 
-    def __init__(self, tflite_path: Path, max_batch_size: int = 32, threads: int = 0) -> None:
+    def __init__(
+        self, tflite_path: Path, max_batch_size: int = 32, threads: int = 0, preprocessing: Preprocessing | None = None
+    ) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
         self._model = Path(tflite_path).read_bytes()
@@ -171,11 +207,10 @@ class LiteRTRuntime(Runtime):
             raise ValueError(f"{tflite_path}: expected an input of shape (batch, h, w, c), got {input_detail['shape']}")
         self.input_shape = input_shape
         self.num_classes = int(output_detail["shape"][-1])
+        self.preprocessing = preprocessing or Preprocessing.from_dict(None, self.input_shape[2])
         self._input_dtype = np.dtype(input_detail["dtype"])
         self._input_scale, self._input_zero = input_detail["quantization"]
         self._output_scale, self._output_zero = output_detail["quantization"]
-        #: The quantized input of each 8-bit level, made exactly as ``_quantize`` makes it.
-        self._level_codes = self._quantize(LEVEL_FLOATS)
         self._interpreters: dict[int, tuple[Interpreter, int, int]] = {}
         for size in self._batch_sizes:
             interpreter = Interpreter(model_content=self._model, num_threads=self._threads)
@@ -187,23 +222,19 @@ class LiteRTRuntime(Runtime):
                 interpreter.get_output_details()[0]["index"],
             )
 
-    def predict(self, batch: np.ndarray) -> np.ndarray:
-        self._check_batch(batch)
-        return self._run(batch, self._quantize)
+    def _encode(self, model_input: np.ndarray) -> np.ndarray:
+        return self._quantize(model_input)
 
-    def predict_levels(self, levels: np.ndarray) -> np.ndarray:
-        self._check_batch(levels)
-        return self._run(levels, lambda part: np.take(self._level_codes, part))
-
-    def _run(self, batch: np.ndarray, quantize: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    def _run_model(self, quantized: np.ndarray) -> np.ndarray:
+        """Dequantized outputs of a batch already quantized to the model's input type."""
         largest = self._batch_sizes[-1]
-        if len(batch) > largest:
+        if len(quantized) > largest:
             return np.concatenate(
-                [self._run(batch[start : start + largest], quantize) for start in range(0, len(batch), largest)]
+                [self._run_model(quantized[start : start + largest]) for start in range(0, len(quantized), largest)]
             )
-        size = next(size for size in self._batch_sizes if size >= len(batch))
+        size = next(size for size in self._batch_sizes if size >= len(quantized))
         interpreter, input_index, output_index = self._interpreters[size]
-        quantized = quantize(batch)
+        batch = quantized
         if size > len(batch):
             padded = np.zeros((size, *self.input_shape), dtype=self._input_dtype)
             padded[: len(batch)] = quantized

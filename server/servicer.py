@@ -13,10 +13,11 @@ import asyncio
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
+import numpy as np
 
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
@@ -28,10 +29,12 @@ from costserve.server.domain import (
     PredictionRequest,
     PredictionResult,
     RawPixels,
+    VersionState,
     WireCall,
 )
 from costserve.server.errors import CostserveError, InvalidInput
 from costserve.server.inputs import ImageLimits
+from costserve.server.repository.store import LoadedModel
 from costserve.server.rpc_gate import Undecodable, abort_with, count_top_level_field, tolerant
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -47,6 +50,12 @@ PRECISION_FROM_PROTO = {
 }
 PRECISION_TO_PROTO = {precision: value for value, precision in PRECISION_FROM_PROTO.items()}
 PIXEL_TYPE_FROM_PROTO = {pb.DTYPE_UINT8: PixelType.UINT8, pb.DTYPE_FLOAT32: PixelType.FLOAT32}
+STATE_TO_PROTO = {
+    VersionState.LOADING: pb.VersionStatus.STATE_LOADING,
+    VersionState.AVAILABLE: pb.VersionStatus.STATE_AVAILABLE,
+    VersionState.UNLOADING: pb.VersionStatus.STATE_UNLOADING,
+    VersionState.FAILED: pb.VersionStatus.STATE_FAILED,
+}
 #: Responses a PredictStream computes ahead of the one it is sending.
 STREAM_WINDOW = 64
 #: Request metadata key naming the tenant the call is charged to.
@@ -127,6 +136,8 @@ def request_from_proto(
         raise InvalidInput(f"min_accuracy {message.min_accuracy} must lie in [0, 1] (0 sets no floor)")
     if not 0 <= message.max_cost_usd < math.inf:
         raise InvalidInput(f"max_cost_usd {message.max_cost_usd} must be a finite number, 0 (no ceiling) or more")
+    if message.top_k < 0:
+        raise InvalidInput(f"top_k {message.top_k} must be 0 (every class) or more")
     if message.precision not in PRECISION_FROM_PROTO:
         raise InvalidInput(
             f"precision {message.precision} is not a known value; expected PRECISION_AUTO (0), "
@@ -161,18 +172,36 @@ def request_from_proto(
         tenant=tenant,
         min_accuracy=message.min_accuracy,
         max_cost_usd=message.max_cost_usd,
+        model_name=message.model_name,
+        model_version=message.model_version,
+        top_k=message.top_k,
     )
 
 
-def _add_prediction(response: pb.PredictResponse, prediction: ImagePrediction, labels: list[str]) -> None:
+def _add_prediction(
+    response: pb.PredictResponse, prediction: ImagePrediction, labels: Sequence[str], top_k: int
+) -> None:
+    probabilities = prediction.probabilities
+    classes: list[int] = []
+    if 0 < top_k < len(probabilities):
+        # argpartition then a sort of k: a 1,000-class answer needs no full sort.
+        best = np.argpartition(-probabilities, top_k - 1)[:top_k]
+        order = best[np.argsort(-probabilities[best], kind="stable")]
+        classes, values = order.tolist(), probabilities[order].tolist()
+    elif top_k > 0:
+        order = np.argsort(-probabilities, kind="stable")
+        classes, values = order.tolist(), probabilities[order].tolist()
+    else:
+        values = probabilities.tolist()
     response.predictions.add(  # built in place: no message copied
         label=prediction.label,
         score=prediction.score,
-        probabilities=prediction.probabilities.tolist(),
+        probabilities=values,
         cache_hit=prediction.cache_hit,
         precision=PRECISION_TO_PROTO[prediction.precision],
         batch_size=prediction.batch_size,
         label_name=labels[prediction.label],
+        classes=classes,
     )
 
 
@@ -193,15 +222,16 @@ def cost_metadata(usd: float) -> tuple[tuple[str, str], ...]:
     return ((COST_METADATA_KEY, repr(usd)),)
 
 
-def response_to_proto(result: PredictionResult, labels: list[str]) -> pb.PredictResponse:
+def response_to_proto(result: PredictionResult) -> pb.PredictResponse:
     """Convert a PredictionResult to a PredictResponse message; the servicer fills the cost once priced."""
     response = pb.PredictResponse(
         model_version=result.model_version,
         server_seconds=result.server_seconds,
         decision_reason=result.decision_reason,
+        model_name=result.model_name,
     )
     for prediction in result.predictions:
-        _add_prediction(response, prediction, labels)
+        _add_prediction(response, prediction, result.labels, result.top_k)
     return response
 
 
@@ -231,10 +261,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, core: InferenceCore, message: pb.PredictRequest, context: grpc.aio.ServicerContext, method: str
     ) -> pb.PredictResponse:
         """Hand the message to the core with how to convert it and encode its answer; fill in the cost."""
-        labels = core.model.metadata.labels
 
         def encode(result: PredictionResult) -> tuple[pb.PredictResponse, int]:
-            response = response_to_proto(result, labels)
+            response = response_to_proto(result)
             return response, response.ByteSize() + COST_FIELD_BYTES
 
         answer = await core.predict(
@@ -297,25 +326,65 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     @abort_on_error
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         core = self._ready_core()
-        model = core.describe("GetModelInfo")
-        metadata = model.metadata
-        return pb.ModelInfo(
-            name=metadata.name,
-            version=metadata.version,
-            input_shape=list(model.input_shape),
-            labels=metadata.labels,
-            variants=[
-                pb.Variant(
-                    precision=PRECISION_TO_PROTO[precision],
-                    accuracy=metadata.variant(precision).accuracy,
-                    size_bytes=metadata.variant(precision).size_bytes,
-                    format=metadata.variant(precision).format,
-                    path=metadata.variant(precision).path,
+        model = core.describe("GetModelInfo", request.model_name, request.model_version)
+        return model_info_to_proto(model, core.settings.max_images_per_request)
+
+    @abort_on_error
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        core = self._ready_core()
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelStatus(
+                    name=status.name,
+                    is_default=status.is_default,
+                    versions=[
+                        pb.VersionStatus(
+                            version=version.version, state=STATE_TO_PROTO[version.state], reason=version.reason
+                        )
+                        for version in status.versions
+                    ],
                 )
-                for precision in model.runtimes
-            ],
-            holdout_examples=metadata.holdout_examples,
-            training_data=metadata.training_data,
-            created_at=metadata.created_at,
-            max_images_per_request=core.settings.max_images_per_request,
+                for status in core.list_models("ListModels")
+            ]
         )
+
+
+def model_info_to_proto(model: LoadedModel, max_images_per_request: int) -> pb.ModelInfo:
+    """Describe a loaded model version as a ModelInfo message."""
+    metadata = model.metadata
+    preprocessing = model.preprocessing
+    info = pb.ModelInfo(
+        name=model.name,
+        version=metadata.version,
+        input_shape=list(model.input_shape),
+        labels=metadata.labels,
+        holdout_examples=metadata.holdout_examples,
+        training_data=metadata.training_data,
+        created_at=metadata.created_at,
+        max_images_per_request=max_images_per_request,
+        preprocessing=pb.Preprocessing(
+            color_mode=preprocessing.color_mode,
+            resize=preprocessing.resize,
+            scaling=preprocessing.scaling,
+            mean=list(preprocessing.mean),
+            std=list(preprocessing.std),
+            output=preprocessing.output,
+        ),
+    )
+    if metadata.int8_agreement is not None and len(model.runtimes) > 1:
+        info.int8_agreement = metadata.int8_agreement
+    for precision in model.runtimes:
+        variant = metadata.variant(precision)
+        entry = info.variants.add(
+            precision=PRECISION_TO_PROTO[precision],
+            size_bytes=variant.size_bytes,
+            format=variant.format,
+            path=variant.path,
+            latency_ms_batch_1=variant.latency_ms_batch_1,
+            latency_ms_per_image_max_batch=variant.latency_ms_per_image_max_batch,
+        )
+        if variant.accuracy is not None:
+            entry.accuracy = variant.accuracy
+    return info

@@ -45,10 +45,26 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         8000, ge=-1, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port, -1 turns it off."
     )
-    model_dir: Path = Field(
-        Path("models/digits"),
-        description="Model base directory in TensorFlow Serving layout (<model_dir>/<version>/). "
-        "The highest version is served; with none, the default model is trained first.",
+    model_repository: Path = Field(
+        Path("models"),
+        description="Model repository: <repository>/<name>/<version>/, every model served at once, each by its "
+        "version policy (<name>/model.toml; default: the newest version). With no model in it, the default "
+        "digits model is trained into <repository>/digits first.",
+    )
+    model_dir: Path | None = Field(
+        None,
+        description="One model's base directory (<model_dir>/<version>/), served alone under the directory's name "
+        "instead of --model-repository; with no version in it, the default model is trained into it first.",
+    )
+    default_model: str = Field(
+        "",
+        description="Model answering requests that name none; empty: digits if served, else the first by name.",
+    )
+    poll_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How often the repository is checked for new, changed or removed versions, in seconds "
+        "(SIGHUP checks at once); 0 checks only at start-up and on SIGHUP.",
     )
     max_images_per_request: int = Field(64, ge=1, description="Most images one PredictRequest may carry.")
     max_message_bytes: int = Field(
@@ -125,6 +141,12 @@ class Settings(BaseSettings):
         description="Prediction cache capacity in entries (about 520 bytes each for 10 classes: 100,000 entries "
         "add ~50-60 MiB); 0 turns the cache off.",
     )
+    cache_max_mb: float = Field(
+        256.0,
+        ge=0,
+        description="Prediction cache capacity in MiB (estimated from each answer's size), across every model: "
+        "the least recently used answers go first when either bound is reached; 0 turns the cache off.",
+    )
     inference_threads: int = Field(
         1,
         ge=0,
@@ -192,9 +214,9 @@ class Settings(BaseSettings):
         return value.upper() if isinstance(value, str) else value
 
     # A one-field rule, so a field validator: its error names the field like the limits above.
-    @field_validator("model_dir")
+    @field_validator("model_dir", "model_repository")
     @classmethod
-    def _model_dir_names_a_directory(cls, value: Path) -> Path:
+    def _model_dir_names_a_directory(cls, value: Path | None) -> Path | None:
         if value == Path("."):
             raise ValueError("must name a directory (not empty and not the working directory itself)")
         return value

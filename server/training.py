@@ -10,28 +10,28 @@ Nothing is downloaded.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from costserve.server.domain import Precision
-from costserve.server.model_store import (
-    INT8_FILE,
-    METADATA_FILE,
-    SAVED_MODEL_DIR,
-    ModelMetadata,
-    VariantInfo,
-    next_version,
+from costserve.server.preprocessing import Preprocessing
+from costserve.server.repository.importer import (
+    CALIBRATION_EXAMPLES,
+    ImageSet,
+    measure_variants,
+    predict_all,
+    provenance,
+    quantize_int8,
+    source_digest,
+    utc_now,
 )
-from costserve.server.runtimes import LiteRTRuntime, Runtime, SavedModelRuntime
+from costserve.server.repository.store import INT8_FILE, METADATA_FILE, SAVED_MODEL_DIR, ModelMetadata, publish_version
+from costserve.server.runtimes import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,8 @@ HOLDOUT_FRACTION = 0.2
 VALIDATION_FRACTION = 0.1
 #: Seed for the split, weight initialization and shuffling.
 SEED = 1234
-#: Examples fed to the int8 converter to calibrate activation ranges.
-CALIBRATION_EXAMPLES = 500
+#: Batch size of the accuracy measurement and of the largest-batch latency (the server's default largest batch).
+MEASURE_BATCH_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -128,13 +128,7 @@ def build_model(input_shape: tuple[int, int, int], num_classes: int) -> Any:  # 
 
 def accuracy(runtime: Runtime, images: np.ndarray, labels: np.ndarray, batch_size: int = 32) -> float:
     """Share of ``images`` the runtime labels correctly."""
-    predicted = np.concatenate(
-        [
-            runtime.predict(images[start : start + batch_size]).argmax(axis=1)
-            for start in range(0, len(images), batch_size)
-        ]
-    )
-    return float((predicted == labels).mean())
+    return float((predict_all(runtime, images, batch_size).argmax(axis=1) == labels).mean())
 
 
 def train_and_export(
@@ -165,43 +159,23 @@ def train_and_export(
         callbacks=[tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)],
     )
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    version = next_version(model_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
-    try:
+    preprocessing = Preprocessing()  # the digits' pixels as they are: gray, [0, 1], probabilities out
+    holdout = ImageSet(images=dataset.holdout_images, labels=dataset.holdout_labels, description=dataset.name)
+    with publish_version(model_dir) as (staging, version):
         saved_model = staging / SAVED_MODEL_DIR
         model.export(str(saved_model), verbose=False)
-        (staging / INT8_FILE).write_bytes(_quantize_int8(saved_model, dataset.train_images, seed))
-
-        fp32 = SavedModelRuntime(saved_model)
-        int8 = LiteRTRuntime(staging / INT8_FILE, max_batch_size=32)
-        try:
-            variants = {
-                Precision.FP32.value: VariantInfo(
-                    path=SAVED_MODEL_DIR,
-                    format="saved_model",
-                    accuracy=accuracy(fp32, dataset.holdout_images, dataset.holdout_labels),
-                    size_bytes=sum(path.stat().st_size for path in saved_model.rglob("*") if path.is_file()),
-                ),
-                Precision.INT8.value: VariantInfo(
-                    path=INT8_FILE,
-                    format="tflite",
-                    accuracy=accuracy(int8, dataset.holdout_images, dataset.holdout_labels),
-                    size_bytes=(staging / INT8_FILE).stat().st_size,
-                ),
-            }
-        finally:
-            fp32.close()
-            int8.close()
+        # Calibrated on training images: the held-out split stays unseen until it is measured.
+        (staging / INT8_FILE).write_bytes(quantize_int8(saved_model, dataset.train_images, preprocessing, seed))
+        measured = measure_variants(staging, preprocessing, holdout, max_batch_size=MEASURE_BATCH_SIZE)
         metadata = ModelMetadata(
             name=name,
             version=version,
             input_shape=input_shape,
             labels=dataset.labels,
-            variants=variants,
+            variants=measured.variants,
             holdout_examples=len(dataset.holdout_labels),
             training_data=dataset.name,
-            created_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            created_at=utc_now(),
             training={
                 "architecture": "Conv2D32-MaxPool-Conv2D64-MaxPool-Dense128-Dense10",
                 "optimizer": "adam",
@@ -211,34 +185,17 @@ def train_and_export(
                 "tensorflow": tf.__version__,
                 "quantization": f"post-training full-integer, {CALIBRATION_EXAMPLES} calibration images",
             },
+            preprocessing=preprocessing.to_dict(),
+            int8_agreement=measured.int8_agreement,
+            provenance=(
+                provenance("train", str(data_path), source_digest(data_path))
+                if data_path
+                else provenance(
+                    "train", "sklearn.datasets.load_digits", None, scikit_learn=package_metadata.version("scikit-learn")
+                )
+            ),
         )
         (staging / METADATA_FILE).write_text(metadata.to_json())
-        target = model_dir / version
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    for precision, info in variants.items():
+    for precision, info in measured.variants.items():
         log.info("version %s %s: held-out accuracy %.4f, %d bytes", version, precision, info.accuracy, info.size_bytes)
-    return target
-
-
-def _quantize_int8(saved_model: Path, calibration_pool: np.ndarray, seed: int) -> bytes:
-    """Post-training full-integer quantization (uint8 in and out) calibrated on training images."""
-    import tensorflow as tf
-
-    chosen = np.random.default_rng(seed).choice(
-        len(calibration_pool), size=min(CALIBRATION_EXAMPLES, len(calibration_pool)), replace=False
-    )
-
-    def representative_dataset() -> Iterator[list[np.ndarray]]:
-        for index in chosen:
-            yield [calibration_pool[index : index + 1]]
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-    converter.inference_input_type = tf.uint8
-    converter.inference_output_type = tf.uint8
-    return converter.convert()
+    return model_dir / version

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +40,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def loaded_model(model_dir: Path):  # -> LoadedModel
     """Both variants of the trained model, loaded once (servers in tests run one at a time)."""
-    from costserve.server.model_store import latest_version_dir, load_model
+    from costserve.server.repository.store import latest_version_dir, load_model
 
     version_dir = latest_version_dir(model_dir)
     assert version_dir is not None
@@ -68,8 +70,10 @@ class RunningServer:
         return self.server.core
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """A sample value from the server's registry (0 when absent)."""
-        return self.registry.get_sample_value(name, labels or {}) or 0.0
+        """The sum of the samples of ``name`` in the server's registry whose labels include ``labels`` (0 when none)."""
+        from helpers import sample_sum
+
+        return sample_sum(self.registry, name, labels)
 
     def stop(self) -> None:
         try:
@@ -135,3 +139,36 @@ def holdout(model_dir: Path) -> Any:
     from costserve.server.training import load_sklearn_digits
 
     return load_sklearn_digits()
+
+
+Route = Callable[[str, dict[str, str]], tuple[int, str]]
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[[Route], str]]:
+    """Factory: a local HTTP server answering GETs with ``route(path, query) -> (status, body)``; yields its URL."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(route: Route) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                status, body = route(url.path, dict(urllib.parse.parse_qsl(url.query)))
+                payload = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: object) -> None:
+                """Keep the test output quiet."""
+
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        servers.append(httpd)
+        return f"http://127.0.0.1:{httpd.server_port}"
+
+    yield start
+    for httpd in servers:
+        httpd.shutdown()
+        httpd.server_close()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +41,17 @@ class SpyRuntime(Runtime):
         if self.poison_value is not None and np.any(np.all(batch == self.poison_value, axis=(1, 2, 3))):
             raise RuntimeError("poisoned batch")
         return self.inner.predict(batch)
+
+
+def sample_sum(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels`` (every model, say, when ``model`` is not given)."""
+    wanted = (labels or {}).items()
+    return sum(
+        sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == name and wanted <= sample.labels.items()
+    )
 
 
 def run_quick_benchmark(module: str, model_dir: Path, output: Path, figures: Path, *args: str) -> str:

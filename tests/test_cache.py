@@ -6,7 +6,7 @@ import threading
 
 import numpy as np
 
-from costserve.server.cache import CacheKey, PredictionCache, pixels_digest
+from costserve.server.cache import CacheKey, PredictionCache, entry_bytes, pixels_digest
 from costserve.server.domain import Precision
 
 
@@ -20,7 +20,7 @@ def _probabilities(seed: int = 0) -> np.ndarray:
 
 
 def _key(n: int, version: str = "1", precision: Precision = Precision.FP32) -> CacheKey:
-    return CacheKey(version, precision.value, n.to_bytes(16, "big"))
+    return CacheKey("m", version, precision.value, n.to_bytes(16, "big"))
 
 
 class _EvictionCounter:
@@ -108,8 +108,8 @@ def test_the_cache_returns_the_answer_it_was_given() -> None:
 def test_fp32_and_int8_entries_for_the_same_pixels_do_not_mix() -> None:
     cache = PredictionCache(max_entries=8)
     digest = pixels_digest(_pixels())
-    fp32_key = CacheKey("1", Precision.FP32, digest)
-    int8_key = CacheKey("1", Precision.INT8, digest)
+    fp32_key = CacheKey("m", "1", Precision.FP32, digest)
+    int8_key = CacheKey("m", "1", Precision.INT8, digest)
 
     cache.put(fp32_key, _probabilities(1))
     assert cache.get(int8_key) is None
@@ -123,17 +123,17 @@ def test_fp32_and_int8_entries_for_the_same_pixels_do_not_mix() -> None:
 def test_different_model_versions_do_not_mix() -> None:
     cache = PredictionCache(max_entries=8)
     digest = pixels_digest(_pixels())
-    cache.put(CacheKey("1", Precision.FP32, digest), _probabilities(1))
-    assert cache.get(CacheKey("2", Precision.FP32, digest)) is None
-    cache.put(CacheKey("2", Precision.FP32, digest), _probabilities(2))
-    np.testing.assert_array_equal(cache.get(CacheKey("1", Precision.FP32, digest)), _probabilities(1))
-    np.testing.assert_array_equal(cache.get(CacheKey("2", Precision.FP32, digest)), _probabilities(2))
+    cache.put(CacheKey("m", "1", Precision.FP32, digest), _probabilities(1))
+    assert cache.get(CacheKey("m", "2", Precision.FP32, digest)) is None
+    cache.put(CacheKey("m", "2", Precision.FP32, digest), _probabilities(2))
+    np.testing.assert_array_equal(cache.get(CacheKey("m", "1", Precision.FP32, digest)), _probabilities(1))
+    np.testing.assert_array_equal(cache.get(CacheKey("m", "2", Precision.FP32, digest)), _probabilities(2))
 
 
 def test_equal_keys_built_separately_hit() -> None:
     cache = PredictionCache(max_entries=8)
-    cache.put(CacheKey("1", Precision.INT8, pixels_digest(_pixels(3))), _probabilities(3))
-    hit = cache.get(CacheKey("1", Precision.INT8, pixels_digest(_pixels(3).copy())))
+    cache.put(CacheKey("m", "1", Precision.INT8, pixels_digest(_pixels(3))), _probabilities(3))
+    hit = cache.get(CacheKey("m", "1", Precision.INT8, pixels_digest(_pixels(3).copy())))
     np.testing.assert_array_equal(hit, _probabilities(3))
 
 
@@ -235,3 +235,44 @@ def test_concurrent_gets_and_puts_are_safe() -> None:
     assert 0 < len(cache) <= max_entries
     assert cache.evictions == counter.calls
     assert cache.evictions > 0
+
+
+# --- the byte bound and unloading ---------------------------------------------------------
+
+
+def test_a_thousand_class_model_is_held_to_the_byte_budget() -> None:
+    """With room for many entries but few bytes, 1,000-class answers evict by bytes, oldest first."""
+    counter = _EvictionCounter()
+    entry = np.zeros(1000, dtype=np.float32)
+    per_entry = entry_bytes((entry, 0, 0.0))
+    cache = PredictionCache(max_entries=10_000, max_bytes=10 * per_entry, on_evict=counter)
+    for n in range(25):
+        cache.put(_key(n), (entry, 0, 0.0))
+    assert len(cache) == 10 and cache.size_bytes == 10 * per_entry
+    assert counter.calls == 15
+    assert cache.get(_key(14)) is None and cache.get(_key(15)) is not None
+    small = entry_bytes((_probabilities(), 0, 0.0))
+    assert per_entry - small == (1000 - 10) * 4, "an entry's size grows with its classes"
+
+
+def test_an_answer_larger_than_the_budget_is_not_cached() -> None:
+    cache = PredictionCache(max_entries=10, max_bytes=1000)
+    cache.put(_key(1), (np.zeros(1000, dtype=np.float32), 0, 0.0))
+    assert len(cache) == 0 and cache.get(_key(1)) is None
+
+
+def test_the_entry_bound_still_holds_with_bytes_to_spare() -> None:
+    cache = PredictionCache(max_entries=3, max_bytes=10**9)
+    for n in range(5):
+        cache.put(_key(n), (_probabilities(n), 0, 0.0))
+    assert len(cache) == 3 and cache.get(_key(1)) is None and cache.get(_key(4)) is not None
+
+
+def test_discard_drops_one_versions_entries() -> None:
+    cache = PredictionCache(max_entries=10)
+    for version in ("1", "2"):
+        for n in range(3):
+            cache.put(_key(n, version), (_probabilities(n), 0, 0.0))
+    assert cache.discard(lambda key: key.model_version == "1") == 3
+    assert len(cache) == 3 and cache.get(_key(0, "1")) is None and cache.get(_key(0, "2")) is not None
+    assert cache.size_bytes == 3 * entry_bytes((_probabilities(), 0, 0.0))

@@ -14,7 +14,7 @@ import pytest
 from conftest import EXAMPLES, RunningServer
 
 from costserve import AsyncClient, Client, cost_usd, predict_request
-from costserve.server.model_store import LoadedModel
+from costserve.server.repository.store import LoadedModel
 from costserve.v1 import classifier_pb2 as pb
 
 T = TypeVar("T")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from helpers import sample_sum
 from prometheus_client import CollectorRegistry
 
 from costserve.server.budgets import Budget, Budgets, TenantLedger
@@ -30,7 +31,7 @@ from costserve.server.domain import (
 )
 from costserve.server.errors import BudgetExceeded, DeadlineExceeded, InferenceFailed, InvalidInput
 from costserve.server.metrics import ServiceMetrics
-from costserve.server.model_store import LoadedModel, ModelMetadata, VariantInfo
+from costserve.server.repository.store import LoadedModel, ModelMetadata, VariantInfo
 from costserve.server.runtimes import Runtime
 from costserve.server.settings import Settings
 
@@ -85,7 +86,7 @@ def _model() -> LoadedModel:
     runtimes: dict[Precision, Runtime] = {
         precision: NumpyRuntime(precision) for precision in (Precision.FP32, Precision.INT8)
     }
-    return LoadedModel(metadata=metadata, version_dir=Path("numpy-model"), runtimes=runtimes)
+    return LoadedModel(metadata=metadata, version_dir=Path("numpy-model/1"), runtimes=runtimes)
 
 
 def _image(seed: int) -> ImageInput:
@@ -121,7 +122,7 @@ class CoreUnderTest:
         return runtime
 
     def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
+        return sample_sum(self.registry, name, labels)
 
     def requests(self, code: str, method: str = "Predict", precision: str = "fp32") -> float:
         return self.metric("costserve_requests_total", method=method, precision=precision, code=code)

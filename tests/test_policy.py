@@ -238,3 +238,31 @@ def test_over_slo_refuse_never_refuses_an_explicit_precision_or_queue_mode() -> 
     load = Load(predicted_wait_s={Precision.FP32: SLO, Precision.INT8: SLO})
     assert _refusing().choose(_request(Precision.FP32), load) == Decision(Precision.FP32, "requested")
     assert _policy().choose(_request(), load).precision is Precision.INT8  # queue mode: shed, not refused
+
+
+# --- versions with unknown accuracy or one variant ----------------------------------------
+
+
+def _auto(**fields: object) -> PredictionRequest:
+    return PredictionRequest(images=[ImageInput(encoded=b"x")], **fields)  # type: ignore[arg-type]
+
+
+def test_unknown_accuracy_serves_without_a_floor_and_refuses_one_saying_why() -> None:
+    policy = Policy({Precision.FP32: None, Precision.INT8: None}, model="model 'shapes' version 1")
+    assert policy.choose(_auto()).precision is Precision.FP32
+    for request in (_auto(min_accuracy=0.5), _auto(min_accuracy=0.5, precision=Precision.INT8)):
+        with pytest.raises(ConstraintUnmet, match="unknown"):
+            policy.choose(request)
+
+
+def test_a_known_variant_meets_the_floor_when_the_other_is_unknown() -> None:
+    policy = Policy({Precision.FP32: 0.9, Precision.INT8: None})
+    assert policy.allowed(_auto(min_accuracy=0.5)) == [Precision.FP32]
+    assert policy.choose(_auto(min_accuracy=0.5)) == Decision(Precision.FP32, "accuracy_floor")
+
+
+def test_an_fp32_only_version_answers_auto_and_refuses_int8() -> None:
+    policy = Policy({Precision.FP32: 0.95}, PolicyConfig(mode="cost_first"), model="model 'shapes' version 2")
+    assert policy.choose(_auto()) == Decision(Precision.FP32, "cost_first")
+    with pytest.raises(ConstraintUnmet, match="has no int8 variant"):
+        policy.choose(_auto(precision=Precision.INT8))

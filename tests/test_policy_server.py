@@ -17,7 +17,7 @@ from helpers import FakeClock, SpyRuntime
 from costserve import Client, image_message
 from costserve.server.budgets import period_start
 from costserve.server.domain import Precision
-from costserve.server.model_store import LoadedModel
+from costserve.server.repository.store import LoadedModel
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from costserve import Client, image_message
 from costserve.server.domain import Precision
-from costserve.server.model_store import LoadedModel
+from costserve.server.repository.store import LoadedModel
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -175,7 +175,7 @@ def test_metrics_endpoint_counts_requests(server: RunningServer, client: Client)
         client.predict(EXAMPLES[:2], precision="int8")
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert 'costserve_requests_total{code="OK",method="Predict",precision="int8"} 3.0' in text
+    assert 'costserve_requests_total{code="OK",method="Predict",model="digits",precision="int8"} 3.0' in text
     assert "process_cpu_seconds_total" in text
 
 

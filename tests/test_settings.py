@@ -30,7 +30,10 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "host": ("0.0.0.0", "0.0.0.0"),
     "port": ("6000", 6000),
     "metrics_port": ("-1", -1),
+    "model_repository": ("/srv/models", Path("/srv/models")),
     "model_dir": ("/srv/models/mnist", Path("/srv/models/mnist")),
+    "default_model": ("shapes", "shapes"),
+    "poll_seconds": ("0.5", 0.5),
     "max_images_per_request": ("8", 8),
     "max_message_bytes": ("4096", 4096),
     "max_image_pixels": ("4000000", 4_000_000),
@@ -45,6 +48,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "batch_fill_timeout_ms": ("5", 5.0),
     "max_queue": ("100", 100),
     "cache_size": ("0", 0),
+    "cache_max_mb": ("64", 64.0),
     "inference_threads": ("2", 2),
     "drain_seconds": ("1.5", 1.5),
     "drain_grace_seconds": ("0.5", 0.5),
@@ -119,7 +123,7 @@ def test_defaults(make_settings: Callable[..., Settings]) -> None:
     assert settings.host == "127.0.0.1"
     assert settings.port == 50051
     assert settings.metrics_port == 8000
-    assert settings.model_dir == Path("models/digits")
+    assert (settings.model_repository, settings.model_dir) == (Path("models"), None)
     assert settings.max_images_per_request <= settings.max_queue
     assert settings.max_batch_size >= 1
     assert settings.batch_timeout_ms >= 0
@@ -264,6 +268,8 @@ CONSTRAINTS: list[tuple[str, Any, str]] = [
     ("metrics_port", 65536, "must be at most 65535"),
     ("model_dir", "", "must name a directory"),
     ("model_dir", ".", "must name a directory"),
+    ("model_repository", ".", "must name a directory"),
+    ("poll_seconds", -1, "must be at least 0"),
     ("max_images_per_request", 0, "must be at least 1"),
     ("max_message_bytes", 1023, "must be at least 1024"),
     ("max_image_pixels", -1, "must be at least 0"),

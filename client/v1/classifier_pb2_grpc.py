@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class ClassifierStub:
-    """Classifier answers image classification requests from a TensorFlow model
-    served in two variants: fp32 (SavedModel) and int8 (LiteRT).
+    """Classifier answers image classification requests from the models of a
+    model repository, each version served in up to two variants: fp32
+    (SavedModel) and int8 (LiteRT).
     """
 
     def __init__(self, channel):
@@ -51,11 +52,17 @@ class ClassifierStub:
                 request_serializer=costserve_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=costserve_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/costserve.v1.Classifier/ListModels',
+                request_serializer=costserve_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=costserve_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
-    """Classifier answers image classification requests from a TensorFlow model
-    served in two variants: fp32 (SavedModel) and int8 (LiteRT).
+    """Classifier answers image classification requests from the models of a
+    model repository, each version served in up to two variants: fp32
+    (SavedModel) and int8 (LiteRT).
     """
 
     def Predict(self, request, context):
@@ -73,7 +80,15 @@ class ClassifierServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Describes the served model: shape, labels, and each variant.
+        """Describes one served model version: shape, preprocessing, labels, and
+        each variant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model of the repository, its versions and each version's state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,6 +112,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     request_deserializer=costserve_dot_v1_dot_classifier__pb2.GetModelInfoRequest.FromString,
                     response_serializer=costserve_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
             ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=costserve_dot_v1_dot_classifier__pb2.ListModelsRequest.FromString,
+                    response_serializer=costserve_dot_v1_dot_classifier__pb2.ListModelsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'costserve.v1.Classifier', rpc_method_handlers)
@@ -106,8 +126,9 @@ def add_ClassifierServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Classifier:
-    """Classifier answers image classification requests from a TensorFlow model
-    served in two variants: fp32 (SavedModel) and int8 (LiteRT).
+    """Classifier answers image classification requests from the models of a
+    model repository, each version served in up to two variants: fp32
+    (SavedModel) and int8 (LiteRT).
     """
 
     @staticmethod
@@ -181,6 +202,33 @@ class Classifier:
             '/costserve.v1.Classifier/GetModelInfo',
             costserve_dot_v1_dot_classifier__pb2.GetModelInfoRequest.SerializeToString,
             costserve_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/costserve.v1.Classifier/ListModels',
+            costserve_dot_v1_dot_classifier__pb2.ListModelsRequest.SerializeToString,
+            costserve_dot_v1_dot_classifier__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
