@@ -7,6 +7,10 @@ Example::
     with Client("127.0.0.1:50051", tenant="acme") as client:
         response = client.predict(["examples/digits/digit_7.png"], precision="int8")
         print(response.predictions[0].label, response.cost.usd)
+        for model in client.list_models().models:       # the server's models and their versions
+            print(model.name, [version.version for version in model.versions])
+        response = client.predict(["examples/digits/digit_7.png"], model="digits", top_k=3)
+        print(response.predictions[0].classes)          # the 3 most probable classes, highest first
 
 :class:`AsyncClient` is the same on ``grpc.aio``. The server lives in
 :mod:`costserve.server` (``pip install 'costserve[server]'``); this package imports
@@ -24,6 +28,7 @@ from costserve.client import (
     cost_usd,
     image_message,
     predict_request,
+    version_state_name,
 )
 
 __all__ = [
@@ -35,6 +40,7 @@ __all__ = [
     "cost_usd",
     "image_message",
     "predict_request",
+    "version_state_name",
 ]
 
 try:

@@ -4,13 +4,16 @@
 
     costserve predict examples/digits/*.png [--precision auto|fp32|int8] [--json]
                       [--tenant NAME] [--min-accuracy 0..1] [--max-cost-usd USD]
-    costserve info
+                      [--model NAME] [--version V] [--top-k K]
+    costserve info [--model NAME] [--version V] [--json]
+    costserve models [--json]  # every model, its versions and their states
     costserve health        # exit 0 only when the server is SERVING
-    costserve loadtest --sweep-concurrency 1,4,16 --requests 1000 [--json] [--plot sweep.png]
-    costserve cost [--metrics-url URL | --prometheus URL [--window 1h]] [--json]
+    costserve loadtest --sweep-concurrency 1,4,16 --requests 1000 [--model NAME] [--inputs DIR] [--json]
+    costserve cost [--metrics-url URL | --prometheus URL [--window 1h]] [--by-model | --by-tenant] [--json]
 
 ``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051;
-``--tenant`` (or ``COSTSERVE_TENANT``) the tenant predictions are charged to.
+``--tenant`` (or ``COSTSERVE_TENANT``) the tenant predictions are charged to;
+``--model`` (or ``COSTSERVE_MODEL``) the model asked, default the server's default model.
 ``costserve --version`` prints the installed version.
 """
 
@@ -29,7 +32,8 @@ import grpc
 from google.protobuf import json_format
 
 from costserve import __version__, cost_report, loadtest
-from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client
+from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client, version_state_name
+from costserve.v1 import classifier_pb2 as pb
 
 
 def _number(text: str) -> float:
@@ -51,6 +55,33 @@ def _usd(text: str) -> float:
     if not value >= 0.0:  # also refuses NaN
         raise argparse.ArgumentTypeError(f"{text} is not a cost of 0 USD or more")
     return value
+
+
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not 0 (every class) or more")
+    return value
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--version``: which served model version a command asks."""
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("COSTSERVE_MODEL", ""),
+        metavar="NAME",
+        help="the model to ask (see `costserve models`) [env COSTSERVE_MODEL, default the server's default model]",
+    )
+    parser.add_argument(
+        "--version",
+        dest="model_version",
+        default="",
+        metavar="V",
+        help="the model's version (default its latest served version)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,15 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="USD",
         help="refuse the request when the server predicts it costs more than this (default 0: no ceiling)",
     )
-    info = commands.add_parser("info", help="describe the served model and its variants")
+    _add_model_arguments(predict)
+    predict.add_argument(
+        "--top-k",
+        type=_top_k,
+        default=0,
+        metavar="K",
+        help="also show the K most probable classes of each image, highest first (default 0: the top one only)",
+    )
+    info = commands.add_parser("info", help="describe a served model version and its variants")
+    _add_model_arguments(info)
     info.add_argument("--json", action="store_true")
+    models = commands.add_parser("models", help="list the server's models, their versions and each one's state")
+    models.add_argument("--json", action="store_true", help="print the ListModelsResponse as JSON")
     commands.add_parser("health", help="exit 0 when the server is SERVING, 1 otherwise")
     loadtest.add_arguments(
         commands.add_parser(
             "loadtest",
             help="load the server; report throughput, latency percentiles, errors, hit ratio, accuracy and cost",
-            description="Closed-loop (--concurrency) or open-loop (--rate) load with held-out digits, "
-            "one report row per step.",
+            description="Closed-loop (--concurrency) or open-loop (--rate) load with held-out digits "
+            "or your own images (--inputs DIR), one report row per step.",
         )
     )
     cost_report.add_parser(commands)
@@ -117,56 +159,125 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
         tenant=args.tenant,
         min_accuracy=args.min_accuracy,
         max_cost_usd=args.max_cost_usd,
+        model=args.model,
+        version=args.model_version,
+        top_k=args.top_k,
     )
+    labels = _labels_of(client, response) if args.top_k else []
     # JSON objects: the --json output as is, and the table's cells.
-    rows: list[dict[str, Any]] = [
-        {
+    rows: list[dict[str, Any]] = []
+    for path, prediction in zip(args.files, response.predictions):
+        row: dict[str, Any] = {
             "file": str(path),
             "label": prediction.label_name or str(prediction.label),
             "score": round(prediction.score, 4),
             "precision": PRECISION_NAMES.get(prediction.precision, str(prediction.precision)),
             "cache_hit": prediction.cache_hit,
         }
-        for path, prediction in zip(args.files, response.predictions)
-    ]
+        if args.top_k:
+            row["top"] = [
+                {
+                    "class": index,
+                    "label": labels[index] if 0 <= index < len(labels) else str(index),
+                    "probability": round(probability, 4),
+                }
+                for index, probability in zip(prediction.classes, prediction.probabilities)
+            ]
+        rows.append(row)
     cost_per_image = response.cost.usd / max(len(rows), 1)
     if args.json:
-        print(
-            json.dumps(
-                {"model_version": response.model_version, "cost_usd": response.cost.usd, "predictions": rows},
-                indent=2,
-            )
-        )
+        document = {
+            "model_name": response.model_name,
+            "model_version": response.model_version,
+            "cost_usd": response.cost.usd,
+            "predictions": rows,
+        }
+        print(json.dumps(document, indent=2))
         return 0
     width = max(len(row["file"]) for row in rows)
-    print(f"{'file':<{width}}  label  score   variant  cache  cost_usd")
+    print(f"{'file':<{width}}  label  score   variant  cache  cost_usd{'   top' if args.top_k else ''}")
     for row in rows:
+        top = ", ".join(f"{entry['label']} {entry['probability']:.4f}" for entry in row.get("top", []))
         print(
             f"{row['file']:<{width}}  {row['label']:<5}  {row['score']:.4f}  {row['precision']:<7}  "
-            f"{'hit' if row['cache_hit'] else 'miss':<5}  {cost_per_image:.3e}"
+            f"{'hit' if row['cache_hit'] else 'miss':<5}  {cost_per_image:.3e}{'   ' + top if top else ''}"
         )
-    print(f"model version {response.model_version}, request cost ${response.cost.usd:.3e}")
+    model = f"{response.model_name} version" if response.model_name else "version"
+    print(f"model {model} {response.model_version}, request cost ${response.cost.usd:.3e}")
     return 0
 
 
+def _labels_of(client: Client, response: pb.PredictResponse) -> list[str]:
+    """The class names of the model version that answered, or none if it cannot be described any more."""
+    try:
+        return list(client.model_info(response.model_name, response.model_version).labels)
+    except grpc.RpcError:  # e.g. that version was unloaded meanwhile: class indices stand in for names
+        return []
+
+
+def _preprocessing(info: pb.ModelInfo) -> str:
+    """``ModelInfo.preprocessing`` in one line: colour mode, resize, scaling, output."""
+    steps = info.preprocessing
+    scaling = steps.scaling or "?"
+    if steps.mean or steps.std:
+        scaling += f" (mean {' '.join(f'{m:g}' for m in steps.mean)}; std {' '.join(f'{s:g}' for s in steps.std)})"
+    return f"{steps.color_mode or '?'}, resize {steps.resize or '?'}, scaling {scaling}, output {steps.output or '?'}"
+
+
+def _latency_ms(value: float) -> str:
+    return f"{value:.3f}" if value > 0 else "-"
+
+
 def _info(client: Client, args: argparse.Namespace) -> int:
-    info = client.model_info()
+    info = client.model_info(args.model, args.model_version)
     if args.json:
         print(json_format.MessageToJson(info, always_print_fields_with_no_presence=True))
         return 0
     print(f"model {info.name} version {info.version}, input {'x'.join(map(str, info.input_shape))}")
     print(f"labels: {' '.join(info.labels)}")
-    print(f"trained on {info.training_data}, created {info.created_at}")
-    print(f"{'variant':<8} {'format':<12} {'accuracy':>9} {'size':>12}")
+    print(f"trained on {info.training_data or 'unknown data'}, created {info.created_at or 'at an unknown time'}")
+    if info.HasField("preprocessing"):
+        print(f"preprocessing: {_preprocessing(info)}")
+    print(f"{'variant':<8} {'format':<12} {'accuracy':>9} {'size':>14} {'ms/img b1':>10} {'ms/img max':>11}")
     for variant in info.variants:
+        accuracy = f"{variant.accuracy * 100:.2f}%" if variant.HasField("accuracy") else "unknown"
         print(
-            f"{PRECISION_NAMES.get(variant.precision, '?'):<8} {variant.format:<12} "
-            f"{variant.accuracy * 100:>8.2f}% {variant.size_bytes:>12,d} B"
+            f"{PRECISION_NAMES.get(variant.precision, '?'):<8} {variant.format:<12} {accuracy:>9} "
+            f"{variant.size_bytes:>12,d} B {_latency_ms(variant.latency_ms_batch_1):>10} "
+            f"{_latency_ms(variant.latency_ms_per_image_max_batch):>11}"
         )
-    print(
-        f"accuracy measured on {info.holdout_examples} held-out images; "
-        f"up to {info.max_images_per_request} images per request"
-    )
+    if info.holdout_examples:
+        held_out = f"accuracy measured on {info.holdout_examples} held-out images"
+    else:
+        held_out = "no held-out data: accuracy unknown"
+    if info.HasField("int8_agreement"):
+        agreement = f"int8 agrees with fp32 on {info.int8_agreement:.2%} of them"
+    else:
+        agreement = "int8/fp32 agreement not measured"
+    print(f"{held_out}; {agreement}")
+    print(f"up to {info.max_images_per_request} images per request")
+    return 0
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    response = client.list_models()
+    if args.json:
+        print(json_format.MessageToJson(response, always_print_fields_with_no_presence=True))
+        return 0
+    if not response.models:
+        print("the server has no models")
+        return 0
+    rows = [("model", "default", "version", "state", "reason")]
+    for model in response.models:
+        mark = "*" if model.is_default else ""
+        rows += [
+            (model.name, mark, version.version, version_state_name(version.state), version.reason)
+            for version in model.versions
+        ] or [(model.name, mark, "-", "-", "no versions")]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[4]]).rstrip())
+    print("* the default model: requests that name no model go to it")
     return 0
 
 
@@ -177,11 +288,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cost_report.run(args)
     try:
         if args.command == "loadtest":
-            # Its inputs are scikit-learn's bundled digits; the client alone does not install it.
-            if importlib.util.find_spec("sklearn") is None:
+            # Its default inputs are scikit-learn's bundled digits; the client alone does not install it.
+            if args.inputs is None and importlib.util.find_spec("sklearn") is None:
                 print(
                     "costserve loadtest: needs scikit-learn, which comes with the `loadtest` extra: "
-                    "pip install 'costserve[loadtest]'",
+                    "pip install 'costserve[loadtest]' (or send your own images with --inputs DIR)",
                     file=sys.stderr,
                 )
                 return 2
@@ -193,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0 if status == "SERVING" else 1
             if args.command == "info":
                 return _info(client, args)
+            if args.command == "models":
+                return _models(client, args)
             return _predict(client, args)
     except grpc.RpcError as error:
         print(f"costserve: {error.code().name}: {error.details()} (server {args.target})", file=sys.stderr)

@@ -68,6 +68,9 @@ def predict_request(
     skip_cache: bool = False,
     min_accuracy: float = 0.0,
     max_cost_usd: float = 0.0,
+    model: str = "",
+    version: str = "",
+    top_k: int = 0,
 ) -> pb.PredictRequest:
     """The PredictRequest for ``images``; prepared once, it can be sent many times.
 
@@ -76,14 +79,31 @@ def predict_request(
     ``min_accuracy``: accuracy floor, 0..1 (0 = none); only a variant whose held-out accuracy reaches it may answer.
     ``max_cost_usd``: cost ceiling for the whole request, in USD (0 = none).
     A request the server cannot serve within these is refused with ``FAILED_PRECONDITION``.
+    ``model``: the model to ask (see :meth:`Client.list_models`; ``""``: the server's default model).
+    ``version``: its version (``""``: the latest it serves). An unknown one is refused with ``NOT_FOUND``.
+    ``top_k``: return only the ``top_k`` most probable classes of each image, highest first, their class
+    indices in ``Prediction.classes`` (0: every class's probability, in label order).
     """
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (every class) or more, not {top_k}")
     return pb.PredictRequest(
         images=[image_message(image) for image in images],
         precision=precision_value(precision),
         skip_cache=skip_cache,
         min_accuracy=min_accuracy,
         max_cost_usd=max_cost_usd,
+        model_name=model,
+        model_version=version,
+        top_k=top_k,
     )
+
+
+def version_state_name(state: int) -> str:
+    """A ``VersionStatus.State`` as a short name: ``LOADING``, ``AVAILABLE``, ``UNLOADING``, ``FAILED``."""
+    try:
+        return pb.VersionStatus.State.Name(state).removeprefix("STATE_")
+    except ValueError:  # a state added after this client was built
+        return str(state)
 
 
 def tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
@@ -146,15 +166,19 @@ class Client(_Defaults):
     ``timeout`` is the default per-call timeout in seconds; every call can override
     it. ``tenant`` is the default tenant calls are charged to (request metadata
     ``x-costserve-tenant``); ``predict(..., tenant=...)`` overrides it per call.
-    Errors raise ``grpc.RpcError`` with the server's status code and message.
+    Errors raise ``grpc.RpcError`` with the server's status code and message
+    (``NOT_FOUND`` for a model or version the server does not serve).
 
     Example::
 
         with Client("127.0.0.1:50051", timeout=5) as client:
             print(client.health())                      # "SERVING"
-            info = client.model_info()
+            print([model.name for model in client.list_models().models])
+            info = client.model_info("digits")          # the latest version of model "digits"
             reply = client.predict([pixels], precision="fp32", tenant="acme")
-            print(reply.predictions[0].label, reply.cost.usd)
+            print(reply.model_name, reply.predictions[0].label, reply.cost.usd)
+            reply = client.predict([pixels], model="digits", version="2", top_k=3)
+            print(list(zip(reply.predictions[0].classes, reply.predictions[0].probabilities)))
     """
 
     def __init__(
@@ -188,12 +212,15 @@ class Client(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> pb.PredictResponse:
         """Classify ``images`` in one request; one prediction per image, in order.
 
-        The options are those of :func:`predict_request`; ``tenant`` (default the
-        client's; ``""`` for none) is who the call is charged to.
+        The options are those of :func:`predict_request` (``model``, ``version`` and ``top_k``
+        included); ``tenant`` (default the client's; ``""`` for none) is who the call is charged to.
         """
         return self.predict_with_call(
             images,
@@ -202,6 +229,9 @@ class Client(_Defaults):
             tenant=tenant,
             min_accuracy=min_accuracy,
             max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
             timeout=timeout,
         )[0]
 
@@ -214,11 +244,21 @@ class Client(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> tuple[pb.PredictResponse, grpc.Call]:
         """:meth:`predict`, also returning the finished gRPC call (its metadata, e.g. for :func:`cost_usd`)."""
         request = predict_request(
-            images, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+            images,
+            precision=precision,
+            skip_cache=skip_cache,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
         )
         return self._stub.Predict.with_call(request, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
 
@@ -231,6 +271,9 @@ class Client(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> ResponseStream:
         """Send each element of ``batches`` as one request on a PredictStream; yield the answers in order.
@@ -245,13 +288,35 @@ class Client(_Defaults):
             skip_cache=skip_cache,
             min_accuracy=min_accuracy,
             max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
         )
         requests = (build(images) for images in batches)
         return self._stub.PredictStream(requests, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
 
-    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
-        """The served model: version, input shape, labels, and each variant's accuracy and size."""
-        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+    def model_info(self, model: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        """One served model version: input shape, preprocessing, labels, and each variant's accuracy and size.
+
+        ``model`` ``""`` is the server's default model, ``version`` ``""`` its latest served version;
+        an unknown one raises ``grpc.RpcError`` with ``NOT_FOUND``. ``Variant.accuracy`` and
+        ``int8_agreement`` are optional fields: ``info.variants[0].HasField("accuracy")`` is False
+        when the version was imported without held-out data.
+        """
+        request = pb.GetModelInfoRequest(model_name=model, model_version=version)
+        return self._stub.GetModelInfo(request, timeout=self._timeout(timeout))
+
+    def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        """Every model of the server's repository, which one is the default, and each version's state.
+
+        ``response.models[i]``: ``name``, ``is_default``, and ``versions`` (oldest first), each with
+        ``version``, ``state`` (:func:`version_state_name` gives ``"AVAILABLE"``, ``"FAILED"``, ...)
+        and ``reason`` (why it failed)::
+
+            for model in client.list_models().models:
+                print(model.name, [(v.version, version_state_name(v.state)) for v in model.versions])
+        """
+        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name: ``SERVING``, ``NOT_SERVING``, ...; raises on no answer."""
@@ -326,6 +391,9 @@ class AsyncClient(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> pb.PredictResponse:
         """Classify ``images`` in one request; as :meth:`Client.predict`."""
@@ -336,6 +404,9 @@ class AsyncClient(_Defaults):
             tenant=tenant,
             min_accuracy=min_accuracy,
             max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
             timeout=timeout,
         )
         return response
@@ -349,11 +420,21 @@ class AsyncClient(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> tuple[pb.PredictResponse, grpc.aio.UnaryUnaryCall]:
         """:meth:`predict`, also returning the finished call: ``cost_usd(await call.trailing_metadata())``."""
         request = predict_request(
-            images, precision=precision, skip_cache=skip_cache, min_accuracy=min_accuracy, max_cost_usd=max_cost_usd
+            images,
+            precision=precision,
+            skip_cache=skip_cache,
+            min_accuracy=min_accuracy,
+            max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
         )
         call = self._stub.Predict(request, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
         return await call, call
@@ -367,6 +448,9 @@ class AsyncClient(_Defaults):
         tenant: str | None = None,
         min_accuracy: float = 0.0,
         max_cost_usd: float = 0.0,
+        model: str = "",
+        version: str = "",
+        top_k: int = 0,
         timeout: float | None = None,
     ) -> grpc.aio.StreamStreamCall:
         """One PredictStream request per element of ``batches`` (an iterable or async iterable).
@@ -380,6 +464,9 @@ class AsyncClient(_Defaults):
             skip_cache=skip_cache,
             min_accuracy=min_accuracy,
             max_cost_usd=max_cost_usd,
+            model=model,
+            version=version,
+            top_k=top_k,
         )
         requests: Iterator[pb.PredictRequest] | AsyncIterator[pb.PredictRequest]
         if isinstance(batches, AsyncIterable):
@@ -388,9 +475,14 @@ class AsyncClient(_Defaults):
             requests = (build(images) for images in batches)
         return self._stub.PredictStream(requests, timeout=self._timeout(timeout), metadata=self._metadata(tenant))
 
-    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
-        """The served model, as :meth:`Client.model_info`."""
-        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+    async def model_info(self, model: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        """One served model version, as :meth:`Client.model_info`."""
+        request = pb.GetModelInfoRequest(model_name=model, model_version=version)
+        return await self._stub.GetModelInfo(request, timeout=self._timeout(timeout))
+
+    async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        """The server's models and their versions' states, as :meth:`Client.list_models`."""
+        return await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name, as :meth:`Client.health`."""

@@ -5,6 +5,7 @@
     costserve cost [--metrics-url URL] [--json]                  # totals since the server started
     costserve cost --prometheus URL [--window 1h] [--json]     # increase() over the window
     costserve cost --by-tenant [...]                              # spend per tenant beside its budget
+    costserve cost --by-model [...]                               # requests, predictions and cost per model
 
 The figures, for each precision (``fp32``, ``int8``) and for all of them:
 
@@ -34,6 +35,12 @@ Without ``--prometheus`` the figures are totals since the server started, read f
 its ``/metrics``. With ``--prometheus URL`` they are ``increase(...[window])`` of the
 same counters from the Prometheus HTTP API, summed over every scraped server (prices
 and provisioned shape taken from the largest, assumed the same for all).
+
+``--by-model`` splits requests (``costserve_requests_total``), predictions
+(``costserve_images_total``) and cost (``costserve_cost_usd_total``) by their ``model``
+label; samples without a model name (calls of no one model, such as ``ListModels`` or
+those refused before a model was resolved, and every sample of a server older than the
+label) count as model ``""``.
 """
 
 from __future__ import annotations
@@ -162,8 +169,9 @@ def prometheus_queries(window: str) -> dict[str, str]:
         return f"max by ({by}) (max_over_time({metric}[{window}]))"
 
     return {
-        "costserve_images_total": increase("costserve_images_total", "precision, cache"),
-        "costserve_cost_usd_total": increase("costserve_cost_usd_total", "precision, resource"),
+        "costserve_images_total": increase("costserve_images_total", "model, precision, cache"),
+        "costserve_cost_usd_total": increase("costserve_cost_usd_total", "model, precision, resource"),
+        "costserve_requests_total": increase("costserve_requests_total", "model, code"),
         "costserve_cpu_seconds_total": increase("costserve_cpu_seconds_total", "precision, phase"),
         "costserve_batch_size_sum": increase("costserve_batch_size_sum", "precision"),
         "costserve_batch_size_count": increase("costserve_batch_size_count", "precision"),
@@ -262,7 +270,8 @@ def _precision_figures(samples: Samples, precision: str) -> PrecisionFigures:
     accuracies = [
         float(labels["accuracy"])
         for labels, value in samples.get("costserve_model_info", [])
-        if labels.get("precision") == precision and "accuracy" in labels and value > 0
+        # An empty or non-numeric accuracy: unknown (a version imported without held-out data).
+        if labels.get("precision") == precision and _is_number(labels.get("accuracy", "")) and value > 0
     ]
     return PrecisionFigures(
         **_figures(hits, misses, cost_by_resource, savings),
@@ -275,6 +284,14 @@ def _precision_figures(samples: Samples, precision: str) -> PrecisionFigures:
         ),
         accuracy=accuracies[-1] if accuracies else None,
     )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _list_usd_per_cpu_second(samples: Samples) -> float | None:
@@ -381,6 +398,143 @@ def format_tenants(figures: list[TenantFigures], source: str, period: str) -> st
         "other: every tenant without a budget in the server's --budgets file, counted together.",
         "Spend since the server started (or over the window); budgets reset each UTC hour or day.",
     ]
+    return "\n".join(lines)
+
+
+#: What each ``--by-model`` figure means; included in its JSON.
+MODEL_DEFINITIONS = {
+    "model": 'the model label; "" for samples without a model name (calls of no one model, such as ListModels '
+    "or those refused before a model was resolved; every sample of a server older than the label)",
+    "requests": "calls counted by costserve_requests_total, answered or refused",
+    "failed_requests": "those whose status was not OK",
+    "predictions": "images answered (costserve_images_total), cache hits included",
+    "cache_hits": "the predictions served from the cache",
+    "cost_usd": "USD charged (CPU + memory + network, costserve_cost_usd_total)",
+    "cost_share": "cost_usd / the cost of every model",
+    "per_1k_usd": "1e3 x cost_usd / predictions",
+    "per_1m_usd": "1e6 x cost_usd / predictions",
+}
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """One model's requests, predictions and cost (``model`` ``"all"`` for the total)."""
+
+    model: str
+    requests: float
+    failed_requests: float
+    predictions: float
+    cache_hits: float
+    predictions_by_precision: dict[str, float]
+    cost_usd: float
+    cost_by_resource_usd: dict[str, float]
+    #: ``None`` when nothing was charged to any model.
+    cost_share: float | None
+    #: ``None`` when the model answered no prediction.
+    per_1k_usd: float | None
+    per_1m_usd: float | None
+
+
+def _model_row(
+    model: str,
+    requests: float,
+    ok: float,
+    images: dict[str, dict[str, float]],
+    resources: dict[str, float],
+    all_models_usd: float,
+) -> ModelFigures:
+    """One row of ``--by-model``: ``images`` maps each precision to its {"hit", "miss"} image counts."""
+    predictions = sum(sum(counts.values()) for counts in images.values())
+    usd = sum(resources.values())
+    return ModelFigures(
+        model=model,
+        requests=requests,
+        failed_requests=requests - ok,
+        predictions=predictions,
+        cache_hits=sum(counts.get("hit", 0.0) for counts in images.values()),
+        predictions_by_precision={precision: sum(counts.values()) for precision, counts in sorted(images.items())},
+        cost_usd=usd,
+        cost_by_resource_usd=resources,
+        cost_share=_ratio(usd, all_models_usd),
+        per_1k_usd=1e3 * usd / predictions if predictions > 0 else None,
+        per_1m_usd=1e6 * usd / predictions if predictions > 0 else None,
+    )
+
+
+def model_figures(samples: Samples) -> tuple[list[ModelFigures], ModelFigures]:
+    """Requests, predictions and cost per ``model`` label (most cost first), and their total (model ``"all"``)."""
+
+    def by_model(name: str, **labels: str) -> dict[str, float]:
+        return metrics_text.by_label(samples, name, "model", absent="", **labels)
+
+    requests, ok = by_model("costserve_requests_total"), by_model("costserve_requests_total", code="OK")
+    cost = {resource: by_model("costserve_cost_usd_total", resource=resource) for resource in RESOURCES}
+    # model -> precision -> cache ("hit", "miss") -> images.
+    images: dict[str, dict[str, dict[str, float]]] = {}
+    for labels, value in samples.get("costserve_images_total", []):
+        counts = images.setdefault(labels.get("model", ""), {}).setdefault(labels.get("precision", ""), {})
+        counts[labels.get("cache", "")] = counts.get(labels.get("cache", ""), 0.0) + value
+    models = set(requests) | set(images) | {model for sums in cost.values() for model in sums}
+    all_usd = sum(sum(sums.values()) for sums in cost.values())
+    rows = [
+        _model_row(
+            model,
+            requests.get(model, 0.0),
+            ok.get(model, 0.0),
+            images.get(model, {}),
+            {resource: cost[resource].get(model, 0.0) for resource in RESOURCES},
+            all_usd,
+        )
+        for model in models
+    ]
+    rows.sort(key=lambda row: (-row.cost_usd, -row.requests, row.model))
+    every_image: dict[str, dict[str, float]] = {}
+    for per_precision in images.values():
+        for precision, counts in per_precision.items():
+            for cache, count in counts.items():
+                merged = every_image.setdefault(precision, {})
+                merged[cache] = merged.get(cache, 0.0) + count
+    total = _model_row(
+        "all",
+        sum(requests.values()),
+        sum(ok.values()),
+        every_image,
+        {resource: sum(cost[resource].values()) for resource in RESOURCES},
+        all_usd,
+    )
+    return rows, total
+
+
+def format_models(rows: list[ModelFigures], total: ModelFigures, source: str, period: str) -> str:
+    """The ``--by-model`` table."""
+    lines = [f"costserve cost by model: {source}, {period}", ""]
+    if not rows:
+        return "\n".join(lines + ["no request metrics yet (costserve_requests_total has no samples)"])
+    table = [("model", "requests", "failed", "predictions", "cache hits", "cost", "share", "per 1K", "per 1M")]
+    for row in [*rows, total]:
+        table.append(
+            (
+                row.model or "(none)",
+                f"{row.requests:,.0f}",
+                f"{row.failed_requests:,.0f}",
+                f"{row.predictions:,.0f}",
+                f"{row.cache_hits:,.0f} ({row.cache_hits / row.predictions:.0%})" if row.predictions else "-",
+                format_usd(row.cost_usd),
+                _percent(row.cost_share),
+                format_usd(row.per_1k_usd),
+                format_usd(row.per_1m_usd),
+            )
+        )
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        cells = [line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(line[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    lines += ["", "failed: requests whose status was not OK; per 1K/1M: USD charged per 1,000/1,000,000 predictions."]
+    if any(row.model == "" for row in rows):
+        lines += [
+            "(none): no model name: calls of no one model (ListModels, or refused before a model was resolved),",
+            "  or every sample of a server older than the model label.",
+        ]
     return "\n".join(lines)
 
 
@@ -566,9 +720,11 @@ def add_parser(commands: Any) -> None:
         f"[env COSTSERVE_WINDOW, default {DEFAULT_WINDOW}]",
     )
     cost.add_argument("--json", action="store_true", help="print one JSON document")
-    cost.add_argument(
+    breakdown = cost.add_mutually_exclusive_group()
+    breakdown.add_argument(
         "--by-tenant", action="store_true", help="spend per tenant (x-costserve-tenant) beside its budget and refusals"
     )
+    breakdown.add_argument("--by-model", action="store_true", help="requests, predictions and cost per served model")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -593,6 +749,20 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             print(format_tenants(tenants, source, period))
+        return 0
+    if getattr(args, "by_model", False):
+        rows, total = model_figures(samples)
+        if args.json:
+            document = {
+                "source": source,
+                "period": period,
+                "models": [dataclasses.asdict(row) for row in rows],
+                "total": dataclasses.asdict(total),
+                "definitions": MODEL_DEFINITIONS,
+            }
+            print(json.dumps(document, indent=2))
+        else:
+            print(format_models(rows, total, source, period))
         return 0
     report = compute_report(samples, source, period)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))

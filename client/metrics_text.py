@@ -10,6 +10,7 @@ Example::
     samples = metrics_text.scrape("http://127.0.0.1:8000/metrics")
     ok = metrics_text.total(samples, "costserve_requests_total", code="OK")
     by_code = metrics_text.by_label(samples, "costserve_requests_total", "code", method="Predict")
+    by_model = metrics_text.by_label(samples, "costserve_cost_usd_total", "model", absent="")  # "" for old servers
 """
 
 from __future__ import annotations
@@ -50,10 +51,15 @@ def total(samples: Samples, name: str, **labels: str) -> float:
     )
 
 
-def by_label(samples: Samples, name: str, label: str, **labels: str) -> dict[str, float]:
-    """Sums of the samples of ``name`` whose labels include ``labels``, by the value of ``label``."""
+def by_label(samples: Samples, name: str, label: str, *, absent: str | None = None, **labels: str) -> dict[str, float]:
+    """Sums of the samples of ``name`` whose labels include ``labels``, by the value of ``label``.
+
+    Samples without ``label`` are left out, or, with ``absent``, counted under that value (e.g. ``""`` for
+    a server older than the label).
+    """
     sums: dict[str, float] = {}
     for sample_labels, value in samples.get(name, []):
-        if label in sample_labels and all(sample_labels.get(key) == wanted for key, wanted in labels.items()):
-            sums[sample_labels[label]] = sums.get(sample_labels[label], 0.0) + value
+        group = sample_labels.get(label, absent)
+        if group is not None and all(sample_labels.get(key) == wanted for key, wanted in labels.items()):
+            sums[group] = sums.get(group, 0.0) + value
     return sums

@@ -142,6 +142,9 @@ def test_predict_flags_reach_the_client(monkeypatch: pytest.MonkeyPatch, capsys:
         "tenant": "acme",
         "min_accuracy": 0.97,
         "max_cost_usd": 1e-6,
+        "model": "",
+        "version": "",
+        "top_k": 0,
     }
     monkeypatch.setenv("COSTSERVE_TENANT", "globex")
     assert _predict(client, build_parser().parse_args(["predict", str(EXAMPLES[3])])) == 0  # type: ignore[arg-type]

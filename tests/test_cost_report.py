@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-import urllib.parse
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 import numpy as np
 import pytest
-from conftest import EXAMPLES, RunningServer
+from conftest import EXAMPLES, Route, RunningServer
 
 from costserve import Client
 from costserve.cli import main
@@ -179,39 +176,6 @@ def test_unreachable_metrics_url_is_a_clear_error(capsys: pytest.CaptureFixture[
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.startswith("costserve cost: cannot read http://127.0.0.1:1/metrics:")
-
-
-Route = Callable[[str, dict[str, str]], tuple[int, str]]
-
-
-@pytest.fixture
-def http_server() -> Iterator[Callable[[Route], str]]:
-    """Factory: a local HTTP server answering GETs with ``route(path, query) -> (status, body)``; yields its URL."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(route: Route) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                status, body = route(url.path, dict(urllib.parse.parse_qsl(url.query)))
-                payload = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: object) -> None:
-                """Keep the test output quiet."""
-
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        servers.append(httpd)
-        return f"http://127.0.0.1:{httpd.server_port}"
-
-    yield start
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_json_round_trips(http_server: Callable[[Route], str], capsys: pytest.CaptureFixture[str]) -> None:

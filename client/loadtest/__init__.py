@@ -6,6 +6,7 @@
                        [--duration S | --requests N] [--warmup S] [--arrivals poisson|constant]
                        [--repeat FRACTION | --repeat zipf:S] [--images-per-request K] [--precision P]
                        [--deadline-ms MS] [--skip-cache] [--stream] [--processes N] [--channels N]
+                       [--model NAME] [--version V] [--inputs DIR]
                        [--json [FILE]] [--csv [FILE]] [--plot FILE.png]
 
 Load shapes. *Closed loop* (``--concurrency N``): N callers, each sends its next
@@ -21,7 +22,12 @@ the 360 held-out images, variants shifted by a pixel and with one corner pixel
 XOR-ed with a small value keep the inputs distinct and their labels known. Each
 input is serialized once; a request is the concatenation of its inputs' bytes and a
 prepared tail (protobuf's wire format merges concatenated messages), sent through
-``grpc.aio`` channels that skip request serialization.
+``grpc.aio`` channels that skip request serialization. The tail names the model and
+version asked (``--model``, ``--version``).
+
+``--inputs DIR`` sends your own PNG/JPEG files instead, as encoded bytes: one sub-folder
+per class (ImageFolder layout; an answer is correct when its ``label_name`` is the folder
+name) or a flat folder (no labels, so no accuracy).
 
 ``--repeat F`` makes a fraction F of the images repeat an input whose answer this
 process already received (so, with the cache on, about F of the images are cache
@@ -33,7 +39,7 @@ raw latency samples are pooled, so the percentiles are those of all requests, ne
 averages of per-process percentiles.
 
 The parts, one module each: :mod:`~costserve.loadtest.config` (settings),
-:mod:`~costserve.loadtest.inputs` (held-out digits and their variants),
+:mod:`~costserve.loadtest.inputs` (held-out digits and their variants, or a folder's files),
 :mod:`~costserve.loadtest.transports` (unary and stream calls),
 :mod:`~costserve.loadtest.generator` (one process's closed- and open-loop engines),
 :mod:`~costserve.loadtest.samples` (raw samples, their pooling, percentiles),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,7 +71,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--catalog", type=int, default=DEFAULT_CATALOG, metavar="N",
         help=f"distinct inputs Zipf draws from (default {DEFAULT_CATALOG:,})",
     )  # fmt: skip
+    inputs.add_argument(
+        "--inputs",
+        metavar="DIR",
+        help="send your own PNG/JPEG files instead of the held-out digits: one sub-folder per class (the folder "
+        "names are the class names; the report's accuracy compares them with each answer's label_name), "
+        "or a flat folder (no labels, no accuracy)",
+    )
     inputs.add_argument("--images-per-request", type=int, default=1, metavar="K", help="images per request (default 1)")
+    inputs.add_argument(
+        "--model",
+        default=os.environ.get("COSTSERVE_MODEL", ""),
+        metavar="NAME",
+        help="the model every request asks [env COSTSERVE_MODEL, default the server's default model]",
+    )
+    inputs.add_argument(
+        "--version", dest="model_version", default="", metavar="V", help="its version (default the latest served)"
+    )
     inputs.add_argument("--precision", choices=sorted(PRECISIONS), default="auto")
     inputs.add_argument("--deadline-ms", type=float, metavar="MS", help="deadline per call in ms (default --timeout)")
     inputs.add_argument("--skip-cache", action="store_true", help="ask the server to compute every answer")
@@ -80,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         help="seeds input choices and Poisson arrivals, and picks the inputs: distinct ones start at SEED x 360, "
-        "so a new seed meets a cold cache (default 0: the held-out digits first)",
+        "so a new seed meets a cold cache (default 0: the held-out digits first); with --inputs it only "
+        "shuffles the files' order",
     )
     client = parser.add_argument_group("load generator")
     client.add_argument("--processes", type=int, default=1, metavar="N", help="processes sharing the load (default 1)")
@@ -120,6 +138,9 @@ def config_from_args(args: argparse.Namespace) -> LoadtestConfig:
         channels=args.channels,
         timeout_s=args.timeout,
         seed=args.seed,
+        model=args.model,
+        model_version=args.model_version,
+        inputs=args.inputs,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS
 
@@ -56,6 +57,9 @@ class LoadtestConfig:
 
     Stops each step after ``duration_s`` seconds or ``requests`` requests, whichever comes first (10 s
     when neither is set); ``warmup_s`` of the same load runs before each step and is not counted.
+    Every request asks ``model`` (``""``: the server's default) at ``model_version`` (``""``: its latest).
+    ``inputs``: a folder of PNG/JPEG files to send instead of the held-out digits, one sub-folder per
+    class (ImageFolder layout) or flat (no labels); see :mod:`costserve.loadtest.inputs`.
     """
 
     target: str = "127.0.0.1:50051"
@@ -76,6 +80,9 @@ class LoadtestConfig:
     channels: int = 4
     timeout_s: float = DEFAULT_TIMEOUT_S
     seed: int = 0
+    model: str = ""
+    model_version: str = ""
+    inputs: str | None = None
 
     def steps(self) -> list[LoadStep]:
         """The load levels, in order."""
@@ -127,3 +134,5 @@ class LoadtestConfig:
             raise ValueError("--catalog must be at least 1")
         if self.seed < 0:
             raise ValueError("--seed must be 0 or more")
+        if self.inputs is not None and not Path(self.inputs).is_dir():
+            raise ValueError(f"--inputs {self.inputs}: not a directory")

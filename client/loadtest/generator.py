@@ -14,7 +14,7 @@ import numpy as np
 
 from costserve.client import MAX_MESSAGE_BYTES, PRECISION_NAMES
 from costserve.loadtest.config import LoadStep, LoadtestConfig
-from costserve.loadtest.inputs import InputPicker, InputPool
+from costserve.loadtest.inputs import InputPicker, Inputs
 from costserve.loadtest.samples import Samples
 from costserve.loadtest.transports import StreamTransport, UnaryTransport
 from costserve.v1 import classifier_pb2 as pb
@@ -132,7 +132,7 @@ def share(step: LoadStep, config: LoadtestConfig, worker: int, workers: int) -> 
 class _Recorder:
     """Accumulates one step's measurements and the live counters (answered, failed)."""
 
-    def __init__(self, pool: InputPool, counters: MutableSequence[int]) -> None:
+    def __init__(self, pool: Inputs, counters: MutableSequence[int]) -> None:
         self.pool = pool
         self.counters = counters
         self.latencies: list[float] = []
@@ -158,7 +158,10 @@ class _Recorder:
             samples.predictions += 1
             samples.cache_hits += prediction.cache_hit
             samples.warm_hits += prediction.cache_hit and input_id in new_ids
-            samples.correct += prediction.label == self.pool.label(input_id)
+            verdict = self.pool.correct(input_id, prediction)
+            if verdict is not None:
+                samples.labelled += 1
+                samples.correct += verdict
             samples.precisions[PRECISION_NAMES.get(prediction.precision, str(prediction.precision))] += 1
         self.last_done = max(self.last_done, done)
         self.counters[0] += 1
@@ -178,7 +181,7 @@ class LoadGenerator:
     def __init__(
         self,
         config: LoadtestConfig,
-        pool: InputPool,
+        pool: Inputs,
         worker: int = 0,
         workers: int = 1,
         counters: MutableSequence[int] | None = None,

@@ -1,8 +1,16 @@
-"""The inputs: the server's held-out digits, their labelled variants, and which of them each request carries."""
+"""The inputs: the server's held-out digits and their labelled variants, or the image files of a folder
+(``--inputs DIR``), and which of them each request carries.
+
+Both kinds of pool (:class:`InputPool`, :class:`FileInputPool`) serialize each input as a
+``PredictRequest.images`` field once, and say whether an answer to it is correct (:class:`Inputs`).
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -17,6 +25,31 @@ CORNER_TAGS = 32
 #: The held-out split of the server's default model (see costserve.server.training).
 HOLDOUT_FRACTION = 0.2
 SPLIT_SEED = 1234
+#: File name endings (any case) of the images ``--inputs`` sends: the formats the server decodes.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class Inputs(Protocol):
+    """What the load generator needs of a pool of inputs; ids run from 0 to ``size - 1``."""
+
+    #: Number of distinct inputs; ids wrap around past it.
+    size: int
+
+    def field(self, input_id: int) -> bytes:
+        """The serialized ``PredictRequest.images`` entry of input ``input_id``."""
+        ...
+
+    def first_id(self, seed: int) -> int:
+        """The id distinct inputs start from under ``--seed seed``."""
+        ...
+
+    def correct(self, input_id: int, prediction: pb.Prediction) -> bool | None:
+        """Whether ``prediction`` is the known answer for input ``input_id``; None when its label is unknown."""
+        ...
+
+    def describe(self) -> str:
+        """Where the inputs come from, for the report."""
+        ...
 
 
 def load_holdout_digits(height: int = 28, width: int = 28) -> tuple[np.ndarray, np.ndarray]:
@@ -75,6 +108,18 @@ class InputPool:
         """The known label of input ``input_id``."""
         return int(self.labels[input_id % len(self.labels)])
 
+    def first_id(self, seed: int) -> int:
+        """Distinct inputs start at ``seed`` x the number of held-out images, so a new seed meets a cold cache."""
+        return seed * len(self.images)
+
+    def correct(self, input_id: int, prediction: pb.Prediction) -> bool:
+        """Whether ``prediction`` names the known class index of input ``input_id``."""
+        return prediction.label == self.label(input_id)
+
+    def describe(self) -> str:
+        """``held-out digits``."""
+        return "held-out digits"
+
     def field(self, input_id: int) -> bytes:
         """The serialized ``images`` entry of input ``input_id``."""
         serialized = self._fields[input_id]
@@ -84,26 +129,136 @@ class InputPool:
         return serialized
 
 
+@dataclass(frozen=True)
+class ImageFiles:
+    """The images of an ``--inputs`` folder, and the class of each one when the folder has classes."""
+
+    root: Path
+    paths: tuple[Path, ...]
+    #: The class name (sub-folder) of each file, or None for a flat folder.
+    classes: tuple[str, ...] | None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The classes with at least one image, sorted (empty for a flat folder)."""
+        return sorted(set(self.classes or ()))
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def find_images(root: str | Path) -> ImageFiles:
+    """The PNG and JPEG files of ``root``, in either layout; raises ValueError when it has none.
+
+    * ImageFolder (as torchvision's): one sub-folder per class, its name the class name; the
+      images may sit at any depth below it.
+    * Flat: the images directly in ``root``; their classes are unknown.
+
+    Files are recognised by their ending (.png, .jpg, .jpeg, any case); other files and hidden
+    files and folders are ignored. A folder with both class folders and images of its own is
+    refused, since it is not clear which layout is meant.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--inputs {root}: not a directory")
+    own = sorted(path for path in root.iterdir() if _is_image(path))
+    folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    paths: list[Path] = []
+    classes: list[str] = []
+    for folder in folders:
+        found = sorted(
+            path
+            for path in folder.rglob("*")
+            if _is_image(path) and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+        )
+        paths += found
+        classes += [folder.name] * len(found)
+    if paths and own:
+        raise ValueError(
+            f"--inputs {root}: holds both images ({own[0].name}, ...) and class folders with images "
+            f"({classes[0]}, ...); use one sub-folder per class, or a flat folder of images"
+        )
+    if paths:
+        return ImageFiles(root, tuple(paths), tuple(classes))
+    if own:
+        return ImageFiles(root, tuple(own), None)
+    raise ValueError(f"--inputs {root}: no PNG or JPEG files ({', '.join(IMAGE_SUFFIXES)}) in it or its sub-folders")
+
+
+class FileInputPool:
+    """The images of an ``--inputs`` folder as inputs: each file is one input, sent as its encoded bytes.
+
+    The server decodes and preprocesses them as it would any client's files. Every file is read
+    once, here, so that no disk read falls inside a measured request; their order is shuffled by
+    ``seed`` so that any prefix of a run mixes the classes. With classes, an answer is correct when
+    its ``label_name`` is the file's class (folder) name.
+    """
+
+    def __init__(self, files: ImageFiles, seed: int = 0) -> None:
+        order = np.random.default_rng(seed).permutation(len(files.paths))
+        self.files = files
+        self.paths = [files.paths[index] for index in order]
+        #: The class name of each input, or None for a flat folder.
+        self.classes = [files.classes[index] for index in order] if files.classes is not None else None
+        self.size = len(self.paths)
+        self._fields = [
+            pb.PredictRequest(images=[pb.Image(encoded=path.read_bytes())]).SerializeToString() for path in self.paths
+        ]
+
+    def class_name(self, input_id: int) -> str | None:
+        """The class (folder) name of input ``input_id``, or None for a flat folder."""
+        return self.classes[input_id % self.size] if self.classes is not None else None
+
+    def field(self, input_id: int) -> bytes:
+        """The serialized ``images`` entry of input ``input_id``: the file's bytes as ``Image.encoded``."""
+        return self._fields[input_id % self.size]
+
+    def first_id(self, seed: int) -> int:
+        """0: every seed uses the same files (``seed`` shuffled their order)."""
+        return 0
+
+    def correct(self, input_id: int, prediction: pb.Prediction) -> bool | None:
+        """Whether the answer's ``label_name`` is the file's class name; None for a flat folder."""
+        expected = self.class_name(input_id)
+        return None if expected is None else prediction.label_name == expected
+
+    def describe(self) -> str:
+        """``DIR (N files, K classes)`` or ``DIR (N files, no labels)``."""
+        kinds = f"{len(self.files.class_names)} classes" if self.classes is not None else "no labels"
+        return f"{self.files.root} ({self.size:,} files, {kinds})"
+
+
+def input_pool(config: LoadtestConfig, height: int, width: int) -> InputPool | FileInputPool:
+    """The inputs of a run: ``config.inputs``'s files, or else the held-out digits at the model's input size."""
+    if config.inputs is not None:
+        return FileInputPool(find_images(config.inputs), seed=config.seed)
+    return InputPool(*load_holdout_digits(height, width))
+
+
 class InputPicker:
     """Chooses each image of one process's requests: distinct, repeated by fraction, or Zipf-popular.
 
-    Distinct inputs start at id ``seed * 360`` (so a new seed meets a cold cache) and are
-    striped over processes (process i of n takes the i-th, (i+n)-th, ... of them), so
+    Distinct inputs start at id ``pool.first_id(seed)`` (``seed * 360`` for the digits, so a new
+    seed meets a cold cache) and are striped over processes (process i of n takes the i-th, (i+n)-th, ... of them), so
     processes never repeat one another's inputs by accident.
     """
 
-    def __init__(self, pool: InputPool, config: LoadtestConfig, worker: int, workers: int) -> None:
+    def __init__(self, pool: Inputs, config: LoadtestConfig, worker: int, workers: int) -> None:
         self.pool = pool
         self.repeat = config.repeat
         self.worker, self.workers = worker, workers
         self.rng = np.random.default_rng([config.seed, worker])
         self.tail = pb.PredictRequest(
-            precision=PRECISIONS[config.precision], skip_cache=config.skip_cache
+            precision=PRECISIONS[config.precision],
+            skip_cache=config.skip_cache,
+            model_name=config.model,
+            model_version=config.model_version,
         ).SerializeToString()
         self.images_per_request = config.images_per_request
         #: True once every distinct input was used and ids wrapped around.
         self.wrapped = False
-        self._first_id = config.seed * len(pool.images)
+        self._first_id = pool.first_id(config.seed)
         self._next_distinct = 0
         self._picked = 0
         self._answered: list[int] = []

@@ -7,7 +7,7 @@ import functools
 import importlib.util
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -56,7 +56,8 @@ class StepResult:
             "latency_ms": percentiles_ms(merged.latencies_s),
             "predictions": ok_images,
             "cache_hit_ratio": merged.cache_hits / ok_images if ok_images else None,
-            "accuracy": merged.correct / ok_images if ok_images else None,
+            # Of the answers to inputs with a known label; None without any (a flat --inputs folder).
+            "accuracy": merged.correct / merged.labelled if merged.labelled else None,
             "precision_mix": {name: count / ok_images for name, count in sorted(merged.precisions.items())},
             "cost_usd_per_prediction": mean_cost,
             "cost_usd_per_million": mean_cost * 1e6 if mean_cost is not None else None,
@@ -100,9 +101,14 @@ class LoadReport:
     """A whole load test: the server, the settings, and one :class:`StepResult` per load level."""
 
     target: str
+    #: The model version that answered the run's first call: ``NAME version V``.
     model: str
     config: LoadtestConfig
     steps: list[StepResult]
+    #: Where the inputs came from: ``held-out digits``, or the ``--inputs`` folder.
+    inputs: str = "held-out digits"
+    #: Warnings about the whole run (its inputs), beside each step's own notes.
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (the ``--json`` document)."""
@@ -111,8 +117,10 @@ class LoadReport:
         return {
             "target": self.target,
             "model": self.model,
+            "inputs": self.inputs,
             "settings": settings,
             "steps": [step.summary() for step in self.steps],
+            "notes": self.notes,
         }
 
 
@@ -132,7 +140,8 @@ def format_table(report: LoadReport) -> str:
         f"costserve loadtest: {report.target} ({report.model}); "
         f"{'open loop, ' + config.arrivals + ' arrivals' if config.rate else 'closed loop'}, "
         f"{'PredictStream' if config.stream else 'Predict'}, {config.images_per_request} image(s)/request, "
-        f"precision {config.precision}, inputs {inputs}{', cache skipped' if config.skip_cache else ''}, "
+        f"precision {config.precision}, inputs {inputs} from {report.inputs}"
+        f"{', cache skipped' if config.skip_cache else ''}, "
         f"{config.processes} process(es)",
     ]
     header = (
@@ -160,7 +169,7 @@ def format_table(report: LoadReport) -> str:
             parts.append("precision " + ", ".join(f"{name} {fraction:.0%}" for name, fraction in mix))
         parts += row["notes"]
         details += [f"{step.step.label}: {part}" for part in parts]
-    return "\n".join(lines + details) + "\n"
+    return "\n".join(lines + details + [f"note: {note}" for note in report.notes]) + "\n"
 
 
 def write_json(report: LoadReport, output: TextIO) -> None:

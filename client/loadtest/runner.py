@@ -10,12 +10,10 @@ import traceback
 from collections.abc import Callable, MutableSequence
 from typing import Any, TextIO
 
-import numpy as np
-
 from costserve.client import Client
 from costserve.loadtest.config import LoadStep, LoadtestConfig
 from costserve.loadtest.generator import LoadGenerator, share
-from costserve.loadtest.inputs import InputPool, load_holdout_digits
+from costserve.loadtest.inputs import FileInputPool, InputPool, input_pool
 from costserve.loadtest.report import LoadReport, StepResult
 from costserve.loadtest.samples import Samples
 
@@ -53,7 +51,9 @@ class ProgressLine:
             self.stream.flush()
 
 
-async def _run_in_process(config: LoadtestConfig, pool: InputPool, progress: ProgressLine) -> list[list[Samples]]:
+async def _run_in_process(
+    config: LoadtestConfig, pool: InputPool | FileInputPool, progress: ProgressLine
+) -> list[list[Samples]]:
     loop = asyncio.get_running_loop()
     generator = LoadGenerator(config, pool)
     await generator.connect()
@@ -76,8 +76,7 @@ async def _run_in_process(config: LoadtestConfig, pool: InputPool, progress: Pro
 def _worker_main(
     connection: multiprocessing.connection.Connection,
     config: LoadtestConfig,
-    images: np.ndarray,
-    labels: np.ndarray,
+    pool: InputPool | FileInputPool,
     worker: int,
     counters: MutableSequence[int],
 ) -> None:
@@ -85,7 +84,7 @@ def _worker_main(
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        generator = LoadGenerator(config, InputPool(images, labels), worker, config.processes, counters)
+        generator = LoadGenerator(config, pool, worker, config.processes, counters)
         await generator.connect()
         try:
             connection.send(("ready", None))
@@ -135,7 +134,7 @@ def _collect(
 
 
 def _run_in_processes(
-    config: LoadtestConfig, images: np.ndarray, labels: np.ndarray, progress: ProgressLine
+    config: LoadtestConfig, pool: InputPool | FileInputPool, progress: ProgressLine
 ) -> list[list[Samples]]:
     context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited, TensorFlow-free
     processes: list[multiprocessing.process.BaseProcess] = []
@@ -147,7 +146,7 @@ def _run_in_processes(
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=_worker_main,
-                args=(child_end, config, images, labels, worker, counters[worker]),
+                args=(child_end, config, pool, worker, counters[worker]),
                 name=f"costserve-loadtest-{worker}",
                 daemon=True,
             )
@@ -186,25 +185,45 @@ def _run_in_processes(
 def run_loadtest(config: LoadtestConfig, progress: TextIO | None = None) -> LoadReport:
     """Run every step of ``config`` against ``config.target``; ``progress`` gets a live status line.
 
-    Raises ValueError on settings that cannot run, ``grpc.RpcError`` when the server does not answer, and
+    Raises ValueError on settings that cannot run (an ``--inputs`` folder without images included),
+    ``grpc.RpcError`` when the server does not answer or does not serve the model (``NOT_FOUND``), and
     :class:`LoadGeneratorFailed` when a load-generator process fails.
     """
     config.validate()
     with Client(config.target, timeout=config.timeout_s) as client:
-        info = client.model_info()
+        info = client.model_info(config.model, config.model_version)
     if config.images_per_request > info.max_images_per_request:
         raise ValueError(
             f"--images-per-request {config.images_per_request} exceeds the server's limit of "
             f"{info.max_images_per_request} images per request"
         )
     height, width = int(info.input_shape[0]), int(info.input_shape[1])
-    images, labels = load_holdout_digits(height, width)
+    pool = input_pool(config, height, width)
+    model = f"{info.name} version {info.version}"
+    notes = _label_notes(pool, list(info.labels), model)
     line = ProgressLine(progress)
     if config.processes == 1:
-        parts = asyncio.run(_run_in_process(config, InputPool(images, labels), line))
+        parts = asyncio.run(_run_in_process(config, pool, line))
     else:
-        parts = _run_in_processes(config, images, labels, line)
+        parts = _run_in_processes(config, pool, line)
     steps = [
         StepResult(step, index, workers, config) for index, (step, workers) in enumerate(zip(config.steps(), parts))
     ]
-    return LoadReport(target=config.target, model=f"{info.name} version {info.version}", config=config, steps=steps)
+    return LoadReport(
+        target=config.target, model=model, config=config, steps=steps, inputs=pool.describe(), notes=notes
+    )
+
+
+def _label_notes(pool: InputPool | FileInputPool, labels: list[str], model: str) -> list[str]:
+    """A warning when class folders are not among the model's labels: their images can never count as correct."""
+    if not isinstance(pool, FileInputPool) or not labels:
+        return []
+    unknown = [name for name in pool.files.class_names if name not in labels]
+    if not unknown:
+        return []
+    shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    return [
+        f"{len(unknown)} class folder(s) are not labels of {model} ({shown}): accuracy compares each answer's "
+        f"label_name with the folder name, so their images never count as correct; the model's labels are "
+        f"{', '.join(labels[:10])}{', ...' if len(labels) > 10 else ''}"
+    ]

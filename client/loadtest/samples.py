@@ -30,6 +30,9 @@ class Samples:
     cache_hits: int = 0
     #: Cache hits on inputs this process sent for the first time: the cache was warm before the run.
     warm_hits: int = 0
+    #: Predictions of inputs whose label is known (all of them for the digits; none for a flat --inputs folder).
+    labelled: int = 0
+    #: Those of them that named the known label.
     correct: int = 0
     #: Predictions by the variant that answered ("fp32", "int8").
     precisions: Counter = field(default_factory=Counter)
@@ -62,6 +65,7 @@ def merge(parts: Sequence[Samples]) -> Samples:
         predictions=sum(part.predictions for part in parts),
         cache_hits=sum(part.cache_hits for part in parts),
         warm_hits=sum(part.warm_hits for part in parts),
+        labelled=sum(part.labelled for part in parts),
         correct=sum(part.correct for part in parts),
         precisions=sum((part.precisions for part in parts), Counter()),
         cost_usd=sum(part.cost_usd for part in parts),
