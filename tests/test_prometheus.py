@@ -1,10 +1,12 @@
 """deploy/: Prometheus config, recording rules, Grafana dashboard and docker-compose.
 
 The integration test starts the real Prometheus server (Debian package `prometheus`)
-against a real costserve, loads deploy/prometheus/rules.yml into it, drives traffic
-and evaluates every PromQL expression of the dashboard and of the recording rules
-through Prometheus' HTTP API. Each result is compared with the same figure computed
-in Python from the server's own registry.
+against a real costserve serving a repository of three models (digits, a copy of it
+named twin, and broken, whose versions fail to load), loads deploy/prometheus/rules.yml
+into it, drives traffic and evaluates every PromQL expression of the dashboard (once per
+value of its $model variable in MODEL_SELECTIONS), of the recording rules and of the
+alerts through Prometheus' HTTP API. Each result is compared with the same figure
+computed in Python from the server's own registry.
 
 How the comparison is made exact. Phase 1 of the traffic creates every series, then
 Prometheus scrapes the idle server: sample at t1, values S1. Phase 2 adds traffic,
@@ -57,6 +59,15 @@ JOB = "costserve"
 RULE_RANGE = "[1m]"
 #: The only range selectors the dashboard may use (Grafana variables); substituted alike.
 DASHBOARD_RANGES = ("[$__rate_interval]", "[$__range]")
+#: The dashboard's model variable, and what Grafana puts in its place: All (its allValue),
+#: one model, and two models picked (Grafana joins a multi-value pick as a regex).
+MODEL_VARIABLE = "$model"
+ALL_MODELS = ".*"
+MODEL_SELECTIONS = (ALL_MODELS, "digits", "(twin|broken)")
+#: The models of the test's repository: the session's digits model, a copy of it served
+#: under another name, and a model whose versions fail to load.
+DIGITS, TWIN, BROKEN = "digits", "twin", "broken"
+ALERT = "CostserveModelLoadFailed"
 #: Limit of every wait on Prometheus, in seconds.
 WAIT_S = 30.0
 #: Relative tolerance of a figure computed from the same counter values (float rounding only).
@@ -182,7 +193,8 @@ class Window:
 
     ``before`` holds every series' value at t1 (its first sample in the range), ``after``
     its value at t2 (its last sample, at the evaluation time). Methods return vectors
-    keyed by the ``by`` labels, like ``sum by (...)``.
+    keyed by the ``by`` labels, like ``sum by (...)``, of the series whose labels pass ``match``
+    (label=value, or label=predicate; a missing label is "").
     """
 
     def __init__(self, before: dict[Key, float], after: dict[Key, float], t1_ms: int, t2_ms: int) -> None:
@@ -217,28 +229,28 @@ class Window:
     def _group(labels: dict[str, str], by: Iterable[str]) -> frozenset:
         return frozenset((label, labels[label]) for label in by if label in labels)
 
-    def increase(self, name: str, by: Iterable[str] = (), **match: Any) -> Vector:
+    def increase(self, name: str, /, by: Iterable[str] = (), **match: Any) -> Vector:
         out: Vector = {}
         for labels, first, last in self._series(name, match):
             key = self._group(labels, by)
             out[key] = out.get(key, 0.0) + self._increase(first, last)
         return out
 
-    def rate(self, name: str, by: Iterable[str] = (), **match: Any) -> Vector:
+    def rate(self, name: str, /, by: Iterable[str] = (), **match: Any) -> Vector:
         return {key: value / (self.range_ms / 1000) for key, value in self.increase(name, by, **match).items()}
 
     def gauge(
-        self, name: str, by: Iterable[str] = (), how: Callable[[list[float]], float] = sum, **match: Any
+        self, name: str, /, by: Iterable[str] = (), how: Callable[[list[float]], float] = sum, **match: Any
     ) -> Vector:
         groups: dict[frozenset, list[float]] = {}
         for labels, _, last in self._series(name, match):
             groups.setdefault(self._group(labels, by), []).append(last)
         return {key: how(values) for key, values in groups.items()}
 
-    def quantile(self, q: float, histogram: str, by: Iterable[str] = ()) -> Vector:
-        """histogram_quantile(q, sum by (<by>, le) (rate(<histogram>_bucket[...])))."""
+    def quantile(self, q: float, histogram: str, by: Iterable[str] = (), **match: Any) -> Vector:
+        """histogram_quantile(q, sum by (<by>, le) (rate(<histogram>_bucket{<match>}[...])))."""
         buckets: dict[frozenset, dict[float, float]] = {}
-        for labels, first, last in self._series(histogram + "_bucket", {}):
+        for labels, first, last in self._series(histogram + "_bucket", match):
             group = buckets.setdefault(self._group(labels, by), {})
             bound = float(labels["le"])
             group[bound] = group.get(bound, 0.0) + self._increase(first, last) / (self.range_ms / 1000)
@@ -272,39 +284,47 @@ def _one_of(*values: str) -> Callable[[str], bool]:
     return lambda label: label in values
 
 
-def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, float]]:
-    """(panel title, refId) -> (what the query must return, relative tolerance)."""
+def _regex(pattern: str) -> Callable[[str], bool]:
+    """A label matcher ``=~"<pattern>"``: Prometheus anchors the regex at both ends."""
+    compiled = re.compile(pattern)
+    return lambda label: compiled.fullmatch(label) is not None
+
+
+def _positive(a: Vector) -> Vector:
+    """``a > 0``: the series above 0."""
+    return {key: value for key, value in a.items() if value > 0}
+
+
+def _dashboard_expectations(w: Window, model: str = ALL_MODELS) -> dict[tuple[str, str], tuple[Vector, float]]:
+    """(panel title, refId) -> (what the query must return with ``model`` for $model, relative tolerance)."""
+    m = _regex(model)  # every per-model family is filtered by {model=~"$model"}, model_info by name
     cost, images = "costserve_cost_usd_total", "costserve_images_total"
-    charged = w.rate(cost, resource=_one_of("cpu", "memory"))
+    charged = w.rate(cost, resource=_one_of("cpu", "memory"), model=m)
     provisioned = w.rate("costserve_provisioned_cost_usd_total")
     vcpus = sum(w.gauge("costserve_provisioned", resource="vcpus").values()) or math.nan
     latency = "costserve_request_duration_seconds"
+    predictions = {"code": "OK", "method": lambda method: method.startswith("Predict"), "model": m}
     return {
-        ("Throughput", "A"): (
-            w.rate(
-                "costserve_requests_total", ["precision"], code="OK", method=lambda method: method.startswith("Predict")
-            ),
-            EXACT,
-        ),
-        ("Throughput", "B"): (w.rate(images, ["precision"]), EXACT),
-        ("Latency (p50 / p95 / p99)", "A"): (w.quantile(0.5, latency), QUANTILE),
-        ("Latency (p50 / p95 / p99)", "B"): (w.quantile(0.95, latency), QUANTILE),
-        ("Latency (p50 / p95 / p99)", "C"): (w.quantile(0.99, latency), QUANTILE),
+        ("Throughput", "A"): (w.rate("costserve_requests_total", ["precision"], **predictions), EXACT),
+        ("Throughput", "B"): (w.rate(images, ["precision"], model=m), EXACT),
+        ("Latency (p50 / p95 / p99)", "A"): (w.quantile(0.5, latency, model=m), QUANTILE),
+        ("Latency (p50 / p95 / p99)", "B"): (w.quantile(0.95, latency, model=m), QUANTILE),
+        ("Latency (p50 / p95 / p99)", "C"): (w.quantile(0.99, latency, model=m), QUANTILE),
         ("Batch size (avg, p95)", "A"): (
             _div(
-                w.rate("costserve_batch_size_sum", ["precision"]),
-                w.rate("costserve_batch_size_count", ["precision"]),
+                w.rate("costserve_batch_size_sum", ["precision"], model=m),
+                w.rate("costserve_batch_size_count", ["precision"], model=m),
             ),
             EXACT,
         ),
-        ("Batch size (avg, p95)", "B"): (w.quantile(0.95, "costserve_batch_size", ["precision"]), QUANTILE),
-        ("Queue depth", "A"): (w.gauge("costserve_queue_depth", ["precision"]), EXACT),
+        ("Batch size (avg, p95)", "B"): (w.quantile(0.95, "costserve_batch_size", ["precision"], model=m), QUANTILE),
+        ("Queue depth", "A"): (w.gauge("costserve_queue_depth", ["precision"], model=m), EXACT),
         ("Queue wait and inference time (p95)", "A"): (
-            w.quantile(0.95, "costserve_queue_duration_seconds", ["precision"]),
+            w.quantile(0.95, "costserve_queue_duration_seconds", ["precision"], model=m),
             QUANTILE,
         ),
         ("Queue wait and inference time (p95)", "B"): (
-            w.quantile(0.95, "costserve_inference_duration_seconds", ["precision"]),
+            w.quantile(0.95, "costserve_inference_duration_seconds", ["precision"], model=m),
             QUANTILE,
         ),
         ("Queue wait and inference time (p95)", "C"): (w.gauge("costserve_event_loop_lag_seconds", how=max), EXACT),
@@ -316,43 +336,53 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
             EXACT,
         ),
         ("Cache hit ratio", "B"): (
-            _div(w.rate(images, ["precision"], cache="hit"), w.rate(images, ["precision"])),
+            _div(w.rate(images, ["precision"], cache="hit", model=m), w.rate(images, ["precision"], model=m)),
             EXACT,
         ),
-        ("Cache entries and evictions", "A"): (w.gauge("costserve_cache_entries"), EXACT),
-        ("Cache entries and evictions", "B"): (w.rate("costserve_cache_evictions_total"), EXACT),
+        ("Cache entries, bytes and evictions", "A"): (w.gauge("costserve_cache_entries"), EXACT),
+        ("Cache entries, bytes and evictions", "B"): (w.rate("costserve_cache_evictions_total"), EXACT),
+        ("Cache entries, bytes and evictions", "C"): (w.gauge("costserve_cache_bytes"), EXACT),
         ("Rejections and errors", "A"): (w.rate("costserve_rejected_total", ["reason"]), EXACT),
-        ("Rejections and errors", "B"): (w.rate("costserve_requests_total", ["code"], code=_not("OK")), EXACT),
-        ("Cost per 1,000 predictions", "A"): (
-            _scale(1000, _div(w.rate(cost, ["precision"]), w.rate(images, ["precision"]))),
+        ("Rejections and errors", "B"): (
+            w.rate("costserve_requests_total", ["code"], code=_not("OK"), model=m),
             EXACT,
         ),
-        ("Cost per 1,000 predictions", "B"): (_scale(1000, _div(w.rate(cost), w.rate(images))), EXACT),
+        ("Cost per 1,000 predictions", "A"): (
+            _scale(1000, _div(w.rate(cost, ["precision"], model=m), w.rate(images, ["precision"], model=m))),
+            EXACT,
+        ),
+        ("Cost per 1,000 predictions", "B"): (
+            _scale(1000, _div(w.rate(cost, model=m), w.rate(images, model=m))),
+            EXACT,
+        ),
         ("Cost per request (mean, p95)", "A"): (
             _div(
-                w.rate("costserve_request_cost_usd_sum", ["precision"]),
-                w.rate("costserve_request_cost_usd_count", ["precision"]),
+                w.rate("costserve_request_cost_usd_sum", ["precision"], model=m),
+                w.rate("costserve_request_cost_usd_count", ["precision"], model=m),
             ),
             EXACT,
         ),
         ("Cost per request (mean, p95)", "B"): (
-            w.quantile(0.95, "costserve_request_cost_usd", ["precision"]),
+            w.quantile(0.95, "costserve_request_cost_usd", ["precision"], model=m),
             QUANTILE,
         ),
-        ("Cost rate by resource (USD/hour)", "A"): (_scale(3600, w.rate(cost, ["resource"])), EXACT),
-        ("Cost split by resource (time range)", "A"): (w.increase(cost, ["resource"]), EXACT),
+        ("Cost rate by resource (USD/hour)", "A"): (_scale(3600, w.rate(cost, ["resource"], model=m)), EXACT),
+        ("Cost split by resource (time range)", "A"): (w.increase(cost, ["resource"], model=m), EXACT),
         ("Prices in force", "A"): (w.gauge("costserve_price_usd", ["resource"], how=max), EXACT),
         ("Utilization", "A"): (w.gauge("costserve_utilization", ["instance"], how=max), EXACT),
-        ("Utilization", "B"): (_scale(1 / vcpus, w.rate("costserve_cpu_seconds_total", ["phase"])), EXACT),
+        ("Utilization", "B"): (
+            _scale(1 / vcpus, w.rate("costserve_cpu_seconds_total", ["phase"], model=m)),
+            EXACT,
+        ),
         ("Provisioned vs charged cost (USD/hour)", "A"): (_scale(3600, provisioned), EXACT),
         ("Provisioned vs charged cost (USD/hour)", "B"): (_scale(3600, charged), EXACT),
         ("Share of provisioned cost charged", "A"): (_div(charged, provisioned), EXACT),
-        ("Network moved", "A"): (w.rate("costserve_network_bytes_total", ["precision"]), EXACT),
-        ("Model", "A"): (
-            w.gauge("costserve_model_info", ["name", "version", "precision", "format", "accuracy"], how=max),
+        ("Network moved", "A"): (w.rate("costserve_network_bytes_total", ["precision"], model=m), EXACT),
+        ("Model versions served", "A"): (
+            w.gauge("costserve_model_info", ["name", "version", "precision", "format", "accuracy"], how=max, name=m),
             EXACT,
         ),
-        ("Policy decisions", "A"): (w.rate("costserve_decisions_total", ["precision", "reason"]), EXACT),
+        ("Policy decisions", "A"): (w.rate("costserve_decisions_total", ["precision", "reason"], model=m), EXACT),
         ("Policy decisions", "B"): (w.gauge("costserve_load_shedding", how=max), EXACT),
         ("Spend by tenant (USD/hour)", "A"): (
             _scale(3600, w.rate("costserve_tenant_spend_usd_total", ["tenant"])),
@@ -360,6 +390,18 @@ def _dashboard_expectations(w: Window) -> dict[tuple[str, str], tuple[Vector, fl
         ),
         ("Spend by tenant (USD/hour)", "B"): (w.rate("costserve_budget_rejections_total", ["tenant"]), EXACT),
         ("Tenant budgets", "A"): (w.gauge("costserve_tenant_budget_usd", ["tenant", "period"], how=max), EXACT),
+        ("Throughput by model", "A"): (w.rate("costserve_requests_total", ["model"], **predictions), EXACT),
+        ("Throughput by model", "B"): (w.rate(images, ["model"], model=m), EXACT),
+        ("Latency p95 by model", "A"): (w.quantile(0.95, latency, ["model"], model=m), QUANTILE),
+        ("Cost per 1,000 predictions by model", "A"): (
+            _scale(1000, _div(w.rate(cost, ["model"], model=m), w.rate(images, ["model"], model=m))),
+            EXACT,
+        ),
+        ("Model versions by state", "A"): (w.gauge("costserve_model_versions", ["model", "state"], model=m), EXACT),
+        ("Model load failures (time range)", "A"): (
+            w.increase("costserve_model_load_failures_total", ["model"], model=m),
+            EXACT,
+        ),
     }
 
 
@@ -399,12 +441,19 @@ def _rule_expectations(w: Window) -> dict[str, tuple[Vector, float]]:
     }
 
 
+def _alert_expectations(w: Window) -> dict[str, tuple[Vector, float]]:
+    """Alerting rule -> (what its expression must return, relative tolerance)."""
+    failed = w.gauge("costserve_model_versions", ["job", "model"], how=max, state="failed")
+    return {ALERT: (_positive(failed), EXACT)}
+
+
 def _an_empty_window() -> Window:
     return Window({}, {}, 0, 1)
 
 
-def _assert_matches(what: str, got: Vector, expected: Vector, rel: float) -> None:
-    assert got, f"{what}: empty result"
+def _assert_matches(what: str, got: Vector, expected: Vector, rel: float, may_be_empty: bool = False) -> None:
+    """``got`` has the series of ``expected``, with its values; it is empty only when ``may_be_empty``."""
+    assert got or (may_be_empty and not expected), f"{what}: empty result"
     assert got.keys() == expected.keys(), (
         f"{what}: series {sorted(str(dict(k)) for k in got)}, expected {sorted(str(dict(k)) for k in expected)}"
     )
@@ -537,10 +586,26 @@ class Prometheus:
         except AssertionError as error:
             raise AssertionError(f"{error}; differences: {differences[:10]}") from None
 
-    def recording_rules(self) -> list[dict[str, Any]]:
-        groups = self.api("rules", type="record")["groups"]
+    def _rules(self, kind: str) -> list[dict[str, Any]]:
+        groups = self.api("rules", type=kind)["groups"]
         assert all(Path(group["file"]).resolve() == RULES.resolve() for group in groups), groups
         return [rule for group in groups for rule in group["rules"]]
+
+    def recording_rules(self) -> list[dict[str, Any]]:
+        return self._rules("record")
+
+    def alerting_rules(self) -> list[dict[str, Any]]:
+        """Each alerting rule, with its ``state`` and its ``alerts`` (labels, state, value)."""
+        return self._rules("alert")
+
+    def firing(self, alertname: str) -> set[frozenset]:
+        """The labels of each firing alert of ``alertname``, without alertname and the rule's own labels."""
+        (rule,) = [rule for rule in self.alerting_rules() if rule["name"] == alertname]
+        return {
+            frozenset((k, v) for k, v in alert["labels"].items() if k != "alertname" and k not in rule["labels"])
+            for alert in rule["alerts"]
+            if alert["state"] == "firing"
+        }
 
     def rules_recorded(self, after_ms: int, count: int) -> bool:
         """All ``count`` rules loaded, healthy, and each recorded a finite value after ``after_ms``."""
@@ -569,14 +634,39 @@ class Prometheus:
 
 
 def _snapshot(server: Any, target_labels: Mapping[str, str]) -> dict[Key, float]:
-    """Every costserve_ sample of the server's registry (but DRIFTING), with the target's labels."""
+    """Every costserve_ sample of the server's registry (but DRIFTING), with the target's labels.
+
+    Labels with an empty value are left out, as Prometheus stores them (model="": calls refused
+    before a model was resolved).
+    """
     samples: dict[Key, float] = {}
     for family in server.registry.collect():
         for sample in family.samples:
             name = sample.name
             if name.startswith("costserve_") and not name.endswith("_created") and name not in DRIFTING:
-                samples[(name, frozenset({**sample.labels, **target_labels}.items()))] = sample.value
+                labels = {label: value for label, value in sample.labels.items() if value}
+                samples[(name, frozenset({**labels, **target_labels}.items()))] = sample.value
     return samples
+
+
+def _publish_broken_version(model_dir: Path, version: str) -> None:
+    """A version whose metadata.json cannot be read, published as writers do (built aside, then renamed)."""
+    staging = model_dir / f".{version}-staging"
+    staging.mkdir(parents=True)
+    (staging / "metadata.json").write_text("{}\n")
+    staging.rename(model_dir / version)
+
+
+def _repository(model_dir: Path, root: Path) -> Path:
+    """digits (the session's model, served preloaded), twin (a copy of it) and broken (version 1 fails to load)."""
+    from costserve.server.repository.store import latest_version_dir
+
+    version_dir = latest_version_dir(model_dir)
+    assert version_dir is not None
+    for name in (DIGITS, TWIN):
+        shutil.copytree(version_dir, root / name / version_dir.name)
+    _publish_broken_version(root / BROKEN, "1")
+    return root
 
 
 def _random_images(rng: np.random.Generator, count: int) -> list[np.ndarray]:
@@ -592,9 +682,17 @@ def _every_series(client: Any, rng: np.random.Generator) -> None:
         client.predict(_random_images(rng, 8), precision=precision, skip_cache=True)  # computed, batched
         list(client.predict_stream([[EXAMPLES[3]], _random_images(rng, 1)], precision=precision))
         with pytest.raises(grpc.RpcError) as refused:
-            client.predict([b"not an image"], precision=precision)
+            client.predict([b"not an image"], precision=precision)  # counted under model ""
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # The second model: its own batchers and series; misses, then hits.
+        client.predict(EXAMPLES[5:7], precision=precision, model=TWIN)
+        client.predict(EXAMPLES[5:7], precision=precision, model=TWIN)
+        client.predict(_random_images(rng, 3), precision=precision, model=TWIN, skip_cache=True)
     client.predict([EXAMPLES[4]])  # precision auto: the server chooses
+    with pytest.raises(grpc.RpcError) as unknown:
+        client.predict([EXAMPLES[4]], model=BROKEN)  # no version of it could be loaded
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert [model.name for model in client.list_models().models] == sorted([BROKEN, DIGITS, TWIN])
 
 
 def _load(client: Any, rng: np.random.Generator) -> None:
@@ -613,8 +711,79 @@ def test_prometheus_config_and_rules_pass_promtool() -> None:
     output = _promtool("check", "config", str(PROMETHEUS_CONFIG))
     assert "is valid prometheus config file syntax" in output
     assert "SUCCESS: 1 rule files found" in output, "prometheus.yml must load rules.yml"
-    assert _rule_count() == len(_rule_expectations(_an_empty_window())), "a rule was added: add its expectation"
+    empty = _an_empty_window()
+    rules = len(_rule_expectations(empty)) + len(_alert_expectations(empty))
+    assert _rule_count() == rules, "a rule was added: add its expectation"
     assert _ranges(_rules_text()) == {RULE_RANGE}, f"every range selector in rules.yml must be {RULE_RANGE}"
+
+
+def test_model_load_alert_fires_per_model_while_a_version_is_failed(tmp_path: Path) -> None:
+    """promtool's unit test of the alert: one alert per (job, model), the most failed versions of any
+    instance, gone once the version is fixed or removed; none for models whose versions all load."""
+
+    def versions(instance: str, model: str, values: str) -> dict[str, str]:
+        labels = f'job="{JOB}",instance="{instance}",model="{model}",state="failed"'
+        return {"series": f"costserve_model_versions{{{labels}}}", "values": values}
+
+    def fires(model: str, failed: int) -> dict[str, Any]:
+        return {
+            "exp_labels": {"severity": "warning", "job": JOB, "model": model},
+            "exp_annotations": {
+                "summary": f"costserve model {model}: {failed} version(s) failed to load",
+                "description": "Those versions are not served (a version serving before keeps serving). "
+                "The reason is in `costserve models` (the ListModels RPC) and the server's log; a failed "
+                "version is tried again when its metadata.json changes.",
+            },
+        }
+
+    tests = tmp_path / "rules_test.yml"
+    # JSON is YAML. Samples every 15 s: digits fails on one instance at 30 s, on the other
+    # (two versions) at 45 s, and is fixed everywhere at 75 s; shapes never fails.
+    tests.write_text(
+        json.dumps(
+            {
+                "rule_files": [str(RULES)],
+                "evaluation_interval": "15s",
+                "tests": [
+                    {
+                        "interval": "15s",
+                        "input_series": [
+                            versions("a:8000", "digits", "0 0 1 1 1 0 0"),
+                            versions("b:8000", "digits", "0 0 0 2 2 0 0"),
+                            versions("a:8000", "shapes", "0 0 0 0 0 0 0"),
+                        ],
+                        "alert_rule_test": [
+                            {"eval_time": "15s", "alertname": ALERT, "exp_alerts": []},
+                            {"eval_time": "30s", "alertname": ALERT, "exp_alerts": [fires("digits", 1)]},
+                            {"eval_time": "60s", "alertname": ALERT, "exp_alerts": [fires("digits", 2)]},
+                            {"eval_time": "75s", "alertname": ALERT, "exp_alerts": []},
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    assert "SUCCESS" in _promtool("test", "rules", str(tests))
+
+
+def _model_labels(metrics: Any) -> dict[str, str]:
+    """Family name (without _total) -> the label naming the model, for every family that has one."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from costserve.server.metrics import LoopFamily
+
+    out: dict[str, str] = {}
+    for metric in vars(metrics).values():
+        if isinstance(metric, LoopFamily):
+            name, labels = metric.name.removesuffix("_total"), metric.labelnames
+        elif isinstance(metric, MetricWrapperBase):
+            name, labels = metric._name, metric._labelnames  # prometheus_client keeps them private
+        else:
+            continue
+        label = next((label for label in ("model", "name") if label in labels), None)
+        if label:
+            out[name] = label
+    return out
 
 
 def test_dashboard_and_rules_query_only_exported_metrics() -> None:
@@ -623,7 +792,8 @@ def test_dashboard_and_rules_query_only_exported_metrics() -> None:
     from costserve.server.metrics import ServiceMetrics
 
     registry = CollectorRegistry()
-    ServiceMetrics(registry, process_collector=False).track_cost(lambda: 0.0, lambda: 0.0)
+    metrics = ServiceMetrics(registry, process_collector=False)
+    metrics.track_cost(lambda: 0.0, lambda: 0.0)
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     families = {family.name: {family.name + s for s in suffixes[family.type]} for family in registry.collect()}
     exported = set().union(*families.values())
@@ -637,10 +807,19 @@ def test_dashboard_and_rules_query_only_exported_metrics() -> None:
     unused = sorted(family for family, names in families.items() if not names & used)
     assert not unused, f"exported, but on no panel and in no rule: {unused}"
 
+    # Every series of a per-model family is picked by the dashboard's $model.
+    model_label = {sample: label for family, label in _model_labels(metrics).items() for sample in families[family]}
+    assert model_label["costserve_requests_total"] == "model" and model_label["costserve_model_info"] == "name"
     for title, target in targets:
         assert _ranges(target["expr"]) <= set(DASHBOARD_RANGES), f"{title}: use [$__rate_interval] or [$__range]"
-        leftover = target["expr"].replace("$__rate_interval", "").replace("$__range", "")
+        leftover = target["expr"]
+        for variable in ("$__rate_interval", "$__range", MODEL_VARIABLE):
+            leftover = leftover.replace(variable, "")
         assert "$" not in leftover, f"{title}: {target['expr']} uses a variable the test does not substitute"
+        for name, selector in re.findall(r"(?<![\w:])(costserve_\w+)(\{[^}]*\})?", target["expr"]):
+            if name in model_label:
+                matcher = f'{model_label[name]}=~"{MODEL_VARIABLE}"'
+                assert matcher in selector, f"{title}: {target['expr']}: select {name} by {matcher}"
 
 
 def test_dashboard_model() -> None:
@@ -649,6 +828,11 @@ def test_dashboard_model() -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["DS_PROMETHEUS"]["type"] == "datasource" and variables["DS_PROMETHEUS"]["query"] == "prometheus"
     datasource = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    # $model: the models Prometheus knows, several at once, All meaning every series (model="" too).
+    model = variables[MODEL_VARIABLE.removeprefix("$")]
+    assert model["type"] == "query" and model["datasource"] == datasource
+    assert model["definition"] == model["query"]["query"] == "label_values(costserve_model_versions, model)"
+    assert model["multi"] and model["includeAll"] and model["allValue"] == ALL_MODELS
     ids = [panel["id"] for panel in _panels(dashboard["panels"])]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
     cells: set[tuple[int, int]] = set()
@@ -666,21 +850,28 @@ def test_dashboard_model() -> None:
 
     # What the issue asks the dashboard to show.
     exprs = " ".join(target["expr"] for _, target in _dashboard_targets())
+    picked = '{model=~"$model"'
     for needle in [
-        'rate(costserve_requests_total{code="OK",method=~"Predict.*"}',  # throughput of predictions
-        "rate(costserve_images_total",
-        "histogram_quantile(0.5, sum by (le) (rate(costserve_request_duration_seconds_bucket",
-        "histogram_quantile(0.95, sum by (le) (rate(costserve_request_duration_seconds_bucket",
-        "histogram_quantile(0.99, sum by (le) (rate(costserve_request_duration_seconds_bucket",
-        "rate(costserve_batch_size_sum",
-        "rate(costserve_batch_size_bucket",
-        "costserve_queue_depth",
+        'rate(costserve_requests_total{model=~"$model",code="OK",method=~"Predict.*"}',  # throughput of predictions
+        f"rate(costserve_images_total{picked}",
+        f"histogram_quantile(0.5, sum by (le) (rate(costserve_request_duration_seconds_bucket{picked}",
+        f"histogram_quantile(0.95, sum by (le) (rate(costserve_request_duration_seconds_bucket{picked}",
+        f"histogram_quantile(0.99, sum by (le) (rate(costserve_request_duration_seconds_bucket{picked}",
+        f"rate(costserve_batch_size_sum{picked}",
+        f"rate(costserve_batch_size_bucket{picked}",
+        f"costserve_queue_depth{picked}",
         "rate(costserve_cache_hits_total",
+        "costserve_cache_bytes",
         "rate(costserve_rejected_total",
-        "1000 * sum by (precision) (rate(costserve_cost_usd_total",  # cost per 1,000 predictions
-        "sum by (resource) (rate(costserve_cost_usd_total",  # split by resource
+        f"1000 * sum by (precision) (rate(costserve_cost_usd_total{picked}",  # cost per 1,000 predictions
+        f"1000 * sum by (model) (rate(costserve_cost_usd_total{picked}",  # ... by model
+        f"sum by (resource) (rate(costserve_cost_usd_total{picked}",  # split by resource
         "costserve_utilization",
         "rate(costserve_provisioned_cost_usd_total",  # provisioned vs charged
+        f"sum by (model) (rate(costserve_requests_total{picked}",  # throughput by model
+        f"sum by (model, state) (costserve_model_versions{picked}",  # versions by state
+        f"sum by (model) (increase(costserve_model_load_failures_total{picked}",  # load failures
+        'costserve_model_info{name=~"$model"}',
     ]:
         assert needle in exprs, f"no panel queries {needle}"
 
@@ -765,12 +956,14 @@ def prometheus_binary() -> str:
 
 @pytest.mark.slow
 def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figures(
-    prometheus_binary: str, start_server: Callable[..., Any], tmp_path: Path
+    prometheus_binary: str, start_server: Callable[..., Any], model_dir: Path, tmp_path: Path
 ) -> None:
     from costserve import Client
 
     rule_count = _rule_count()
-    server = start_server(prices=PRICES, budgets=BUDGETS)
+    repository = _repository(model_dir, tmp_path / "models")
+    # poll_seconds=0: the repository is read at start-up and when the test says so.
+    server = start_server(prices=PRICES, budgets=BUDGETS, model_dir=None, model_repository=repository, poll_seconds=0)
     target = {"job": JOB, "instance": f"127.0.0.1:{server.server.metrics_port}"}
     config = tmp_path / "prometheus.yml"
     # JSON is YAML. The very rules file of deploy/, evaluated every second.
@@ -797,6 +990,8 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
 
             _every_series(client, rng)  # phase 2
             _load(client, rng)
+            _publish_broken_version(repository / BROKEN, "2")  # a second failure, in the window
+            assert server.run(server.server.repository.reconcile())
             after = _snapshot(server, target)
             assert after.keys() == before.keys(), "phase 2 made series phase 1 did not: extend _every_series"
             # Idle from here on: the provisioned cost only grows, the utilization only falls.
@@ -833,23 +1028,34 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
         assert (after[key] - before[key]) / ((t2 - t1) / 1000) == pytest.approx(per_second, rel=0.05)
 
         window = Window(before, after, t1, t2)
+        # What the repository did: two models serve, broken's two versions failed, one in the window.
+        versions = window.gauge("costserve_model_versions", ["model", "state"])
+        assert {dict(key)["model"] for key, count in versions.items() if count} == {DIGITS, TWIN, BROKEN}
+        for model, state, count in [(DIGITS, "available", 1), (TWIN, "available", 1), (BROKEN, "failed", 2)]:
+            assert versions[frozenset({"model": model, "state": state}.items())] == count, versions
+        assert sum(window.increase("costserve_model_load_failures_total", model=BROKEN).values()) > 0
 
-        # Every dashboard query, at t2, over the window [t1 - 1 ms, t2].
-        expectations = _dashboard_expectations(window)
-        for title, query in _dashboard_targets():
-            expr = _with_window(query["expr"], window.range_ms, DASHBOARD_RANGES)
-            got = prometheus.values(expr, t2)
-            expected, rel = expectations[(title, query["refId"])]
-            _assert_matches(f"{title} {query['refId']}: {expr}", got, expected, rel)
-            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", query.get("legendFormat", "")):
-                assert all(label in dict(key) for key in got), f"{title}: legend {{{{{label}}}}} is not in {expr}"
+        # Every dashboard query, at t2, over the window [t1 - 1 ms, t2], for each pick of $model.
+        # A query may come back empty only for a pick of models that has no such series.
+        for model in MODEL_SELECTIONS:
+            expectations = _dashboard_expectations(window, model)
+            for title, query in _dashboard_targets():
+                expr = _with_window(query["expr"], window.range_ms, DASHBOARD_RANGES).replace(MODEL_VARIABLE, model)
+                got = prometheus.values(expr, t2)
+                expected, rel = expectations[(title, query["refId"])]
+                _assert_matches(f"{title} {query['refId']}: {expr}", got, expected, rel, model != ALL_MODELS)
+                for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", query.get("legendFormat", "")):
+                    assert all(label in dict(key) for key in got), f"{title}: legend {{{{{label}}}}} is not in {expr}"
 
         # The recording rules: loaded from deploy/prometheus/rules.yml, healthy, recording; each
         # expression, with the test's window for [1m], equal to the server's figure.
-        prometheus.wait(lambda: prometheus.rules_recorded(t2, rule_count), "every rule to record a value after t2")
-        rules = prometheus.recording_rules()
         rule_expectations = _rule_expectations(window)
+        prometheus.wait(
+            lambda: prometheus.rules_recorded(t2, len(rule_expectations)), "every rule to record a value after t2"
+        )
+        rules = prometheus.recording_rules()
         assert {rule["name"] for rule in rules} == rule_expectations.keys()
+        assert len(rules) + len(_alert_expectations(window)) == rule_count
         for rule in rules:
             assert rule["health"] == "ok" and not rule.get("lastError"), rule
             assert _ranges(rule["query"]) <= {RULE_RANGE}, rule["query"]
@@ -857,10 +1063,29 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
             expected, rel = rule_expectations[rule["name"]]
             _assert_matches(f"rule {rule['name']}: {expr}", prometheus.values(expr, t2), expected, rel)
 
+        # The alerts: their expression equal to the server's figures at t2, and firing for
+        # those series (broken's failed versions), labelled as rules.yml says.
+        alert_expectations = _alert_expectations(window)
+        alerts = prometheus.alerting_rules()
+        assert {alert["name"] for alert in alerts} == alert_expectations.keys()
+        for alert in alerts:
+            assert alert["health"] == "ok" and not alert.get("lastError"), alert
+            assert not _ranges(alert["query"]), alert["query"]
+            expected, rel = alert_expectations[alert["name"]]
+            _assert_matches(
+                f"alert {alert['name']}: {alert['query']}", prometheus.values(alert["query"], t2), expected, rel
+            )
+            prometheus.wait(
+                lambda name=alert["name"], series=set(expected): prometheus.firing(name) == series,
+                f"{alert['name']} to fire for {sorted(str(dict(key)) for key in expected)}",
+            )
+
         # The headline figure once more, straight from the server's counters: USD per 1,000
         # predictions by precision is 1000 * (cost charged) / (images answered) in the window.
         per_1k = {
-            "dashboard": next(t for p, t in _dashboard_targets() if p == "Cost per 1,000 predictions")["expr"],
+            "dashboard": next(t for p, t in _dashboard_targets() if p == "Cost per 1,000 predictions")["expr"].replace(
+                MODEL_VARIABLE, ALL_MODELS
+            ),
             "rule": next(r for r in rules if r["name"].startswith("job_precision:costserve_cost_per_1k"))["query"],
         }
 

@@ -323,6 +323,17 @@ def test_a_corrupt_version_fails_and_leaves_serving_untouched(
     # A version that goes away is forgotten; the shapes model was never disturbed.
     shutil.rmtree(broken)
     _wait_for(lambda: "2" not in _states(stub, "digits"), "the removed failed version forgotten")
+    assert server.metric("costserve_model_versions", {"model": "digits", "state": "failed"}) == 0
+
+    # A whole model that only failed, then removed, leaves no version counts behind.
+    lone = repository_copy / "lone"
+    _copy_version(repository_copy / "digits" / "1", lone, "1")
+    (lone / "1" / "model_int8.tflite").write_bytes(b"not a model")
+    _wait_for(lambda: _states(stub, "lone").get("1", (0, ""))[0] == pb.VersionStatus.STATE_FAILED, "lone failed")
+    assert server.metric("costserve_model_versions", {"model": "lone", "state": "failed"}) == 1
+    shutil.rmtree(lone)
+    _wait_for(lambda: not _states(stub, "lone"), "the removed model forgotten")
+    assert server.metric("costserve_model_versions", {"model": "lone"}) == 0
     assert _states(stub, "shapes") == {"1": (pb.VersionStatus.STATE_AVAILABLE, "")}
 
 

@@ -127,7 +127,13 @@ class RepositoryManager:
         versions = self.states.get(name, {})
         versions.pop(version, None)
         if not versions:
+            # A model gone from the repository leaves no counts behind (an alert on failed ones clears).
             self.states.pop(name, None)
+            for state in VersionState:
+                try:
+                    self.metrics.model_versions.remove(name, state.value)
+                except KeyError:
+                    pass
         self._update_gauges()
 
     def _update_gauges(self) -> None:
