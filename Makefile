@@ -41,9 +41,9 @@ test: install-test
 proto: install-test
 	$(BIN)/python protos/generate.py
 
-## bench: throughput and latency against the gRPC ceiling; writes benchmarks/RESULTS.md
+## bench: throughput and latency against the gRPC ceiling, digits and a MobileNetV2 (ARGS="--only realistic" for one part); writes benchmarks/RESULTS.md
 bench: install-test
-	$(BIN)/python -m benchmarks.serving
+	$(BIN)/python -m benchmarks.serving $(ARGS)
 
 ## bench-ab: interleaved A/B of the serving path, the working tree against REF side by side (make bench-ab REF=<commit> [ARGS=--rounds 2]); writes benchmarks/RESULTS-ab.md
 ifneq ($(filter bench-ab,$(MAKECMDGOALS)),)

@@ -11,6 +11,9 @@ Example::
 
     with start_costserve(model_dir, "--max-batch-size", "1", metrics=True, serving=True) as server:
         print(server.target, server.metrics_url)
+
+    with start_costserve(None, repository=repository_dir, serving=True) as server:  # --model-repository
+        ...
 """
 
 from __future__ import annotations
@@ -171,7 +174,7 @@ def server_env() -> dict[str, str]:
 
 
 def start_costserve(
-    model_dir: Path,
+    model_dir: Path | None,
     *flags: str,
     name: str = "costserve",
     workdir: Path | None = None,
@@ -179,14 +182,18 @@ def start_costserve(
     serving: bool = False,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 300,
+    repository: Path | None = None,
 ) -> ServerProcess:
     """Start ``costserve-server serve`` on 127.0.0.1 port 0 with ``flags``; return once its ports are bound.
 
-    ``metrics`` serves /metrics on a free port (off otherwise); ``serving`` also waits until it is
-    SERVING. ``workdir`` keeps the log and ready file (default: a temporary directory removed on
-    stop); ``env`` adds environment variables. Raises :class:`ServerFailed` with the log's tail.
+    It serves the one model of ``model_dir`` (``--model-dir``), or with ``repository`` every model of
+    that repository (``--model-repository``; ``model_dir`` is then None). ``metrics`` serves /metrics
+    on a free port (off otherwise); ``serving`` also waits until it is SERVING. ``workdir`` keeps the
+    log and ready file (default: a temporary directory removed on stop); ``env`` adds environment
+    variables. Raises :class:`ServerFailed` with the log's tail.
     """
-    server = ServerProcess(name, costserve_command(model_dir, 0, 0 if metrics else -1, *flags), workdir, env)
+    command = costserve_command(model_dir, 0, 0 if metrics else -1, *flags, repository=repository)
+    server = ServerProcess(name, command, workdir, env)
     try:
         server.wait_bound(timeout_s)
         if serving:
@@ -197,20 +204,33 @@ def start_costserve(
     return server
 
 
-def costserve_command(model_dir: Path, port: int, metrics_port: int, *flags: str) -> list[str]:
-    """``costserve-server serve`` on 127.0.0.1 ``port`` (0: a free one), /metrics on ``metrics_port`` (-1: off)."""
+def costserve_command(
+    model_dir: Path | None, port: int, metrics_port: int, *flags: str, repository: Path | None = None
+) -> list[str]:
+    """``costserve-server serve`` on 127.0.0.1 ``port`` (0: a free one), /metrics on ``metrics_port`` (-1: off).
+
+    It serves ``--model-dir model_dir``, or ``--model-repository repository`` when that is given.
+    """
+    if (model_dir is None) == (repository is None):
+        raise ValueError("give a model directory or a repository, not both or neither")
+    models = ["--model-repository", str(repository)] if repository is not None else ["--model-dir", str(model_dir)]
     return [
-        sys.executable, "-m", "costserve.server.cli", "serve", "--model-dir", str(model_dir),
+        sys.executable, "-m", "costserve.server.cli", "serve", *models,
         "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port), *flags,
     ]  # fmt: skip
 
 
-def start_benchmark_server(model_dir: Path, *flags: str, name: str, workdir: Path) -> ServerProcess:
+def start_benchmark_server(
+    model_dir: Path | None, *flags: str, name: str, workdir: Path, repository: Path | None = None
+) -> ServerProcess:
     """costserve as the benchmarks run it: /metrics on, :data:`BENCHMARK_FLAGS`, its log kept in ``workdir``.
 
+    It serves ``model_dir``, or with ``repository`` that model repository (``model_dir`` None).
     Returns once its ports are bound (call :meth:`ServerProcess.wait_serving` before measuring).
     """
-    return start_costserve(model_dir, *BENCHMARK_FLAGS, *flags, name=name, workdir=workdir, metrics=True)
+    return start_costserve(
+        model_dir, *BENCHMARK_FLAGS, *flags, name=name, workdir=workdir, metrics=True, repository=repository
+    )
 
 
 def start_ceiling(workdir: Path | None = None, response_file: Path | None = None) -> ServerProcess:
@@ -229,7 +249,7 @@ def start_ceiling(workdir: Path | None = None, response_file: Path | None = None
 
 def ensure_model(model_dir: Path) -> None:
     """Train the default model into ``model_dir`` when it holds no version (about 20 s)."""
-    from costserve.server.model_store import latest_version_dir
+    from costserve.server.repository.store import latest_version_dir
 
     if latest_version_dir(model_dir) is not None:
         return

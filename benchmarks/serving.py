@@ -19,7 +19,17 @@
 4. fills the cache of a fresh server (default size) with distinct images and reads
    its peak memory (``VmHWM``), and checks that a 1,000-entry cache stays at 1,000
    under 5,000 distinct inputs;
-5. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
+5. the realistic model (:mod:`benchmarks.realistic`): a MobileNetV2 at 96x96x3 with random
+   weights, built and imported with ``costserve-server import`` into a temporary
+   repository before anything is measured, then served by two more costserve processes
+   (``--model-repository``, ``--max-batch-size 32`` and ``1``) and saturated like the
+   digits, fp32 and int8, alternating with the same ceiling, on one 96x96x3 raw-pixel
+   image: what batching and int8 buy where inference, not request handling, dominates;
+6. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
+
+``--only digits`` (steps 1-4) or ``--only realistic`` (step 5, with a ceiling of its own)
+measures one part, written to ``benchmarks/out/RESULTS-<part>.md`` unless ``--output``
+says otherwise; ``--quick`` alone measures the digits only.
 
 Every server is stopped in ``finally``; every load loop is bounded in time (and,
 with ``--requests``, in requests). h2load only sees HTTP/2 status 200, so every
@@ -36,9 +46,9 @@ have modules of their own: :mod:`benchmarks.launch` (server processes),
 
 ::
 
-    python -m benchmarks.serving [--quick] [--output PATH] [--duration S | --requests N]
-                                 [--rounds N] [--tool auto|h2load|python] [--model-dir DIR]
-                                 [--json PATH] [--profile]
+    python -m benchmarks.serving [--quick] [--only digits|realistic] [--output PATH]
+                                 [--duration S | --requests N] [--rounds N] [--tool auto|h2load|python]
+                                 [--model-dir DIR] [--json PATH] [--profile]
 """
 
 from __future__ import annotations
@@ -64,7 +74,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from benchmarks import procstats
+from benchmarks import procstats, realistic
 from benchmarks.h2load import grpc_frame, h2load_version, run_h2load
 from benchmarks.launch import (
     DEFAULT_MODEL_DIR,
@@ -93,6 +103,8 @@ from costserve.loadtest.samples import percentile
 from costserve.v1 import classifier_pb2 as pb
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
+#: Where a run of one part (``--only``) writes by default: beside the profiles, not over the whole report.
+PARTIAL_OUTPUT = str(REPO_ROOT / "benchmarks" / "out" / "RESULTS-{part}.md")
 
 # Targets from the issue. Never lowered: a miss is reported as a miss.
 TARGET_FP32 = 0.60
@@ -108,6 +120,10 @@ TARGET_IDLE_CPU = 0.005
 #: Wait after the last request before idle CPU is measured, in seconds.
 IDLE_SETTLE_S = 2.0
 IMAGES_PER_FILL_REQUEST = 64
+#: The parts of the benchmark (``--only``): the default digits model, and the realistic model.
+PARTS = ("digits", "realistic")
+#: --max-batch-size of the realistic model's server with batching on.
+REALISTIC_MAX_BATCH = 32
 
 
 # --------------------------------------------------------------------------- options
@@ -129,11 +145,24 @@ class Plan:
     fill_time_limit_s: float
     idle_s: float
     tool: str
+    #: What is measured: "digits" (the default model, and everything above), "realistic" (MobileNetV2).
+    parts: tuple[str, ...] = PARTS
+    realistic_rounds: int = 3
+    realistic_duration_s: float = 5.0
+    realistic_warmup_s: float = 2.0
+    #: Random held-out images the realistic model is imported with (they also calibrate int8).
+    realistic_holdout: int = 100
+    realistic_alpha: float = realistic.ALPHA
 
     @property
     def shape(self) -> LoadShape:
         """How each saturation run loads a server."""
         return LoadShape(self.streams, self.duration_s, self.warmup_s, self.requests)
+
+    @property
+    def realistic_shape(self) -> LoadShape:
+        """How each saturation run loads a server of the realistic model: for a duration, never a request count."""
+        return LoadShape(self.streams, self.realistic_duration_s, self.realistic_warmup_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,20 +173,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="short runs (a smoke test of the benchmark itself)")
     parser.add_argument(
-        "--output", type=Path, default=DEFAULT_OUTPUT, help=f"markdown report (default {DEFAULT_OUTPUT})"
+        "--output",
+        type=Path,
+        default=None,
+        help=f"markdown report (default {DEFAULT_OUTPUT}; with --only, benchmarks/out/RESULTS-<part>.md, so that a "
+        "partial run never rewrites the whole report)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write every figure as JSON to this path")
     parser.add_argument(
-        "--duration", type=float, default=None, help="seconds measured per saturation run (default 4, quick 1)"
+        "--only",
+        choices=PARTS,
+        default=None,
+        help="measure one part: digits (the default model: saturation, one stream, memory, idle CPU) or realistic "
+        "(a MobileNetV2 at 96x96x3 imported into a repository: fp32/int8, batching on/off). Default: both; "
+        "with --quick, digits only",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds measured per saturation run (default 4, quick 1; realistic model 5, quick 2)",
     )
     parser.add_argument(
         "--requests",
         type=int,
         default=None,
-        help="requests per saturation run instead of a duration (time still bounded)",
+        help="requests per saturation run instead of a duration (time still bounded; digits only)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=None, help="alternating ceiling/costserve rounds (default 5, quick 1)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="alternating ceiling/costserve rounds (default 5, quick 1; realistic model 3, quick 1)",
     )
     parser.add_argument("--streams", type=int, default=64, help="concurrent streams on the one connection (default 64)")
     parser.add_argument(
@@ -212,6 +259,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         fill_time_limit_s=60.0 if quick else 900.0,
         idle_s=3.0 if quick else 30.0,
         tool=tool,
+        parts=(args.only,) if args.only else ("digits",) if quick else PARTS,
+        realistic_rounds=args.rounds or (1 if quick else 3),
+        realistic_duration_s=args.duration or (2.0 if quick else 5.0),
+        realistic_warmup_s=1.0 if quick else 2.0,
+        realistic_holdout=16 if quick else 100,
     )
 
 
@@ -224,7 +276,12 @@ class Scenario:
     title: str
     precision: int
     skip_cache: bool
-    server: str  # "default" or "nobatch"
+    server: str  # "default" or "nobatch"; the realistic model's "realistic" or "realistic-nobatch"
+
+    @property
+    def batching_off(self) -> bool:
+        """Whether its server runs with ``--max-batch-size 1``."""
+        return self.server.endswith("nobatch")
 
 
 SCENARIOS = (
@@ -232,6 +289,17 @@ SCENARIOS = (
     Scenario("int8", "int8, cache bypassed", pb.PRECISION_INT8, True, "default"),
     Scenario("hits", "cache hits (fp32)", pb.PRECISION_FP32, False, "default"),
     Scenario("fp32_nobatch", "fp32, cache bypassed, batching off", pb.PRECISION_FP32, True, "nobatch"),
+)
+#: The realistic model's runs: fp32 and int8, batching on (up to 32) and off, cache bypassed.
+REALISTIC_SCENARIOS = (
+    Scenario("mobilenet_fp32", "MobileNetV2 96x96x3 fp32, batching on", pb.PRECISION_FP32, True, "realistic"),
+    Scenario("mobilenet_int8", "MobileNetV2 96x96x3 int8, batching on", pb.PRECISION_INT8, True, "realistic"),
+    Scenario(
+        "mobilenet_fp32_nobatch", "MobileNetV2 96x96x3 fp32, batching off", pb.PRECISION_FP32, True, "realistic-nobatch"
+    ),
+    Scenario(
+        "mobilenet_int8_nobatch", "MobileNetV2 96x96x3 int8, batching off", pb.PRECISION_INT8, True, "realistic-nobatch"
+    ),
 )
 
 
@@ -335,10 +403,12 @@ def saturate(
     return result
 
 
-def sanity_check(servers: dict[str, ServerProcess], bodies: dict[str, bytes]) -> dict[str, Any]:
+def sanity_check(
+    servers: dict[str, ServerProcess], bodies: dict[str, bytes], scenarios: Sequence[Scenario] = SCENARIOS
+) -> dict[str, Any]:
     """One call per (server, request) through a Python channel: the bytes h2load sends get a real OK answer."""
     facts: dict[str, Any] = {}
-    for scenario in SCENARIOS:
+    for scenario in scenarios:
         body = bodies[scenario.key]
         reply = check_answer(servers[scenario.server], scenario, body)
         ceiling_reply = pb.PredictResponse.FromString(call_raw(servers["ceiling"].target, body))
@@ -362,8 +432,11 @@ def check_answer(server: ServerProcess, scenario: Scenario, body: bytes) -> pb.P
         problems.append(f"answered {len(reply.predictions)} predictions in precision {prediction.precision}")
     if prediction.cache_hit == scenario.skip_cache:
         problems.append(f"cache_hit={prediction.cache_hit} with skip_cache={scenario.skip_cache}")
-    if scenario.server == "nobatch" and prediction.batch_size != 1:
+    if scenario.batching_off and prediction.batch_size != 1:
         problems.append(f"batch_size {prediction.batch_size} with batching off")
+    asked_for = pb.PredictRequest.FromString(body).model_name
+    if asked_for and reply.model_name != asked_for:
+        problems.append(f"model {reply.model_name!r} answered a request for {asked_for!r}")
     probabilities = list(prediction.probabilities)
     if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or prediction.label != int(np.argmax(probabilities)):
         problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
@@ -373,12 +446,24 @@ def check_answer(server: ServerProcess, scenario: Scenario, body: bytes) -> pb.P
 
 
 def measure_saturation(
-    servers: dict[str, ServerProcess], bodies: dict[str, bytes], body_files: dict[str, Path], plan: Plan, workdir: Path
+    servers: dict[str, ServerProcess],
+    bodies: dict[str, bytes],
+    body_files: dict[str, Path],
+    plan: Plan,
+    workdir: Path,
+    scenarios: Sequence[Scenario] = SCENARIOS,
+    shape: LoadShape | None = None,
+    rounds: int | None = None,
 ) -> dict[str, Measured]:
-    """Alternate ceiling and costserve on each request, ``plan.rounds`` times."""
-    measured = {scenario.key: Measured(scenario) for scenario in SCENARIOS}
-    for round_index in range(plan.rounds):
-        for scenario in SCENARIOS:
+    """Alternate ceiling and costserve on each request, ``rounds`` times (default ``plan.rounds``).
+
+    Each run loads a server as ``shape`` says (default ``plan.shape``).
+    """
+    shape = shape or plan.shape
+    rounds = rounds or plan.rounds
+    measured = {scenario.key: Measured(scenario) for scenario in scenarios}
+    for round_index in range(rounds):
+        for scenario in scenarios:
             server = servers[scenario.server]
             precision = "int8" if scenario.precision == pb.PRECISION_INT8 else "fp32"
             order = ("ceiling", "costserve") if round_index % 2 == 0 else ("costserve", "ceiling")
@@ -387,17 +472,17 @@ def measure_saturation(
                 log_path = workdir / f"h2load-{scenario.key}-{who}-{round_index}.log"
                 if who == "ceiling":
                     ceiling = servers["ceiling"]
-                    result = saturate(ceiling.target, body, body_file, plan.shape, plan.tool, log_path, ceiling.pid)
+                    result = saturate(ceiling.target, body, body_file, shape, plan.tool, log_path, ceiling.pid)
                     measured[scenario.key].ceiling.append(result)
                 else:
                     verifier = Verifier(server)
-                    result = saturate(server.target, body, body_file, plan.shape, plan.tool, log_path, server.pid)
+                    result = saturate(server.target, body, body_file, shape, plan.tool, log_path, server.pid)
                     mean_batch, hit_share = verifier.check(result, precision)
                     measured[scenario.key].costserve.append(result)
                     measured[scenario.key].mean_batch.append(mean_batch)
                     measured[scenario.key].cache_hit_share.append(hit_share)
                 print(
-                    f"  round {round_index + 1}/{plan.rounds} {scenario.key:<13} {who:<9} "
+                    f"  round {round_index + 1}/{rounds} {scenario.key:<13} {who:<9} "
                     f"{result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
                     f"CPU/req loop {result.loop_cpu_us:5.0f} us, process {result.process_cpu_us:5.0f} us  "
                     f"({result.succeeded} ok, {result.errors} errors)",
@@ -417,7 +502,9 @@ def one_stream_latency(
     }
     deadline = time.monotonic() + 60 + requests * 0.02
     try:
-        calls = {name: channel.unary_unary(PREDICT) for name, channel in channels.items()}
+        calls: dict[str, grpc.UnaryUnaryMultiCallable[bytes, bytes]] = {
+            name: channel.unary_unary(PREDICT) for name, channel in channels.items()
+        }
         for call in calls.values():
             for _ in range(20):  # warm the connection and the code paths
                 call(body, timeout=30)
@@ -437,7 +524,7 @@ def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
     """Median wall time of the fp32 runtime on one image, loaded in this process as the server loads it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from costserve.server.domain import Precision
-    from costserve.server.model_store import latest_version_dir, load_model
+    from costserve.server.repository.store import latest_version_dir, load_model
     from costserve.server.runtimes import configure_tensorflow_threads
 
     version_dir = latest_version_dir(model_dir)
@@ -453,6 +540,181 @@ def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
         runtime.predict(batch)
         timings.append((time.perf_counter() - started) * 1000.0)
     return statistics.median(timings)
+
+
+# --------------------------------------------------------------------------- the realistic model
+
+#: Throughput ratios between the realistic model's runs: key -> (title, numerator, denominator scenario).
+REALISTIC_GAINS = {
+    "batching_fp32": ("fp32: batching on vs off", "mobilenet_fp32", "mobilenet_fp32_nobatch"),
+    "batching_int8": ("int8: batching on vs off", "mobilenet_int8", "mobilenet_int8_nobatch"),
+    "int8_batching_on": ("int8 vs fp32, batching on", "mobilenet_int8", "mobilenet_fp32"),
+    "int8_batching_off": ("int8 vs fp32, batching off", "mobilenet_int8_nobatch", "mobilenet_fp32_nobatch"),
+    "both": ("int8 with batching vs fp32 without", "mobilenet_int8", "mobilenet_fp32_nobatch"),
+}
+
+
+def prepare_realistic(plan: Plan, workdir: Path) -> realistic.ImportedModel:
+    """Build the MobileNetV2 and import it with ``costserve-server import`` into a repository under ``workdir``."""
+    print(
+        f"realistic model: building MobileNetV2 (alpha {plan.realistic_alpha:g}, 96x96x3, random weights) and "
+        f"importing it with costserve-server import ({plan.realistic_holdout} random held-out images) ...",
+        flush=True,
+    )
+    model = realistic.prepare_repository(workdir, plan.realistic_holdout, plan.realistic_alpha)
+    print(f"  built in {model.build_s:.0f} s, imported in {model.import_s:.0f} s: {model.version_dir}", flush=True)
+    return model
+
+
+def measure_realistic(
+    model: realistic.ImportedModel, plan: Plan, workdir: Path, ceiling: ServerProcess | None
+) -> dict[str, Any]:
+    """The realistic model served from its repository, batching on and off, fp32 and int8, against the ceiling.
+
+    ``ceiling`` is the one the digits were measured against; without it (``--only realistic``)
+    one is started here, answering with costserve's answer for the realistic request.
+    """
+    with contextlib.ExitStack() as stack:
+        print(f"starting costserve --model-repository (--max-batch-size {REALISTIC_MAX_BATCH}, and 1) ...", flush=True)
+        batched = stack.enter_context(
+            start_benchmark_server(
+                None, "--max-batch-size", str(REALISTIC_MAX_BATCH),
+                name="costserve-mobilenet", workdir=workdir, repository=model.repository,
+            )
+        )  # fmt: skip
+        unbatched = stack.enter_context(
+            start_benchmark_server(
+                None, "--max-batch-size", "1",
+                name="costserve-mobilenet-nobatch", workdir=workdir, repository=model.repository,
+            )
+        )  # fmt: skip
+        batched.wait_serving()
+        unbatched.wait_serving()
+        if ceiling is None:
+            answer = workdir / "realistic-answer.bin"
+            answer.write_bytes(call_raw(batched.target, realistic.request_bytes(pb.PRECISION_FP32)))
+            ceiling = stack.enter_context(start_ceiling(workdir, answer))
+        servers = {"realistic": batched, "realistic-nobatch": unbatched, "ceiling": ceiling}
+        bodies = {
+            scenario.key: realistic.request_bytes(scenario.precision, scenario.skip_cache)
+            for scenario in REALISTIC_SCENARIOS
+        }
+        body_files = {}
+        for key, body in bodies.items():
+            body_files[key] = workdir / f"{key}.grpc"
+            body_files[key].write_bytes(grpc_frame(body))
+        sizes = sanity_check(servers, bodies, REALISTIC_SCENARIOS)
+        print(
+            f"realistic model saturation: {plan.realistic_rounds} round(s), {plan.streams} streams, "
+            f"{plan.realistic_duration_s:g} s after {plan.realistic_warmup_s:g} s warm-up",
+            flush=True,
+        )
+        measured = measure_saturation(
+            servers, bodies, body_files, plan, workdir,
+            REALISTIC_SCENARIOS, plan.realistic_shape, plan.realistic_rounds,
+        )  # fmt: skip
+        peak_memory = {
+            "batching_on": procstats.memory(batched.pid).get("VmHWM", 0),
+            "batching_off": procstats.memory(unbatched.pid).get("VmHWM", 0),
+        }
+    metadata = model.metadata
+    return {
+        "model": {
+            "name": realistic.MODEL_NAME,
+            "alpha": plan.realistic_alpha,
+            "input_shape": metadata.get("input_shape"),
+            "version": metadata.get("version"),
+            "holdout_examples": metadata.get("holdout_examples"),
+            "int8_agreement": metadata.get("int8_agreement"),
+            "variants": metadata.get("variants", {}),
+            "build_s": model.build_s,
+            "import_s": model.import_s,
+        },
+        "max_batch_size": REALISTIC_MAX_BATCH,
+        "sizes": sizes,
+        "saturation": {key: value.summary() for key, value in measured.items()},
+        "gains": realistic_gains(measured),
+        "vmhwm_bytes": peak_memory,
+    }
+
+
+def realistic_gains(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
+    """Each of :data:`REALISTIC_GAINS`: the ratio of costserve's req/s in each round, and their median."""
+    gains = {}
+    for key, (title, numerator, denominator) in REALISTIC_GAINS.items():
+        ratios = [
+            mine.rps / other.rps
+            for mine, other in zip(measured[numerator].costserve, measured[denominator].costserve)
+            if other.rps > 0
+        ]
+        gains[key] = {"title": title, "median": statistics.median(ratios) if ratios else float("nan"), "rounds": ratios}
+    return gains
+
+
+def realistic_findings(figures: dict[str, Any], streams: int, digits: dict[str, Any] | None = None) -> list[str]:
+    """What batching and int8 buy on the realistic model, in words, from the measured figures.
+
+    ``digits`` is the digits model's saturation figures of the same run, when measured.
+    """
+    saturation, gains = figures["saturation"], figures["gains"]
+
+    def rps(key: str) -> str:
+        return f"{saturation[key]['costserve_rps']:.0f} req/s"
+
+    def p50_p99(key: str) -> str:
+        return f"{saturation[key]['p50_ms']:.0f} / {saturation[key]['p99_ms']:.0f} ms"
+
+    def times(key: str) -> str:
+        return f"{gains[key]['median']:.2f}x"
+
+    lines = [
+        f"- **Batching** (up to {figures['max_batch_size']} images per runtime call, against "
+        f"`--max-batch-size 1`) gives fp32 {times('batching_fp32')} the throughput "
+        f"({rps('mobilenet_fp32')} against {rps('mobilenet_fp32_nobatch')}) and int8 {times('batching_int8')} "
+        f"({rps('mobilenet_int8')} against {rps('mobilenet_int8_nobatch')}). With {streams} requests always in "
+        f"flight, latency follows throughput: fp32 p50 / p99 {p50_p99('mobilenet_fp32')} with batching, "
+        f"{p50_p99('mobilenet_fp32_nobatch')} without.",
+        f"- **int8** gives {times('int8_batching_on')} fp32's throughput with batching on and "
+        f"{times('int8_batching_off')} with it off; p50 / p99 {p50_p99('mobilenet_int8')} (batched) against fp32's "
+        f"{p50_p99('mobilenet_fp32')}.",
+        f"- **Both together** (int8 batched against fp32 one image per call): {times('both')}.",
+    ]
+    runtime = []
+    for name, variant in figures["model"]["variants"].items():
+        alone, batched = variant.get("latency_ms_batch_1", 0.0), variant.get("latency_ms_per_image_max_batch", 0.0)
+        if alone > 0 and batched > 0:
+            served = gains.get(f"batching_{name}", {}).get("median")
+            runtime.append(
+                f"{name} {alone:.2f} ms per image alone and {batched:.2f} ms in a full batch, at most "
+                f"{1000 / alone:.0f} and {1000 / batched:.0f} images/s on one thread: batching is worth "
+                f"{alone / batched:.2f}x to the runtime alone"
+                + (f" and {served:.2f}x served" if served is not None else "")
+            )
+    if runtime:
+        lines.append(
+            "- The runtime by itself, as the import measured it (one process, no requests, no gRPC): "
+            + "; ".join(runtime)
+            + ". Served, a batch also shares each runtime call's hand-offs and wake-ups among its requests."
+        )
+    best = max(saturation[key]["ratio"] for key in saturation)
+    loop_shares = [
+        f"{100 * saturation[key]['loop_cpu_us'] / saturation[key]['process_cpu_us']:.0f}% {label}"
+        for key, label in (("mobilenet_fp32", "with fp32"), ("mobilenet_int8", "with int8"))
+        if saturation[key]["process_cpu_us"] > 0  # NaN when not measured: the comparison is False
+    ]
+    lines.append(
+        f"- Against the ceiling: {100 * best:.1f}% of its req/s at best"
+        + (f" (the digits model's fp32: {100 * digits['fp32']['ratio']:.1f}%)" if digits else "")
+        + "."
+        + (
+            " Of costserve's CPU per request with batching on, the event loop, where requests are handled, took "
+            + " and ".join(loop_shares)
+            + "; the rest is inference (and gRPC's I/O threads)."
+            if loop_shares
+            else ""
+        )
+    )
+    return lines
 
 
 # --------------------------------------------------------------------------- memory and cache bound
@@ -645,7 +907,51 @@ def summarize_profile(raw: Path, top: int = 8) -> dict[str, Any]:
 
 
 def build_rows(results: dict[str, Any]) -> list[dict[str, str]]:
-    """The table: one row per target (and the batching-off figure it is computed from)."""
+    """The table: the digits model's rows, then the realistic model's (each part when it was measured)."""
+    rows = digits_rows(results) if "saturation" in results else []
+    if "realistic" in results:
+        rows += realistic_rows(results["realistic"], results["plan"]["streams"])
+    return rows
+
+
+def realistic_rows(figures: dict[str, Any], streams: int) -> list[dict[str, str]]:
+    """The realistic model's rows: each run against the ceiling, then what batching and int8 multiply."""
+    saturation = figures["saturation"]
+    rows = [
+        {
+            "row": saturation[scenario.key]["title"],
+            "measured": f"{100 * saturation[scenario.key]['ratio']:.1f}% of ceiling",
+            "target": "stated",
+            "result": "-",
+            "costserve": f"{saturation[scenario.key]['costserve_rps']:.0f} req/s",
+            "ceiling": f"{saturation[scenario.key]['ceiling_rps']:.0f} req/s",
+            "p50": f"{saturation[scenario.key]['p50_ms']:.2f}",
+            "p99": f"{saturation[scenario.key]['p99_ms']:.2f}",
+        }
+        for scenario in REALISTIC_SCENARIOS
+    ]
+    for key in ("batching_fp32", "batching_int8", "int8_batching_on", "int8_batching_off"):
+        title, numerator, denominator = REALISTIC_GAINS[key]
+        rows.append(
+            {
+                "row": f"MobileNetV2 {title} ({streams} streams)",
+                "measured": f"{figures['gains'][key]['median']:.2f}x",
+                "target": "stated",
+                "result": "-",
+                "costserve": (
+                    f"{saturation[numerator]['costserve_rps']:.0f} vs {saturation[denominator]['costserve_rps']:.0f} "
+                    "req/s"
+                ),
+                "ceiling": "-",
+                "p50": "-",
+                "p99": "-",
+            }
+        )
+    return rows
+
+
+def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The digits model's rows: one per target (and the batching-off figure it is computed from)."""
     saturation = results["saturation"]
     rows = []
 
@@ -748,21 +1054,37 @@ def render_table(rows: list[dict[str, str]]) -> str:
 
 
 def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: str) -> str:
-    """The whole RESULTS.md."""
+    """The whole RESULTS.md: the table, then a section per part measured, the machine, the notes kept."""
     plan = results["plan"]
     machine_info = results["machine"]
-    saturation = results["saturation"]
-    latency = results["one_stream"]
-    memory = results["memory"]
-    full, small = memory["default_cache"], memory["small_cache"]
-    sizes = results["sizes"]["fp32"]
+    # Per part measured: (name, rounds, seconds measured per run, warm-up seconds).
+    parts = []
+    if "saturation" in results:
+        parts.append(("digits model", plan["rounds"], plan["duration_s"], plan["warmup_s"]))
+    if "realistic" in results:
+        parts.append(
+            ("realistic model", plan["realistic_rounds"], plan["realistic_duration_s"], plan["realistic_warmup_s"])
+        )
+
+    def per_part(text: str) -> str:  # text.format(rounds=, duration=, warmup=, warmup_ms=), per part if two
+        figures = [
+            (
+                name,
+                text.format(
+                    rounds=rounds, duration=f"{duration:g}", warmup=f"{warmup:g}", warmup_ms=int(warmup * 1000)
+                ),
+            )
+            for name, rounds, duration, warmup in parts
+        ]
+        return figures[0][1] if len(figures) == 1 else "; ".join(f"{value} ({name})" for name, value in figures)
+
     if plan["tool"] == "h2load":
         tool = (
             f"`{results['tool_version']}`: `h2load -c 1 -t 1 -m {plan['streams']}` "
             + (
-                f"`-n {plan['requests']}`"
+                f"`-n {plan['requests']}` (digits model)"
                 if plan["requests"]
-                else f"`-D {plan['duration_s']:g}` after `--warm-up-time {int(plan['warmup_s'] * 1000)}ms`"
+                else per_part("`-D {duration}` after `--warm-up-time {warmup_ms}ms`")
             )
             + " per run, posting one gRPC-framed `PredictRequest` (`-d`)"
         )
@@ -770,8 +1092,7 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         tool = (
             f"the Python `grpc.aio` client of this benchmark "
             f"({'h2load was not found' if not shutil.which('h2load') else 'chosen with --tool python'}): one channel, "
-            f"{plan['streams']} concurrent calls, {plan['duration_s']:g} s per run after {plan['warmup_s']:g} s "
-            "warm-up. "
+            f"{plan['streams']} concurrent calls, " + per_part("{duration} s per run after {warmup} s warm-up") + ". "
             "A Python client is slower than h2load and shares the two cores, so these ratios flatter the server"
         )
     lines = [
@@ -785,86 +1106,25 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         "## Results",
         "",
         f"One server process, one client on the same machine, one HTTP/2 connection with {plan['streams']} "
-        "concurrent streams. Throughput is the median over "
-        f"{plan['rounds']} round(s) of costserve's req/s divided by the ceiling's req/s measured in the same round on "
-        "the same request bytes; p50/p99 are the client's per-request latencies at that load, in ms.",
+        f"concurrent streams. Throughput is the median over {per_part('{rounds} round(s)')} of costserve's req/s "
+        "divided by "
+        "the ceiling's req/s measured in the same round on the same request bytes; p50/p99 are the client's "
+        "per-request latencies at that load, in ms.",
         "",
         render_table(rows),
         "",
         f"- Load tool: {tool}.",
-        "- Ceiling: `benchmarks/ceiling.py`, a minimal `grpc.aio` server (same channel options as costserve) answering "
-        "`Predict` with a fixed response: costserve's own answer for this image "
-        f"({sizes['ceiling_response_bytes']} bytes; costserve's answer {sizes['costserve_response_bytes']} bytes; "
-        f"request {sizes['request_bytes']} bytes).",
-        "- Request: one 28x28 uint8 raw-pixel image (`examples/digits/digit_7.png`); \"cache bypassed\" sets "
-        "`skip_cache=true`, so every request is computed; the cache-hit row sends the same image without it, after one "
-        "warming request.",
         "- Every answer counted is a gRPC OK: a Python call with the same bytes was checked first (label, precision, "
-        "cache_hit, batch size), and after each run costserve's `costserve_requests_total{code=\"OK\"}` had grown "
+        'cache_hit, batch size), and after each run costserve\'s `costserve_requests_total{code="OK"}` had grown '
         "by at least the client's count with no error status (streams still open when the tool stops are "
         "CANCELLED, not errors).",
         "",
-        "### Per scenario",
-        "",
-        markdown_table(
-            [
-                "scenario", "costserve req/s", "ceiling req/s", "% of ceiling per round", "mean batch", "cache hits",
-                "costserve p50 / p99 ms", "ceiling p50 / p99 ms", "event-loop CPU per request, costserve / ceiling",
-                "process CPU per request, costserve / ceiling",
-            ],
-            [
-                [
-                    figures["title"],
-                    f"{figures['costserve_rps']:.0f}",
-                    f"{figures['ceiling_rps']:.0f}",
-                    ", ".join(f"{100 * ratio:.1f}" for ratio in figures["ratios"]),
-                    fmt(figures["mean_batch"], ".1f"),
-                    f"{100 * figures['cache_hit_share']:.0f}%",
-                    f"{figures['p50_ms']:.2f} / {figures['p99_ms']:.2f}",
-                    f"{figures['ceiling_p50_ms']:.2f} / {figures['ceiling_p99_ms']:.2f}",
-                    f"{fmt(figures['loop_cpu_us'], '.0f')} / {fmt(figures['ceiling_loop_cpu_us'], '.0f')} us",
-                    f"{fmt(figures['process_cpu_us'], '.0f')} / {fmt(figures['ceiling_process_cpu_us'], '.0f')} us",
-                ]
-                for figures in saturation.values()
-            ],
-        ),
-    ]  # fmt: skip
-    lines += [
-        "",
-        "CPU per request is the server's CPU time (from `/proc/PID/task/*/stat`) over the steady middle of each run "
-        "divided by the requests answered in it (median over rounds): the event-loop thread is where every request's "
-        "Python runs, the process figure adds gRPC's I/O threads and, for costserve, inference. It drifts far less "
-        "than req/s on a shared machine.",
-        "",
-        "### One stream",
-        "",
-        f"{latency['requests']} sequential calls each with the sync Python client (alternating blocks), fp32 with the "
-        "cache bypassed:",
-        "",
-        f"- ceiling p50 {latency['ceiling_p50_ms']:.3f} ms (p99 {latency['ceiling_p99_ms']:.3f} ms)",
-        f"- runtime batch-of-1 fp32 inference, median of {latency['inference_calls']} calls in the benchmark process: "
-        f"{latency['inference_ms']:.3f} ms",
-        f"- bound = {latency['ceiling_p50_ms']:.3f} + {latency['inference_ms']:.3f} + {LATENCY_ALLOWANCE_MS} = "
-        f"{latency['bound_ms']:.3f} ms",
-        f"- costserve p50 {latency['costserve_p50_ms']:.3f} ms (p99 {latency['costserve_p99_ms']:.3f} ms): "
-        f"**{verdict(latency['costserve_p50_ms'] <= latency['bound_ms'])}**",
-        "",
-        "### Memory and the cache bound",
-        "",
-        f"- A fresh server with the default cache ({full['capacity']:,} entries) was sent {full['images_sent']:,} "
-        f"distinct random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
-        f"{full['seconds']:.0f} s: {full['entries']:,} entries at the end, at most {full['most_entries_seen']:,} seen "
-        f"(polled every 0.25 s), {full['evictions']:,} evictions.",
-        f"- Peak memory (VmHWM) {full['vmhwm_bytes'] / 2**20:.0f} MiB with the cache "
-        f"{'full' if full['full'] else 'partly filled (quick run)'}; "
-        f"it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB when the server was warm with an empty cache "
-        f"(RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
-        f"{full['vmrss_bytes'] / 2**20:.0f} MiB after).",
-        f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: "
-        f"{small['entries']:,} entries, at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
-        "",
-        *machine_section(machine_info, "client and servers"),
     ]
+    if "saturation" in results:
+        lines += digits_sections(results)
+    if "realistic" in results:
+        lines += realistic_section(results["realistic"], plan, results.get("saturation"))
+    lines += machine_section(machine_info, "client and servers")
     if results.get("profile"):
         lines += [
             "## Profile of this run",
@@ -887,14 +1147,200 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
     return "\n".join(lines)
 
 
+def scenario_table(saturation: dict[str, dict[str, Any]]) -> str:
+    """The per-scenario table: req/s of both servers, each round's ratio, batch, hits, latency, CPU per request."""
+    return markdown_table(
+        [
+            "scenario", "costserve req/s", "ceiling req/s", "% of ceiling per round", "mean batch", "cache hits",
+            "costserve p50 / p99 ms", "ceiling p50 / p99 ms", "event-loop CPU per request, costserve / ceiling",
+            "process CPU per request, costserve / ceiling",
+        ],
+        [
+            [
+                figures["title"],
+                f"{figures['costserve_rps']:.0f}",
+                f"{figures['ceiling_rps']:.0f}",
+                ", ".join(f"{100 * ratio:.1f}" for ratio in figures["ratios"]),
+                fmt(figures["mean_batch"], ".1f"),
+                f"{100 * figures['cache_hit_share']:.0f}%",
+                f"{figures['p50_ms']:.2f} / {figures['p99_ms']:.2f}",
+                f"{figures['ceiling_p50_ms']:.2f} / {figures['ceiling_p99_ms']:.2f}",
+                f"{fmt(figures['loop_cpu_us'], '.0f')} / {fmt(figures['ceiling_loop_cpu_us'], '.0f')} us",
+                f"{fmt(figures['process_cpu_us'], '.0f')} / {fmt(figures['ceiling_process_cpu_us'], '.0f')} us",
+            ]
+            for figures in saturation.values()
+        ],
+    )  # fmt: skip
+
+
+def digits_sections(results: dict[str, Any]) -> list[str]:
+    """The digits model's sections: its request and ceiling, per scenario, one stream, memory and the cache bound."""
+    saturation = results["saturation"]
+    latency = results["one_stream"]
+    memory = results["memory"]
+    full, small = memory["default_cache"], memory["small_cache"]
+    sizes = results["sizes"]["fp32"]
+    lines = [
+        "### The digits model",
+        "",
+        "- Ceiling: `benchmarks/ceiling.py`, a minimal `grpc.aio` server (same channel options as costserve) answering "
+        "`Predict` with a fixed response: costserve's own answer for this image "
+        f"({sizes['ceiling_response_bytes']} bytes; costserve's answer {sizes['costserve_response_bytes']} bytes; "
+        f"request {sizes['request_bytes']} bytes).",
+        '- Request: one 28x28 uint8 raw-pixel image (`examples/digits/digit_7.png`); "cache bypassed" sets '
+        "`skip_cache=true`, so every request is computed; the cache-hit row sends the same image without it, after one "
+        "warming request.",
+        "",
+        "#### Per scenario",
+        "",
+        scenario_table(saturation),
+    ]
+    lines += [
+        "",
+        "CPU per request is the server's CPU time (from `/proc/PID/task/*/stat`) over the steady middle of each run "
+        "divided by the requests answered in it (median over rounds): the event-loop thread is where every request's "
+        "Python runs, the process figure adds gRPC's I/O threads and, for costserve, inference. It drifts far less "
+        "than req/s on a shared machine.",
+        "",
+        "#### One stream",
+        "",
+        f"{latency['requests']} sequential calls each with the sync Python client (alternating blocks), fp32 with the "
+        "cache bypassed:",
+        "",
+        f"- ceiling p50 {latency['ceiling_p50_ms']:.3f} ms (p99 {latency['ceiling_p99_ms']:.3f} ms)",
+        f"- runtime batch-of-1 fp32 inference, median of {latency['inference_calls']} calls in the benchmark process: "
+        f"{latency['inference_ms']:.3f} ms",
+        f"- bound = {latency['ceiling_p50_ms']:.3f} + {latency['inference_ms']:.3f} + {LATENCY_ALLOWANCE_MS} = "
+        f"{latency['bound_ms']:.3f} ms",
+        f"- costserve p50 {latency['costserve_p50_ms']:.3f} ms (p99 {latency['costserve_p99_ms']:.3f} ms): "
+        f"**{verdict(latency['costserve_p50_ms'] <= latency['bound_ms'])}**",
+        "",
+        "#### Memory and the cache bound",
+        "",
+        f"- A fresh server with the default cache ({full['capacity']:,} entries) was sent {full['images_sent']:,} "
+        f"distinct random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
+        f"{full['seconds']:.0f} s: {full['entries']:,} entries at the end, at most {full['most_entries_seen']:,} seen "
+        f"(polled every 0.25 s), {full['evictions']:,} evictions.",
+        f"- Peak memory (VmHWM) {full['vmhwm_bytes'] / 2**20:.0f} MiB with the cache "
+        f"{'full' if full['full'] else 'partly filled (quick run)'}; "
+        f"it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB when the server was warm with an empty cache "
+        f"(RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
+        f"{full['vmrss_bytes'] / 2**20:.0f} MiB after).",
+        f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: "
+        f"{small['entries']:,} entries, at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
+        "",
+    ]
+    return lines
+
+
+def realistic_section(figures: dict[str, Any], plan: dict[str, Any], digits: dict[str, Any] | None) -> list[str]:
+    """The realistic model's section: the model, how it was served, per scenario, and what batching and int8 buy."""
+    model = figures["model"]
+    sizes = figures["sizes"]["mobilenet_fp32"]
+    variants = model["variants"]
+    accuracy = ", ".join(f"{name} {fmt(variant.get('accuracy'), '.2f')}" for name, variant in variants.items())
+    sizes_text = ", ".join(
+        f"{name} {variant.get('size_bytes', 0) / 2**20:.1f} MiB" for name, variant in variants.items()
+    )
+    memory = figures["vmhwm_bytes"]
+    return [
+        "### The realistic model: MobileNetV2 at 96x96x3",
+        "",
+        f"- Model: `tf.keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha={model['alpha']:g}, "
+        "weights=None, classes=10)`, random weights (batch-norm statistics set from one batch of random images), "
+        f"saved as `.keras` and imported by `costserve-server import` into a temporary repository (built in "
+        f"{model['build_s']:.0f} s, imported in {model['import_s']:.0f} s) with {model['holdout_examples']} random "
+        "held-out images (they also calibrate int8) and `--max-int8-drop 100`, so int8 is always kept. Variants: "
+        f"{sizes_text}.",
+        f"- **Accuracy is meaningless here**: random weights on random images (held-out accuracy {accuracy} over "
+        "10 classes). Only speed is measured.",
+        f"- Servers: two `costserve-server serve --model-repository` processes, `--max-batch-size "
+        f"{figures['max_batch_size']}` (batching on) and `--max-batch-size 1` (off), otherwise the defaults (one "
+        f"inference thread per variant); peak memory (VmHWM) {memory['batching_on'] / 2**20:.0f} MiB and "
+        f"{memory['batching_off'] / 2**20:.0f} MiB.",
+        "- Request: one random 96x96x3 uint8 raw-pixel image naming the model, `skip_cache=true`, "
+        f"{sizes['request_bytes']} bytes (answer {sizes['costserve_response_bytes']} bytes; the ceiling's "
+        f"{sizes['ceiling_response_bytes']} bytes). Each run: {plan['realistic_duration_s']:g} s after "
+        f"{plan['realistic_warmup_s']:g} s warm-up, at {plan['streams']} streams, against "
+        + ("the same ceiling process as the digits" if digits else "the ceiling")
+        + ", alternating with it, on this request.",
+        "",
+        "#### What batching and int8 buy",
+        "",
+        *realistic_findings(figures, plan["streams"], digits),
+        "",
+        "#### Per scenario",
+        "",
+        scenario_table(figures["saturation"]),
+        "",
+        "Throughput ratios between runs of the same round, per round: "
+        + "; ".join(
+            f"{gain['title']} " + ", ".join(f"{ratio:.2f}" for ratio in gain["rounds"])
+            for gain in figures["gains"].values()
+        )
+        + ".",
+        "",
+    ]
+
+
 # --------------------------------------------------------------------------- main
 
 
+def measure_digits(
+    results: dict[str, Any], plan: Plan, model_dir: Path, workdir: Path, stack: contextlib.ExitStack[Any], profile: bool
+) -> tuple[ServerProcess, dict[str, list[float]]]:
+    """The digits model's saturation runs and one-stream calls, into ``results``; the ceiling is left running.
+
+    Returns the ceiling (entered into ``stack``) and the one-stream latencies.
+    """
+    print("starting costserve (default) and costserve (--max-batch-size 1) ...", flush=True)
+    default = stack.enter_context(start_benchmark_server(model_dir, name="costserve", workdir=workdir))
+    nobatch = stack.enter_context(
+        start_benchmark_server(model_dir, "--max-batch-size", "1", name="costserve-nobatch", workdir=workdir)
+    )
+    default.wait_serving()
+    nobatch.wait_serving()
+    # The ceiling answers with costserve's own answer for this image, so both send the same bytes.
+    answer = workdir / "answer.bin"
+    answer.write_bytes(call_raw(default.target, request_bytes(pb.PRECISION_FP32, True)))
+    ceiling = stack.enter_context(start_ceiling(workdir, answer))
+    servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
+
+    bodies = {scenario.key: request_bytes(scenario.precision, scenario.skip_cache) for scenario in SCENARIOS}
+    body_files = {}
+    for key, body in bodies.items():
+        body_files[key] = workdir / f"{key}.grpc"
+        body_files[key].write_bytes(grpc_frame(body))
+    results["sizes"] = sanity_check(servers, bodies)
+
+    print(f"saturation: {plan.rounds} round(s), {plan.streams} streams", flush=True)
+    measured = measure_saturation(servers, bodies, body_files, plan, workdir)
+    results["saturation"] = {key: value.summary() for key, value in measured.items()}
+    gains = [
+        mine.rps / off.rps
+        for mine, off in zip(measured["fp32"].costserve, measured["fp32_nobatch"].costserve)
+        if off.rps > 0
+    ]
+    results["batching_gain"] = statistics.median(gains) if gains else float("nan")
+    results["batching_gains"] = gains
+
+    print("one-stream latency ...", flush=True)
+    latencies = one_stream_latency(ceiling, default, bodies["fp32"], plan.one_stream_requests)
+    if profile:
+        print("profiling costserve under load (py-spy) ...", flush=True)
+        results["profile"] = profile_under_load(servers, bodies, body_files, plan, REPO_ROOT / "benchmarks" / "out")
+    for server in (nobatch, default):
+        server.stop()
+    return ceiling, latencies
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole benchmark; returns every figure."""
+    """The whole benchmark (the parts ``--only`` leaves in); returns every figure."""
     plan = make_plan(args)
+    digits = "digits" in plan.parts
     model_dir = args.model_dir.resolve()
-    ensure_model(model_dir)
+    if digits:
+        ensure_model(model_dir)
     results: dict[str, Any] = {
         "plan": dataclasses.asdict(plan),
         "machine": machine(),
@@ -902,47 +1348,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "code": code_version(),
     }
     results["tool_version"] = h2load_version() if plan.tool == "h2load" else "python grpc.aio"
-    print(f"load tool: {results['tool_version']}; model {model_dir}", flush=True)
+    print(
+        f"load tool: {results['tool_version']}; parts: {', '.join(plan.parts)}"
+        + (f"; digits model {model_dir}" if digits else ""),
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp, contextlib.ExitStack() as stack:
         workdir = Path(temp)
-        print("starting costserve (default) and costserve (--max-batch-size 1) ...", flush=True)
-        default = stack.enter_context(start_benchmark_server(model_dir, name="costserve", workdir=workdir))
-        nobatch = stack.enter_context(
-            start_benchmark_server(model_dir, "--max-batch-size", "1", name="costserve-nobatch", workdir=workdir)
-        )
-        default.wait_serving()
-        nobatch.wait_serving()
-        # The ceiling answers with costserve's own answer for this image, so both send the same bytes.
-        answer = workdir / "answer.bin"
-        answer.write_bytes(call_raw(default.target, request_bytes(pb.PRECISION_FP32, True)))
-        ceiling = stack.enter_context(start_ceiling(workdir, answer))
-        servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
-
-        bodies = {scenario.key: request_bytes(scenario.precision, scenario.skip_cache) for scenario in SCENARIOS}
-        body_files = {}
-        for key, body in bodies.items():
-            body_files[key] = workdir / f"{key}.grpc"
-            body_files[key].write_bytes(grpc_frame(body))
-        results["sizes"] = sanity_check(servers, bodies)
-
-        print(f"saturation: {plan.rounds} round(s), {plan.streams} streams", flush=True)
-        measured = measure_saturation(servers, bodies, body_files, plan, workdir)
-        results["saturation"] = {key: value.summary() for key, value in measured.items()}
-        gains = [
-            mine.rps / off.rps
-            for mine, off in zip(measured["fp32"].costserve, measured["fp32_nobatch"].costserve)
-            if off.rps > 0
-        ]
-        results["batching_gain"] = statistics.median(gains) if gains else float("nan")
-        results["batching_gains"] = gains
-
-        print("one-stream latency ...", flush=True)
-        latencies = one_stream_latency(ceiling, default, bodies["fp32"], plan.one_stream_requests)
-        if args.profile:
-            print("profiling costserve under load (py-spy) ...", flush=True)
-            results["profile"] = profile_under_load(servers, bodies, body_files, plan, REPO_ROOT / "benchmarks" / "out")
-        for server in (ceiling, nobatch, default):
-            server.stop()
+        # Built and imported first: the import's CPU must not overlap any measurement.
+        imported = prepare_realistic(plan, workdir / "realistic") if "realistic" in plan.parts else None
+        ceiling = None
+        if digits:
+            ceiling, latencies = measure_digits(results, plan, model_dir, workdir, stack, args.profile)
+        if imported is not None:
+            results["realistic"] = measure_realistic(imported, plan, workdir, ceiling)
+        if ceiling is not None:
+            ceiling.stop()
+    if not digits:
+        return results
 
     print("runtime batch-of-1 inference time ...", flush=True)
     inference_ms = runtime_batch1_ms(model_dir, plan.inference_calls)
@@ -987,7 +1410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table)
     print()
-    write_results(args.output, args.json, results, lambda notes: render_report(results, rows, notes))
+    output = args.output or (PARTIAL_OUTPUT.format(part=args.only) if args.only else DEFAULT_OUTPUT)
+    write_results(Path(output), args.json, results, lambda notes: render_report(results, rows, notes))
     return 0
 
 
