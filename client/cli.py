@@ -195,11 +195,14 @@ def _predict(client: Client, args: argparse.Namespace) -> int:
         print(json.dumps(document, indent=2))
         return 0
     width = max(len(row["file"]) for row in rows)
-    print(f"{'file':<{width}}  label  score   variant  cache  cost_usd{'   top' if args.top_k else ''}")
+    label_width = max(5, *(len(row["label"]) for row in rows))
+    print(
+        f"{'file':<{width}}  {'label':<{label_width}}  score   variant  cache  cost_usd{'   top' if args.top_k else ''}"
+    )
     for row in rows:
         top = ", ".join(f"{entry['label']} {entry['probability']:.4f}" for entry in row.get("top", []))
         print(
-            f"{row['file']:<{width}}  {row['label']:<5}  {row['score']:.4f}  {row['precision']:<7}  "
+            f"{row['file']:<{width}}  {row['label']:<{label_width}}  {row['score']:.4f}  {row['precision']:<7}  "
             f"{'hit' if row['cache_hit'] else 'miss':<5}  {cost_per_image:.3e}{'   ' + top if top else ''}"
         )
     model = f"{response.model_name} version" if response.model_name else "version"
@@ -235,7 +238,7 @@ def _info(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(f"model {info.name} version {info.version}, input {'x'.join(map(str, info.input_shape))}")
     print(f"labels: {' '.join(info.labels)}")
-    print(f"trained on {info.training_data or 'unknown data'}, created {info.created_at or 'at an unknown time'}")
+    print(f"training data: {info.training_data or 'not recorded'}; created {info.created_at or 'at an unknown time'}")
     if info.HasField("preprocessing"):
         print(f"preprocessing: {_preprocessing(info)}")
     print(f"{'variant':<8} {'format':<12} {'accuracy':>9} {'size':>14} {'ms/img b1':>10} {'ms/img max':>11}")

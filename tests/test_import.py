@@ -182,7 +182,7 @@ def test_keras_import_publishes_both_variants_measured(gray_import: ImportReport
         assert info.accuracy is not None and info.accuracy >= 0.9
         assert info.latency_ms_batch_1 > 0 and info.latency_ms_per_image_max_batch > 0
     assert metadata.int8_agreement is not None and metadata.int8_agreement >= 0.9
-    assert metadata.holdout_examples == 45 and "gray_holdout" in metadata.training_data
+    assert metadata.holdout_examples == 45 and "gray_holdout" in metadata.provenance["holdout"]
     assert metadata.preprocessing == Preprocessing().to_dict()
     created = datetime.datetime.fromisoformat(metadata.created_at)
     assert created.utcoffset() == datetime.timedelta(0)

@@ -237,12 +237,18 @@ def import_model(
             labels=label_names,
             variants=measured.variants,
             holdout_examples=len(held_out) if held_out is not None else 0,
-            training_data=held_out.description if held_out is not None else "unknown (no held-out data given)",
+            # What the model learnt from is the user's own business: the importer records what it was measured on.
+            training_data=f"not recorded (imported from {source.name})",
             created_at=utc_now(),
             training={"quantization": quantization},
             preprocessing=preprocessing.to_dict(),
             int8_agreement=measured.int8_agreement,
-            provenance=provenance("import", str(source), source_digest(source)),
+            provenance=provenance(
+                "import",
+                str(source),
+                source_digest(source),
+                holdout=held_out.description if held_out is not None else "none given",
+            ),
         )
         (staging / METADATA_FILE).write_text(metadata.to_json())
     return ImportReport(version_dir=model_dir / version_name, metadata=metadata, notes=notes)
