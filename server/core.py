@@ -70,16 +70,17 @@ class ServedVersion:
     cost_per_image: dict[Precision, float] = field(default_factory=dict)
     #: Requests admitted to this version and not answered yet.
     in_flight: int = 0
+    #: Read off the model once: requests read them several times each.
+    name: str = field(init=False)
+    version: str = field(init=False)
+    input_shape: tuple[int, int, int] = field(init=False)
+    resize: str = field(init=False)
+    labels: list[str] = field(init=False)
 
-    @property
-    def name(self) -> str:
-        """The model's name."""
-        return self.model.name
-
-    @property
-    def version(self) -> str:
-        """The version's name."""
-        return self.model.version
+    def __post_init__(self) -> None:
+        self.name, self.version = self.model.name, self.model.version
+        self.input_shape, self.resize = self.model.input_shape, self.model.preprocessing.resize
+        self.labels = self.model.metadata.labels
 
 
 class InferenceCore:
@@ -544,7 +545,7 @@ class InferenceCore:
             model_version=served.version,
             server_seconds=time.perf_counter() - started,
             model_name=served.name,
-            labels=served.model.metadata.labels,
+            labels=served.labels,
             top_k=request.top_k,
             waiting_loop_cpu_seconds=waiting_cpu,
             inference_cpu_seconds=inference_cpu,
@@ -569,9 +570,9 @@ class InferenceCore:
 
     async def _decode(self, served: ServedVersion, request: PredictionRequest) -> list[DecodedImage]:
         """Decode the request's images: inline when light, on a decode thread when heavy (see ImageLimits)."""
-        limits, model = served.limits, served.model
+        limits = served.limits
         heavy = limits.check_pixels(request.images)
-        arguments = (request.images, model.input_shape, limits.max_image_pixels, model.preprocessing.resize)
+        arguments = (request.images, served.input_shape, limits.max_image_pixels, served.resize)
         if not heavy:
             return decode_all(*arguments)
         return await self.decode_pool.run(decode_all, *arguments)
