@@ -301,8 +301,11 @@ def test_a_corrupt_version_fails_and_leaves_serving_untouched(
     start_server: Callable[..., RunningServer],
     repository_copy: Path,
     stub_of: Callable[[RunningServer], pb_grpc.ClassifierStub],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    (repository_copy / "digits" / "notes").mkdir()  # not a version: ignored, with a warning
     server = start_server(model_dir=None, model_repository=repository_copy, poll_seconds=0.2)
+    assert "model digits: notes is not a version" in caplog.text
     stub = stub_of(server)
     broken = _copy_version(repository_copy / "digits" / "1", repository_copy / "digits", "2")
     (broken / "saved_model" / "saved_model.pb").write_bytes(b"not a saved model")

@@ -32,6 +32,7 @@ from costserve.server.repository.store import (
     list_models,
     list_versions,
     load_model,
+    stray_entries,
 )
 from costserve.server.settings import Settings
 
@@ -84,6 +85,8 @@ class RepositoryManager:
         self.states: dict[str, dict[str, VersionStatus]] = {}
         #: Seconds each version took to load, warm and switch in, by (model, version).
         self.load_seconds: dict[tuple[str, str], float] = {}
+        #: Stray entries of model directories already warned about.
+        self._warned: set[tuple[str, str]] = set()
         #: Failed versions and the metadata signature they failed with.
         self._failed: dict[tuple[str, str], tuple[int, int]] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -108,6 +111,10 @@ class RepositoryManager:
             except (OSError, ValueError) as error:
                 wanted[name] = _Wanted(directory, {}, str(error))
                 continue
+            for stray in stray_entries(directory):
+                if (name, stray) not in self._warned:
+                    self._warned.add((name, stray))
+                    log.warning("model %s: %s is not a version (a positive integer) and is ignored", name, stray)
             candidates = {
                 path.name: path
                 for path in list_versions(directory)
