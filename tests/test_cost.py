@@ -75,8 +75,9 @@ def test_charge_follows_the_formula() -> None:
         window_seconds=1e9,
         min_utilization=0.01,
     )
-    meter = CostMeter(prices)
-    meter.window._started -= 100  # 100 s of history: R = cpu / (100 s * 2 vCPUs)
+    clock = FakeClock()
+    meter = CostMeter(prices, clock=clock)
+    clock.now += 100  # 100 s of history: R = cpu / (100 s * 2 vCPUs)
     cost = meter.charge(cpu_seconds=50.0, network_bytes=GB // 2)
     utilization = 50.0 / 200.0
     assert cost.utilization == pytest.approx(utilization)
@@ -88,8 +89,9 @@ def test_charge_follows_the_formula() -> None:
 
 
 def test_utilization_below_the_clamp_charges_as_if_at_the_clamp() -> None:
-    meter = CostMeter(Prices(min_utilization=0.5, window_seconds=1e9))
-    meter.window._started -= 1000
+    clock = FakeClock()
+    meter = CostMeter(Prices(min_utilization=0.5, window_seconds=1e9), clock=clock)
+    clock.now += 1000
     cost = meter.charge(cpu_seconds=0.001, network_bytes=0)
     assert cost.utilization == 0.5
     assert cost.cpu_usd == pytest.approx(Prices().vcpu_hour_usd / 3600 * 0.001 / 0.5)
