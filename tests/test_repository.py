@@ -287,6 +287,8 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     manager = server.server.repository
     assert manager is not None
     load_s = manager.load_seconds[("digits", "2")]
+    switch_s = switched_at - published_at
+    print(f"version 2 answered {switch_s:.2f} s after it was published (poll {poll_s} s, load {load_s:.2f} s)")
     # The client checks every 50 ms and each check is one call: a little slack past poll + load.
     assert switched_at - published_at <= poll_s + load_s + 0.5, (switched_at - published_at, load_s)
     _wait_for(lambda: set(_states(stub, "digits")) == {"2"}, "version 1 unloaded")
@@ -376,6 +378,7 @@ def test_twenty_load_unload_cycles_leave_rss_where_it_started(repository_copy: P
             answer = stub.Predict(pb.PredictRequest(images=[image], skip_cache=True), timeout=30)
             assert answer.model_version == str(cycle)
         ended = _rss_bytes(server.pid)
+        print(f"RSS {started / 2**20:.0f} MiB before 20 reloads, {ended / 2**20:.0f} MiB after")
         channel.close()
     assert ended <= started * 1.10, f"RSS {started / 2**20:.0f} MiB -> {ended / 2**20:.0f} MiB after 20 reloads"
 
