@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import REPO_ROOT, RunningServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from costserve.v1 import classifier_pb2 as pb
@@ -277,10 +278,17 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     published_at = time.monotonic()
     _copy_version(repository_copy / "digits" / "1", repository_copy / "digits", "2")
     image = _digit(2)
-    switched_at = _wait_for(
-        lambda: stub.Predict(pb.PredictRequest(images=[image]), timeout=10).model_version == "2" and time.monotonic(),
-        "answers from version 2",
-    )
+    health_channel = grpc.insecure_channel(server.target)
+    health = health_pb2_grpc.HealthStub(health_channel)
+
+    def switched() -> float | bool:
+        status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING, "health left SERVING during the reload"
+        return stub.Predict(pb.PredictRequest(images=[image]), timeout=10).model_version == "2" and time.monotonic()
+
+    switched_at = _wait_for(switched, "answers from version 2")
+    _wait_for(lambda: set(_states(stub, "digits")) == {"2"} and switched(), "version 1 unloaded")
+    health_channel.close()
     load.join(timeout=120)
     assert outcome.get("code") == 0, f"loadtest exited {outcome}"
 
@@ -291,7 +299,6 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     print(f"version 2 answered {switch_s:.2f} s after it was published (poll {poll_s} s, load {load_s:.2f} s)")
     # The client checks every 50 ms and each check is one call: a little slack past poll + load.
     assert switched_at - published_at <= poll_s + load_s + 0.5, (switched_at - published_at, load_s)
-    _wait_for(lambda: set(_states(stub, "digits")) == {"2"}, "version 1 unloaded")
     (step,) = json.loads(report_path.read_text())["steps"]
     assert step["requests"] > 200
     assert step["errors"] == {}, step
