@@ -123,6 +123,8 @@ class InferenceCore:
         self._initial = model
         self._initial_policy = policy
         self._tracked_depths: set[tuple[str, Precision]] = set()
+        #: Versions switched out whose batchers have not stopped yet (stopped by :meth:`stop` if it comes first).
+        self._retiring: list[ServedVersion] = []
         metrics.track_cache(lambda: len(self.cache), lambda: self.cache.size_bytes)
         metrics.track_cost(self.meter.provisioned_usd, self.meter.utilization)
         prices = self.meter.prices
@@ -285,12 +287,14 @@ class InferenceCore:
         self.models = {key: value for key, value in self.models.items() if key != name}
         if remaining:
             self.models[name] = remaining
+        self._retiring.append(served)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while served.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.01)
         for batcher in served.batchers.values():
             await batcher.stop()
+        self._retiring.remove(served)
         for precision in served.model.runtimes:
             variant = served.model.metadata.variant(precision)
             accuracy = "unknown" if variant.accuracy is None else f"{variant.accuracy:.4f}"
@@ -334,7 +338,7 @@ class InferenceCore:
         """Answer whatever is queued, then stop the batchers."""
         self.ready = False
         self.monitor.loop_lag.stop()
-        for served in self.served_versions():
+        for served in [*self.served_versions(), *self._retiring]:
             for batcher in served.batchers.values():
                 await batcher.stop()
         self.decode_pool.close()

@@ -414,3 +414,19 @@ def test_an_fp32_only_version_is_served_and_described_as_such(
     assert [variant.precision for variant in info.variants] == [pb.PRECISION_FP32]
     assert not info.HasField("int8_agreement")
     assert server.metric("costserve_model_info", {"name": "shapes"}) == 1
+
+
+def test_a_policy_that_selects_only_a_failed_version_keeps_the_serving_one(
+    start_server: Callable[..., RunningServer],
+    repository_copy: Path,
+    stub_of: Callable[[RunningServer], pb_grpc.ClassifierStub],
+) -> None:
+    server = start_server(model_dir=None, model_repository=repository_copy, poll_seconds=0.2)
+    stub = stub_of(server)
+    broken = _copy_version(repository_copy / "digits" / "1", repository_copy / "digits", "2")
+    (broken / "saved_model" / "saved_model.pb").write_bytes(b"not a saved model")
+    (repository_copy / "digits" / "model.toml").write_text('version_policy = "specific"\nversions = [2]\n')
+    _wait_for(lambda: _states(stub, "digits").get("2", (0, ""))[0] == pb.VersionStatus.STATE_FAILED, "version 2 failed")
+    time.sleep(0.5)  # a few more polls: none of them may switch version 1 out
+    assert _states(stub, "digits")["1"] == (pb.VersionStatus.STATE_AVAILABLE, "")
+    assert stub.Predict(pb.PredictRequest(images=[_digit(3)]), timeout=30).model_version == "1"

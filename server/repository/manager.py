@@ -8,7 +8,8 @@ the versions the policy no longer selects, let the requests admitted to them
 finish, and release their memory. A version that fails to load (corrupt or missing
 file, wrong shape, bad metadata) is marked failed with its reason and is skipped
 until its files change; it never replaces a serving version, because versions are
-selected among those that have not failed.
+selected among those that have not failed, and a model whose policy then selects no
+version at all keeps the versions it serves.
 """
 
 from __future__ import annotations
@@ -51,13 +52,13 @@ class _Wanted:
     problem: str = ""
 
 
-def _signature(version_dir: Path) -> tuple[int, int]:
-    """Changes when a version's metadata is rewritten: a failed version is tried again then."""
+def _signature(version_dir: Path) -> tuple[int, int, int]:
+    """Changes when any file of a version is rewritten, added or removed: a failed version is tried again then."""
     try:
-        stat = (version_dir / METADATA_FILE).stat()
+        stats = [path.stat() for path in version_dir.rglob("*") if path.is_file()]
     except OSError:
-        return (0, 0)
-    return (stat.st_mtime_ns, stat.st_size)
+        return (0, 0, 0)
+    return (max((stat.st_mtime_ns for stat in stats), default=0), sum(stat.st_size for stat in stats), len(stats))
 
 
 class RepositoryManager:
@@ -88,7 +89,9 @@ class RepositoryManager:
         #: Stray entries of model directories already warned about.
         self._warned: set[tuple[str, str]] = set()
         #: Failed versions and the metadata signature they failed with.
-        self._failed: dict[tuple[str, str], tuple[int, int]] = {}
+        self._failed: dict[tuple[str, str], tuple[int, int, int]] = {}
+        #: The problem last logged per model, so that a lasting one is logged once.
+        self._problems: dict[str, str] = {}
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self._poll_now = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -108,20 +111,27 @@ class RepositoryManager:
         for name, directory in self._model_dirs().items():
             try:
                 config = ModelConfig.read(directory)
-            except (OSError, ValueError) as error:
+                strays = stray_entries(directory)
+                complete = list_versions(directory)
+            except (OSError, ValueError) as error:  # unreadable, or removed while being read
                 wanted[name] = _Wanted(directory, {}, str(error))
                 continue
-            for stray in stray_entries(directory):
+            for stray in strays:
                 if (name, stray) not in self._warned:
                     self._warned.add((name, stray))
                     log.warning("model %s: %s is not a version (a positive integer) and is ignored", name, stray)
             candidates = {
-                path.name: path
-                for path in list_versions(directory)
-                if self._failed.get((name, path.name)) != _signature(path)
+                path.name: path for path in complete if self._failed.get((name, path.name)) != _signature(path)
             }
             chosen = config.select(sorted(int(version) for version in candidates))
-            wanted[name] = _Wanted(directory, {str(version): candidates[str(version)] for version in chosen})
+            versions = {str(version): candidates[str(version)] for version in chosen}
+            problem = ""
+            if complete and not versions:
+                problem = (
+                    f"its version policy selects none of the versions that can be loaded "
+                    f"({', '.join(path.name for path in complete)} on disk)"
+                )
+            wanted[name] = _Wanted(directory, versions, problem)
         return wanted
 
     # -- the life of versions -----------------------------------------------------------------
@@ -166,6 +176,7 @@ class RepositoryManager:
         self._set_state(name, version, VersionState.LOADING)
         preloaded = self._preloaded.get((name, version))
         started = time.monotonic()
+        model: LoadedModel | None = None
         try:
             if preloaded is not None:
                 model = preloaded
@@ -180,6 +191,8 @@ class RepositoryManager:
                 )
             await self.core.add_version(model)
         except Exception as error:  # noqa: BLE001 - any failure to load is the version's, reported as such
+            if model is not None and preloaded is None:
+                model.close()  # loaded but not switched in (its warm-up failed): release it now
             reason = f"{type(error).__name__}: {error}".strip()
             self._failed[(name, version)] = _signature(version_dir)
             self._set_state(name, version, VersionState.FAILED, reason)
@@ -220,8 +233,11 @@ class RepositoryManager:
                 failed_now = False
                 for name, want in wanted.items():
                     if want.problem:
-                        log.error("model %s: %s; its served versions are left as they are", name, want.problem)
+                        if self._problems.get(name) != want.problem:
+                            self._problems[name] = want.problem
+                            log.error("model %s: %s; its served versions are left as they are", name, want.problem)
                         continue
+                    self._problems.pop(name, None)
                     served = self.core.models.get(name, {})
                     for version, version_dir in want.versions.items():
                         if version not in served:
