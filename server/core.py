@@ -70,6 +70,8 @@ class ServedVersion:
     cost_per_image: dict[Precision, float] = field(default_factory=dict)
     #: Requests admitted to this version and not answered yet.
     in_flight: int = 0
+    #: Switched out and its batchers stopping or stopped: nothing more is computed or cached for it.
+    retired: bool = False
     #: Read off the model once: requests read them several times each.
     name: str = field(init=False)
     version: str = field(init=False)
@@ -292,6 +294,7 @@ class InferenceCore:
         deadline = loop.time() + wait_s
         while served.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.01)
+        served.retired = True
         for batcher in served.batchers.values():
             await batcher.stop()
         self._retiring.remove(served)
@@ -488,6 +491,8 @@ class InferenceCore:
         # Entries hold only strings, bytes, numbers and arrays, which the garbage collector
         # stops tracking: a full cache then adds nothing to the collector's passes, which
         # otherwise stall the event loop for tens of milliseconds as the cache grows.
+        if served.retired:
+            return  # its entries were dropped with it; a later version of the same number must not meet them
         self.cache.put(
             CacheKey(served.name, served.version, precision.value, digest),
             (answer.probabilities, answer.label, answer.score),
@@ -584,6 +589,11 @@ class InferenceCore:
     async def _compute(
         self, served: ServedVersion, precision: Precision, images: list[DecodedImage], deadline: float | None
     ) -> list[BatchAnswer]:
+        if served.retired:
+            raise Unavailable(
+                f"model {served.name!r} version {served.version} was unloaded while the request waited; retry "
+                "(requests naming no version go to the newest)"
+            )
         futures = served.batchers[precision].submit([image.model_input for image in images], deadline)
         if len(futures) == 1:
             return await futures[0]  # cancelling the caller cancels the future too

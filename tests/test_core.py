@@ -29,7 +29,14 @@ from costserve.server.domain import (
     RawPixels,
     WireCall,
 )
-from costserve.server.errors import BudgetExceeded, DeadlineExceeded, InferenceFailed, InvalidInput
+from costserve.server.errors import (
+    BudgetExceeded,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+)
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import LoadedModel, ModelMetadata, VariantInfo
 from costserve.server.runtimes import Runtime
@@ -307,5 +314,20 @@ def test_describe_counts_the_model_information_call() -> None:
     async def scenario(t: CoreUnderTest) -> None:
         assert t.core.describe("GetModelInfo").metadata.name == "numpy"
         assert t.requests("OK", method="GetModelInfo", precision="auto") == 1
+
+    run(scenario)
+
+
+def test_a_request_admitted_to_a_version_unloaded_before_its_turn_is_refused_retryably() -> None:
+    """Past the unload's wait, a request still on the old version gets UNAVAILABLE and caches nothing."""
+
+    async def scenario(t: CoreUnderTest) -> None:
+        served = t.core.resolve("", "")  # admitted to version 1 ...
+        assert await t.core.remove_version(served.name, served.version, wait_s=0) is t.model  # ... then unloaded
+        with pytest.raises(Unavailable, match="unloaded while the request waited"):
+            await t.core._predict(served, _request(7, precision=Precision.FP32))
+        assert len(t.core.cache) == 0
+        with pytest.raises(NotFound, match="no model named"):
+            t.core.resolve("", "")
 
     run(scenario)
