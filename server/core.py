@@ -85,6 +85,13 @@ class ServedVersion:
         self.labels = self.model.metadata.labels
 
 
+def _model_info_labels(model: LoadedModel, precision: Precision) -> tuple[str, str, str, str, str]:
+    """The ``costserve_model_info`` labels of one variant: name, version, precision, format, accuracy."""
+    variant = model.metadata.variant(precision)
+    accuracy = "unknown" if variant.accuracy is None else f"{variant.accuracy:.4f}"
+    return model.name, model.version, precision.value, variant.format, accuracy
+
+
 class InferenceCore:
     """Classifies images with the models it serves; create, ``await start()``, then ``predict``.
 
@@ -257,9 +264,7 @@ class InferenceCore:
             served.series[precision].method("Predict")
             for reason in REASONS:
                 self.metrics.decisions.labels(name, precision.value, reason)
-            variant = model.metadata.variant(precision)
-            accuracy = "unknown" if variant.accuracy is None else f"{variant.accuracy:.4f}"
-            self.metrics.model_info.labels(name, model.version, precision.value, variant.format, accuracy).set(1)
+            self.metrics.model_info.labels(*_model_info_labels(model, precision)).set(1)
             if (name, precision) not in self._tracked_depths:
                 self._tracked_depths.add((name, precision))
                 self.metrics.track_queue_depth(name, precision.value, functools.partial(self._depth, name, precision))
@@ -299,10 +304,8 @@ class InferenceCore:
             await batcher.stop()
         self._retiring.remove(served)
         for precision in served.model.runtimes:
-            variant = served.model.metadata.variant(precision)
-            accuracy = "unknown" if variant.accuracy is None else f"{variant.accuracy:.4f}"
             try:
-                self.metrics.model_info.remove(name, version, precision.value, variant.format, accuracy)
+                self.metrics.model_info.remove(*_model_info_labels(served.model, precision))
             except KeyError:
                 pass
         self.cache.discard(lambda key: key.model == name and key.model_version == version)

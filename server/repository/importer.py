@@ -54,16 +54,18 @@ from costserve.server.errors import InvalidInput
 from costserve.server.inputs import ImageLimits, decode
 from costserve.server.preprocessing import Preprocessing
 from costserve.server.repository.store import (
+    ARTIFACTS,
     INT8_FILE,
     METADATA_FILE,
     SAVED_MODEL_DIR,
     ModelMetadata,
     VariantInfo,
     directory_bytes,
+    open_runtime,
     publish_version,
     stray_entries,
 )
-from costserve.server.runtimes import LiteRTRuntime, Runtime, SavedModelRuntime, levels_to_floats
+from costserve.server.runtimes import Runtime, levels_to_floats
 
 log = logging.getLogger(__name__)
 
@@ -319,14 +321,12 @@ def measure_variants(
     file is deleted, the variant left out, and a note says why.
     """
     notes: list[str] = []
-    saved_model, int8_file = version_dir / SAVED_MODEL_DIR, version_dir / INT8_FILE
+    int8_file = version_dir / INT8_FILE
     runtimes: dict[Precision, Runtime] = {}
     try:
-        runtimes[Precision.FP32] = SavedModelRuntime(saved_model, threads=1, preprocessing=preprocessing)
-        if int8_file.exists():
-            runtimes[Precision.INT8] = LiteRTRuntime(
-                int8_file, max_batch_size=max_batch_size, threads=1, preprocessing=preprocessing
-            )
+        for precision, (file_name, _) in ARTIFACTS.items():
+            if (version_dir / file_name).exists():
+                runtimes[precision] = open_runtime(precision, version_dir / file_name, preprocessing, max_batch_size, 1)
         input_shape = runtimes[Precision.FP32].input_shape
         sample = (
             holdout.pixels(0, max_batch_size)
@@ -340,12 +340,12 @@ def measure_variants(
             if holdout is not None and len(holdout):
                 predicted[precision] = predict_all(runtime, holdout.images, max_batch_size).argmax(axis=1)
                 accuracy = float((predicted[precision] == holdout.labels).mean())
-            artifact = saved_model if precision is Precision.FP32 else int8_file
+            file_name, artifact_format = ARTIFACTS[precision]
             variants[precision.value] = VariantInfo(
-                path=artifact.name,
-                format="saved_model" if precision is Precision.FP32 else "tflite",
+                path=file_name,
+                format=artifact_format,
                 accuracy=accuracy,
-                size_bytes=directory_bytes(artifact),
+                size_bytes=directory_bytes(version_dir / file_name),
                 latency_ms_batch_1=measure_latency(runtime, sample, 1),
                 latency_ms_per_image_max_batch=measure_latency(runtime, sample, max_batch_size),
             )

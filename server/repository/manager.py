@@ -120,8 +120,11 @@ class RepositoryManager:
                 if (name, stray) not in self._warned:
                     self._warned.add((name, stray))
                     log.warning("model %s: %s is not a version (a positive integer) and is ignored", name, stray)
+            # A failed version is a candidate again once its files change; the others are not read.
             candidates = {
-                path.name: path for path in complete if self._failed.get((name, path.name)) != _signature(path)
+                path.name: path
+                for path in complete
+                if (name, path.name) not in self._failed or self._failed[(name, path.name)] != _signature(path)
             }
             chosen = config.select(sorted(int(version) for version in candidates))
             versions = {str(version): candidates[str(version)] for version in chosen}

@@ -298,6 +298,19 @@ class LoadedModel:
             runtime.close()
 
 
+#: Each variant's artifact in a version directory, and its ``format`` in ``metadata.json``.
+ARTIFACTS = {Precision.FP32: (SAVED_MODEL_DIR, "saved_model"), Precision.INT8: (INT8_FILE, "tflite")}
+
+
+def open_runtime(
+    precision: Precision, artifact: Path, preprocessing: Preprocessing, max_batch_size: int, threads: int
+) -> Runtime:
+    """The runtime that serves ``precision`` from its artifact: a SavedModel for fp32, LiteRT for int8."""
+    if precision is Precision.FP32:
+        return SavedModelRuntime(artifact, threads=threads, preprocessing=preprocessing)
+    return LiteRTRuntime(artifact, max_batch_size=max_batch_size, threads=threads, preprocessing=preprocessing)
+
+
 def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> LoadedModel:
     """Load every variant of ``version_dir`` and check them against its metadata; ValueError says what is wrong.
 
@@ -315,12 +328,7 @@ def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> Load
             artifact = version_dir / metadata.variant(precision).path
             if not artifact.exists():
                 raise ValueError(f"{version_dir}: the {precision.value} artifact {artifact.name} is missing")
-            if precision is Precision.FP32:
-                runtimes[precision] = SavedModelRuntime(artifact, threads=threads, preprocessing=preprocessing)
-            else:
-                runtimes[precision] = LiteRTRuntime(
-                    artifact, max_batch_size=max_batch_size, threads=threads, preprocessing=preprocessing
-                )
+            runtimes[precision] = open_runtime(precision, artifact, preprocessing, max_batch_size, threads)
         for precision, runtime in runtimes.items():
             if runtime.input_shape != metadata.input_shape:
                 raise ValueError(
