@@ -27,7 +27,6 @@ from costserve.server.core import InferenceCore
 from costserve.server.domain import ModelStatus, VersionState, VersionStatus
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import (
-    METADATA_FILE,
     LoadedModel,
     ModelConfig,
     list_models,
@@ -50,6 +49,8 @@ class _Wanted:
     directory: Path
     versions: dict[str, Path]
     problem: str = ""
+    #: The complete versions on disk, chosen or not; None when the directory could not be read.
+    on_disk: frozenset[str] | None = None
 
 
 def _signature(version_dir: Path) -> tuple[int, int, int]:
@@ -134,7 +135,7 @@ class RepositoryManager:
                     f"its version policy selects none of the versions that can be loaded "
                     f"({', '.join(path.name for path in complete)} on disk)"
                 )
-            wanted[name] = _Wanted(directory, versions, problem)
+            wanted[name] = _Wanted(directory, versions, problem, frozenset(path.name for path in complete))
         return wanted
 
     # -- the life of versions -----------------------------------------------------------------
@@ -258,12 +259,11 @@ class RepositoryManager:
                     if wanted_here is None or version not in wanted_here.versions:
                         await self._unload_version(name, version)
                         unloaded = changed = True
-            # Failed versions whose directory is gone are forgotten.
+            # Failed versions gone from disk are forgotten (read by _wanted, off the loop).
             for name, versions in list(self.states.items()):
+                on_disk = wanted[name].on_disk if name in wanted else frozenset()
                 for version, status in list(versions.items()):
-                    if status.state is VersionState.FAILED and not (
-                        name in wanted and (wanted[name].directory / version / METADATA_FILE).is_file()
-                    ):
+                    if status.state is VersionState.FAILED and on_disk is not None and version not in on_disk:
                         self._failed.pop((name, version), None)
                         self._forget(name, version)
             if unloaded:
