@@ -260,11 +260,17 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     repository_copy: Path,
     stub_of: Callable[[RunningServer], pb_grpc.ClassifierStub],
 ) -> None:
-    """``costserve loadtest`` at a steady rate while version 2 appears: no request fails, answers switch in time."""
+    """``costserve loadtest`` at a steady rate while version 2 appears: no request fails, answers switch in time.
+
+    "In time" is checked by order, not by a clock bound: the first repository scan begun after the
+    version was published finds it, and once the listing says it is AVAILABLE every answer comes from it.
+    """
     from costserve.cli import main as costserve_main
 
     poll_s = 0.5
     server = start_server(model_dir=None, model_repository=repository_copy, poll_seconds=poll_s)
+    manager = server.server.repository
+    assert manager is not None
     stub = stub_of(server)
     report_path = repository_copy.parent / "loadtest.json"
     load_args = [
@@ -275,8 +281,9 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     load = threading.Thread(target=lambda: outcome.update(code=costserve_main(load_args)), name="loadtest")
     load.start()
     time.sleep(3)
-    published_at = time.monotonic()
     _copy_version(repository_copy / "digits" / "1", repository_copy / "digits", "2")
+    published_at = time.monotonic()
+    scans_before = manager.scans  # read after the rename: scan scans_before + 1 begins after it
     image = _digit(2)
     health_channel = grpc.insecure_channel(server.target)
     health = health_pb2_grpc.HealthStub(health_channel)
@@ -284,7 +291,10 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     def switched() -> float | bool:
         status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING, "health left SERVING during the reload"
-        return stub.Predict(pb.PredictRequest(images=[image]), timeout=10).model_version == "2" and time.monotonic()
+        listed_available = _states(stub, "digits").get("2", (0, ""))[0] == pb.VersionStatus.STATE_AVAILABLE
+        answered_by = stub.Predict(pb.PredictRequest(images=[image]), timeout=10).model_version
+        assert answered_by == "2" or not listed_available, "version 2 was listed AVAILABLE but did not answer"
+        return answered_by == "2" and time.monotonic()
 
     switched_at = _wait_for(switched, "answers from version 2")
     _wait_for(lambda: set(_states(stub, "digits")) == {"2"} and switched(), "version 1 unloaded")
@@ -292,13 +302,12 @@ def test_a_new_version_switches_in_under_load_with_no_failed_request(
     load.join(timeout=120)
     assert outcome.get("code") == 0, f"loadtest exited {outcome}"
 
-    manager = server.server.repository
-    assert manager is not None
     load_s = manager.load_seconds[("digits", "2")]
-    switch_s = switched_at - published_at
-    print(f"version 2 answered {switch_s:.2f} s after it was published (poll {poll_s} s, load {load_s:.2f} s)")
-    # The client checks every 50 ms and each check is one call: a little slack past poll + load.
-    assert switched_at - published_at <= poll_s + load_s + 0.5, (switched_at - published_at, load_s)
+    print(
+        f"version 2 answered {switched_at - published_at:.2f} s after it was published "
+        f"(poll {poll_s} s, load {load_s:.2f} s)"
+    )
+    assert manager.found_in_scan[("digits", "2")] <= scans_before + 1, (manager.found_in_scan, scans_before)
     (step,) = json.loads(report_path.read_text())["steps"]
     assert step["requests"] > 200
     assert step["errors"] == {}, step

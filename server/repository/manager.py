@@ -87,6 +87,10 @@ class RepositoryManager:
         self.states: dict[str, dict[str, VersionStatus]] = {}
         #: Seconds each version took to load, warm and switch in, by (model, version).
         self.load_seconds: dict[tuple[str, str], float] = {}
+        #: Repository scans begun so far; a version published before scan n begins is found by scan n.
+        self.scans = 0
+        #: The scan that first found each version loaded, by (model, version).
+        self.found_in_scan: dict[tuple[str, str], int] = {}
         #: Stray entries of model directories already warned about.
         self._warned: set[tuple[str, str]] = set()
         #: Failed versions and the metadata signature they failed with.
@@ -233,6 +237,8 @@ class RepositoryManager:
             loop = asyncio.get_running_loop()
             changed = False
             while True:
+                self.scans += 1
+                scan = self.scans
                 wanted = await loop.run_in_executor(self._loader, self._wanted)
                 failed_now = False
                 for name, want in wanted.items():
@@ -246,6 +252,7 @@ class RepositoryManager:
                     for version, version_dir in want.versions.items():
                         if version not in served:
                             changed = True
+                            self.found_in_scan.setdefault((name, version), scan)
                             if not await self._load_version(name, version, version_dir):
                                 failed_now = True
                 if not failed_now:
