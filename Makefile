@@ -16,9 +16,14 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[server]'
 	touch $@
 
-# The test extra includes the server's.
+# The test extra includes the server's. tensorflow-serving-api (TensorFlow Serving's client,
+# in the protocol tests) requires the distribution named `tensorflow`; the server extra
+# installs the same TensorFlow as `tensorflow-cpu`, so the client is installed without its
+# dependencies rather than pull a second, 570 MB TensorFlow over the first. Its other
+# dependencies, grpcio and protobuf, are costserve's own.
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --no-deps 'tensorflow-serving-api==2.21.*'
 	touch $@
 
 install: $(VENV)/.installed
