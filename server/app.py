@@ -1,4 +1,8 @@
-"""The server process: gRPC (costserve.v1, health, reflection), /metrics, start-up and drain.
+"""The server process: gRPC (costserve.v1, the standard protocols, health, reflection), /metrics, start-up and drain.
+
+One port speaks every protocol: costserve.v1, the Open Inference Protocol v2
+(:mod:`~costserve.server.open_inference`) and TensorFlow Serving's API
+(:mod:`~costserve.server.tensorflow_serving`), each a thin front end over the one core.
 
 Start-up binds the ports first and reports ``NOT_SERVING`` on the health service
 while the models load and warm (training the default model when the repository is
@@ -29,13 +33,23 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
+from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from costserve.protocols import (
+    inference_pb2,
+    inference_pb2_grpc,
+    tensorflow_pb2,
+    tensorflow_serving_pb2,
+    tensorflow_serving_pb2_grpc,
+)
+from costserve.server import open_inference, tensorflow_serving
 from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
 from costserve.server.cost import CostMeter, load_prices
+from costserve.server.domain import Protocol
 from costserve.server.errors import CostserveError
 from costserve.server.logs import quiet_client_errors
 from costserve.server.metrics import ServiceMetrics
@@ -47,9 +61,25 @@ from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
 from costserve.server.transport import TransportCalls, server_ids
-from costserve.v1 import classifier_pb2_grpc
+from costserve.v1 import classifier_pb2, classifier_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+#: The protocol each front end's calls are counted under, by service name.
+PROTOCOL_OF_SERVICE = {
+    SERVICE_NAME: Protocol.V1,
+    open_inference.SERVICE_NAME: Protocol.V2,
+    tensorflow_serving.PREDICTION_SERVICE: Protocol.TFSERVING,
+    tensorflow_serving.MODEL_SERVICE: Protocol.TFSERVING,
+}
+#: Services and methods admitted through the call gate (in-flight bound, loading, drain). The v2
+#: liveness and readiness calls are not: they answer while the model loads and under overload.
+GATED = {
+    SERVICE_NAME,
+    tensorflow_serving.PREDICTION_SERVICE,
+    tensorflow_serving.MODEL_SERVICE,
+    *(f"{open_inference.SERVICE_NAME}/{method}" for method in ("ModelInfer", "ModelMetadata", "RepositoryIndex")),
+}
 
 #: The embedded default model's name: trained into the repository when it holds no model.
 DEFAULT_MODEL_NAME = "digits"
@@ -142,6 +172,9 @@ class CostserveServer:
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
+        self.open_inference = open_inference.OpenInferenceServicer(ready=self._takes_predictions)
+        self.tf_prediction = tensorflow_serving.PredictionServicer()
+        self.tf_models = tensorflow_serving.ModelServicer()
         #: Admission of prediction calls: closed while the model loads, the in-flight bound, and the
         #: drain's refusal of new calls. The drain's call tracking is its count of calls in flight.
         self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused, ready=False)
@@ -161,20 +194,30 @@ class CostserveServer:
             self.metrics.track_transport(transport.read)
         services = MethodCollector()
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, services)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.open_inference, services)
+        tensorflow_serving_pb2_grpc.add_PredictionServiceServicer_to_server(self.tf_prediction, services)
+        tensorflow_serving_pb2_grpc.add_ModelServiceServicer_to_server(self.tf_models, services)
         health_pb2_grpc.add_HealthServicer_to_server(
             self.health,
             services,  # type: ignore[arg-type]  # a stand-in Server: only its add_* methods are called
         )
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)), services
+            reflection.aio.ReflectionServicer(
+                (*PROTOCOL_OF_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=reflection_pool()
+            ),
+            services,
         )
         guard_services(
             self._grpc,
             services,
             self.gate,
-            gated={SERVICE_NAME},
+            gated=GATED,
             on_malformed=self._count_refused,
-            parsers=request_parsers(self.settings.max_images_per_request),
+            parsers={
+                **request_parsers(self.settings.max_images_per_request),
+                **open_inference.request_parsers(self.settings.max_images_per_request),
+                **tensorflow_serving.request_parsers(self.settings.max_images_per_request),
+            },
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = self._grpc.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
@@ -200,7 +243,8 @@ class CostserveServer:
         )
         await self.repository.start()
         await self.core.start()
-        self.servicer.core = self.core
+        for front_end in (self.servicer, self.open_inference, self.tf_prediction, self.tf_models):
+            front_end.core = self.core
         self.gate.ready = True
         if not self._stopping:
             await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -226,12 +270,17 @@ class CostserveServer:
         partial.write_text(json.dumps(ready) + "\n")
         os.replace(partial, self.settings.ready_file)
 
-    def _count_refused(self, method: str, error: CostserveError) -> None:
+    def _count_refused(self, service: str, method: str, error: CostserveError) -> None:
         """Count a call refused before it reached the core (its precision unknown: counted as asked, auto)."""
-        self.metrics.count_refused(method, "auto", error)
+        protocol = PROTOCOL_OF_SERVICE.get(service)
+        self.metrics.count_refused(protocol.value if protocol else "", method, "auto", error)
+
+    def _takes_predictions(self) -> bool:
+        """Whether prediction calls are admitted now: the models are warm and the drain has not begun."""
+        return self.gate.ready and self.gate.accepting
 
     async def _set_health(self, status: int) -> None:
-        for service in ("", SERVICE_NAME):
+        for service in ("", *PROTOCOL_OF_SERVICE):
             await self.health.set(service, status)
 
     async def stop(self, grace_s: float | None = None, close_transport: bool = True) -> None:
@@ -277,6 +326,27 @@ class CostserveServer:
     async def wait_stopped(self) -> None:
         """Return once :meth:`stop` has finished."""
         await self._stopped.wait()
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served service's files in one pool, for reflection.
+
+    The standard protocols' messages live apart from protobuf's default pool (see
+    :mod:`costserve.protocols.pool`), so reflection reads this pool rather than the default.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    for module in (
+        any_pb2,
+        wrappers_pb2,
+        classifier_pb2,
+        health_pb2,
+        reflection_pb2,
+        inference_pb2,
+        tensorflow_pb2,
+        tensorflow_serving_pb2,
+    ):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 async def serve(settings: Settings) -> NoReturn:

@@ -32,6 +32,7 @@ from costserve.server.domain import (
     PredictionRequest,
     PredictionResult,
     PricedAnswer,
+    Protocol,
     Response,
     VersionState,
     VersionStatus,
@@ -261,7 +262,7 @@ class InferenceCore:
         for batcher in batchers.values():
             await batcher.start()
         for precision in model.runtimes:
-            served.series[precision].method("Predict")
+            served.series[precision].method(Protocol.V1.value, "Predict")
             for reason in REASONS:
                 self.metrics.decisions.labels(name, precision.value, reason)
             self.metrics.model_info.labels(*_model_info_labels(model, precision)).set(1)
@@ -322,9 +323,9 @@ class InferenceCore:
             for name, versions in sorted(self.models.items())
         ]
 
-    def list_models(self, method: str = "ListModels") -> list[ModelStatus]:
+    def list_models(self, method: str = "ListModels", protocol: Protocol = Protocol.V1) -> list[ModelStatus]:
         """Every model, its versions and their states, for a front end's listing call; counts the call."""
-        self.metrics.count_answered(method)
+        self.metrics.count_answered(protocol.value, method)
         return self.model_statuses()
 
     async def start(self) -> None:
@@ -379,18 +380,24 @@ class InferenceCore:
             result = await self._predict(served, request)
             response, bytes_out = wire.encode(result)
         except CostserveError as error:
-            self.metrics.count_refused(wire.method, precision.value, error, served.name if served else "")
+            self.metrics.count_refused(
+                wire.protocol.value, wire.method, precision.value, error, served.name if served else ""
+            )
             raise
         except asyncio.CancelledError:
             # gRPC cancels the handler both when the caller goes away and when its deadline
             # passes; the caller sees DEADLINE_EXCEEDED for the latter, and so do the counts.
             expired = remaining is not None and time.monotonic() - started >= remaining - DEADLINE_SLACK_S
             code, reason = ("DEADLINE_EXCEEDED", "deadline_exceeded") if expired else ("CANCELLED", "cancelled")
-            self.metrics.requests.labels(served.name if served else "", wire.method, precision.value, code).inc()
+            self.metrics.requests.labels(
+                served.name if served else "", wire.protocol.value, wire.method, precision.value, code
+            ).inc()
             self.metrics.rejected.labels(reason).inc()
             raise
         except Exception:
-            self.metrics.requests.labels(served.name if served else "", wire.method, precision.value, "INTERNAL").inc()
+            self.metrics.requests.labels(
+                served.name if served else "", wire.protocol.value, wire.method, precision.value, "INTERNAL"
+            ).inc()
             raise
         finally:
             if served is not None:
@@ -398,7 +405,7 @@ class InferenceCore:
         handling_cpu = time.thread_time() - cpu_started - result.waiting_loop_cpu_seconds
         cost = self._charge(served, result, wire.bytes_in + bytes_out, handling_cpu)
         series = served.series[result.precision]
-        answered, duration = series.method(wire.method)
+        answered, duration = series.method(wire.protocol.value, wire.method)
         answered.inc()
         duration.observe(result.server_seconds)
         hits = result.cache_hits
@@ -408,17 +415,19 @@ class InferenceCore:
             series.images_miss.inc(len(result.predictions) - hits)
         return PricedAnswer(result, response, cost)
 
-    def describe(self, method: str = "GetModelInfo", name: str = "", version: str = "") -> LoadedModel:
+    def describe(
+        self, method: str = "GetModelInfo", name: str = "", version: str = "", protocol: Protocol = Protocol.V1
+    ) -> LoadedModel:
         """The model version named ("": the default, its latest), for a front end's model-information call.
 
-        Counts the call under ``method``; raises :class:`NotFound` (counted) for one not served.
+        Counts the call under ``protocol`` and ``method``; raises :class:`NotFound` (counted) for one not served.
         """
         try:
             served = self.resolve(name, version)
         except CostserveError as error:
-            self.metrics.count_refused(method, "auto", error)
+            self.metrics.count_refused(protocol.value, method, "auto", error)
             raise
-        self.metrics.count_answered(method, model=served.name)
+        self.metrics.count_answered(protocol.value, method, model=served.name)
         return served.model
 
     def _charge(

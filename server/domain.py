@@ -1,7 +1,8 @@
 """Domain types of the request flow, free of protobuf and gRPC.
 
-The servicer converts ``costserve.v1`` messages to these and back; the core and
-everything below it speak only these. They are slotted and not frozen: several
+Each protocol's front end (costserve.v1, the Open Inference Protocol v2, TensorFlow
+Serving's API) converts its messages to these and back; the core and everything
+below it speak only these. They are slotted and not frozen: several
 are built per request, and a frozen dataclass's ``__init__`` costs a few times more.
 Treat them as values all the same.
 """
@@ -27,6 +28,19 @@ class Precision(enum.Enum):
     __hash__ = object.__hash__
 
 
+class Protocol(enum.Enum):
+    """The API a call came in by. Values are the metric label values (and ``costserve loadtest --protocol``)."""
+
+    #: costserve.v1.Classifier, costserve's own.
+    V1 = "v1"
+    #: The Open Inference Protocol v2 (inference.GRPCInferenceService).
+    V2 = "v2"
+    #: TensorFlow Serving's tensorflow.serving.PredictionService and ModelService.
+    TFSERVING = "tfserving"
+
+    __hash__ = object.__hash__
+
+
 class PixelType(enum.Enum):
     """Element type of raw pixels: UINT8 is 0..255, FLOAT32 is 0..1."""
 
@@ -40,7 +54,8 @@ class RawPixels:
 
     shape: tuple[int, ...]
     dtype: PixelType
-    data: bytes
+    #: A view of a larger message's buffer when a protocol sent the images as one tensor.
+    data: bytes | memoryview
 
 
 @dataclass(slots=True)
@@ -157,6 +172,8 @@ class WireCall(Generic[Response]):
     encode: Callable[[PredictionResult], tuple[Response, int]]
     #: The precision the call asked for, counted under when its request cannot be converted.
     asked_precision: Precision = Precision.AUTO
+    #: The API the call came in by.
+    protocol: Protocol = Protocol.V1
 
 
 class VersionState(enum.Enum):

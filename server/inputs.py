@@ -68,14 +68,14 @@ class DecodedImage:
     def __init__(self, levels: np.ndarray | None = None, pixels: np.ndarray | None = None) -> None:
         self._levels = levels
         self._pixels = pixels
-        self._level_bytes: bytes | None = None
+        self._level_bytes: bytes | memoryview | None = None
         source = levels if levels is not None else pixels
         assert source is not None
         self._shape = source.shape
         self.digest = pixels_digest(source)
 
     @classmethod
-    def of_level_bytes(cls, data: bytes, shape: tuple[int, int, int]) -> DecodedImage:
+    def of_level_bytes(cls, data: bytes | memoryview, shape: tuple[int, int, int]) -> DecodedImage:
         """An image of 8-bit levels already checked to be ``shape``: no array is made until one is needed."""
         image = cls.__new__(cls)
         image._levels = image._pixels = None

@@ -222,9 +222,9 @@ class ServiceMetrics:
             ProcessCollector(registry=registry)
         self.requests = self._counter(
             "costserve_requests_total",
-            "Calls to costserve.v1 by model (empty when refused before one was found), method, precision that "
-            "answered (or was asked; auto when none was) and status code.",
-            ["model", "method", "precision", "code"],
+            "Calls by model (empty when refused before one was found), protocol (v1, v2, tfserving), method, "
+            "precision that answered (or was asked; auto when none was) and status code.",
+            ["model", "protocol", "method", "precision", "code"],
         )
         self.images = self._counter(
             "costserve_images_total",
@@ -233,8 +233,9 @@ class ServiceMetrics:
         )
         self.request_duration = self._histogram(
             "costserve_request_duration_seconds",
-            "Time from a request entering the core to its answer, in seconds.",
-            ["model", "method", "precision"],
+            "Time from a request entering the core to its answer, in seconds, by model, protocol, method and "
+            "precision.",
+            ["model", "protocol", "method", "precision"],
             buckets=LATENCY_BUCKETS,
         )
         self.queue_duration = self._histogram(
@@ -379,14 +380,14 @@ class ServiceMetrics:
         self._loop_families.append(family)
         return family
 
-    def count_answered(self, method: str, precision: str = "auto", model: str = "") -> None:
+    def count_answered(self, protocol: str, method: str, precision: str = "auto", model: str = "") -> None:
         """Count a call answered OK that the core does not count itself (``GetModelInfo``, ``ListModels``)."""
-        self.requests.labels(model, method, precision, "OK").inc()
+        self.requests.labels(model, protocol, method, precision, "OK").inc()
 
-    def count_refused(self, method: str, precision: str, error: CostserveError, model: str = "") -> None:
-        """Count a call that ended with ``error``: its status under ``model``, ``method`` and ``precision``,
-        and its reason."""
-        self.requests.labels(model, method, precision, error.status.name).inc()
+    def count_refused(self, protocol: str, method: str, precision: str, error: CostserveError, model: str = "") -> None:
+        """Count a call that ended with ``error``: its status under ``model``, ``protocol``, ``method`` and
+        ``precision``, and its reason."""
+        self.requests.labels(model, protocol, method, precision, error.status.name).inc()
         if error.reason:
             self.rejected.labels(error.reason).inc()
 
@@ -416,7 +417,7 @@ class PrecisionSeries:
         self._metrics = metrics
         self._model = model
         self._precision = precision
-        self._methods: dict[str, tuple[LoopCounter, LoopHistogram]] = {}
+        self._methods: dict[tuple[str, str], tuple[LoopCounter, LoopHistogram]] = {}
         self.images_hit = metrics.images.labels(model, precision, "hit")
         self.images_miss = metrics.images.labels(model, precision, "miss")
         self.cost_cpu = metrics.cost.labels(model, "cpu", precision)
@@ -427,12 +428,12 @@ class PrecisionSeries:
         self.network_bytes = metrics.network_bytes.labels(model, precision)
         self.request_cost = metrics.request_cost.labels(model, precision)
 
-    def method(self, method: str) -> tuple[LoopCounter, LoopHistogram]:
-        """The answered-requests counter and the duration histogram of ``method``."""
-        series = self._methods.get(method)
+    def method(self, protocol: str, method: str) -> tuple[LoopCounter, LoopHistogram]:
+        """The answered-requests counter and the duration histogram of ``method`` of ``protocol``."""
+        series = self._methods.get((protocol, method))
         if series is None:
-            series = self._methods[method] = (
-                self._metrics.requests.labels(self._model, method, self._precision, "OK"),
-                self._metrics.request_duration.labels(self._model, method, self._precision),
+            series = self._methods[(protocol, method)] = (
+                self._metrics.requests.labels(self._model, protocol, method, self._precision, "OK"),
+                self._metrics.request_duration.labels(self._model, protocol, method, self._precision),
             )
         return series

@@ -104,6 +104,22 @@ class Preprocessing:
             pixels = pixels * a + b
         return np.ascontiguousarray(pixels, dtype=np.float32)
 
+    def unscale(self, model_input: np.ndarray) -> np.ndarray:
+        """Canonical pixels (float32, [0, 1] when the input is in the model's range, RGB order) of a model
+        input: the inverse of :meth:`scale`."""
+        values = np.asarray(model_input, dtype=np.float32)
+        if self.scaling != "unit":
+            a, b = self._coefficients()
+            values = (values - b) / a
+        if self.color_mode == "bgr":
+            values = values[..., ::-1]
+        return np.ascontiguousarray(values, dtype=np.float32)
+
+    def input_range(self) -> tuple[float, float]:
+        """The lowest and highest model input (of any channel), those of pixels 0 and 1."""
+        ends = self.scale(np.array([[0.0], [1.0]], dtype=np.float32).repeat(self.channels, axis=1))
+        return float(ends.min()), float(ends.max())
+
     def level_table(self, channels: int) -> np.ndarray:
         """float32 ``(256, channels)``: the model input of each level in each of the model's channels."""
         values = np.repeat(LEVEL_FLOATS[:, None], channels, axis=1)

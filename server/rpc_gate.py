@@ -28,15 +28,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import grpc
 
 from costserve.server.errors import CostserveError, InvalidInput, Malformed, ServerBusy, Unavailable
 
-#: Called with the method's short name (``Predict``) and the error a call was refused with.
-RefusalCounter = Callable[[str, CostserveError], None]
+#: Called with the service's full name, the method's short name (``Predict``) and the error a call was refused with.
+RefusalCounter = Callable[[str, str, CostserveError], None]
 
 
 class Undecodable:
@@ -62,40 +63,104 @@ def tolerant(parse: Callable[[bytes], Any], type_name: str) -> Callable[[bytes],
     return deserialize
 
 
-def count_top_level_field(raw: bytes, field_number: int, stop_after: int) -> int:
-    """How many times ``field_number`` occurs at the top level of protobuf wire bytes ``raw``.
+#: A request larger than this, in bytes, is looked at from its wire bytes before it is parsed
+#: (see :func:`scanning_parser`); a smaller one parses in well under a millisecond whatever it holds.
+SCAN_FROM_BYTES = 4096
 
-    Walks tags and lengths without parsing anything, and stops once the count passes
-    ``stop_after`` or more than ``4 * stop_after + 64`` fields were seen (a valid request
-    never repeats its scalar fields), so its cost is bounded whatever ``raw`` holds.
-    Malformed bytes end the walk early: the parser then says what is wrong.
+
+def scanning_parser(message_type: Any, problem_of: Callable[[bytes], str]) -> Callable[[bytes], Any]:
+    """A tolerant deserializer of ``message_type`` that first asks ``problem_of`` about a message over
+    :data:`SCAN_FROM_BYTES`: a non-empty answer refuses it (:class:`Undecodable`) before it is parsed.
+
+    A 16 MiB message can hold millions of empty submessages or strings; parsing it alone
+    holds the event loop for most of a second. ``problem_of`` counts them from the wire
+    bytes (:func:`count_top_level_field`, :func:`field_payloads`), at a bounded cost.
     """
-    count = seen = position = 0
+    parse = tolerant(message_type.FromString, message_type.DESCRIPTOR.full_name)
+
+    def parse_request(raw: bytes) -> Any:
+        if len(raw) > SCAN_FROM_BYTES:
+            problem = problem_of(raw)
+            if problem:
+                return Undecodable(InvalidInput(problem))
+        return parse(raw)
+
+    return parse_request
+
+
+def _top_level_fields(raw: bytes | memoryview, most_fields: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, payload start, payload end) of each top-level field of wire bytes ``raw``, at most
+    ``most_fields + 1`` of them; the payload of a varint or fixed-width field is its value's bytes.
+
+    Walks tags and lengths without parsing anything. Malformed bytes end the walk early:
+    the parser then says what is wrong.
+    """
+    position = seen = 0
     end = len(raw)
-    most_fields = 4 * stop_after + 64
-    while position < end and count <= stop_after and seen <= most_fields:
+    while position < end and seen <= most_fields:
         tag, position = _varint(raw, position)
         wire_type = tag & 7
+        start = position
         if wire_type == 0:
             _, position = _varint(raw, position)
         elif wire_type == 1:
             position += 8
         elif wire_type == 2:
-            length, position = _varint(raw, position)
-            position += length
+            length, start = _varint(raw, position)
+            position = start + length
         elif wire_type == 5:
             position += 4
         else:  # groups, or not protobuf: leave it to the parser
-            break
+            return
         seen += 1
-        if tag >> 3 == field_number:
+        yield tag >> 3, start, min(position, end)
+
+
+def count_top_level_field(raw: bytes | memoryview, field_number: int, stop_after: int) -> int:
+    """How many times ``field_number`` occurs at the top level of protobuf wire bytes ``raw``.
+
+    Stops once the count passes ``stop_after`` or more than ``4 * stop_after + 64`` fields
+    were seen (a valid request never repeats its scalar fields), so its cost is bounded
+    whatever ``raw`` holds.
+    """
+    count = seen = 0
+    most_fields = 4 * stop_after + 64
+    for number, _, _ in _top_level_fields(raw, most_fields):
+        seen += 1
+        if number == field_number:
             count += 1
+            if count > stop_after:
+                break
     if seen > most_fields:
         return max(count, stop_after + 1)
     return count
 
 
-def _varint(raw: bytes, position: int) -> tuple[int, int]:
+def top_level_field_counts(raw: bytes | memoryview, most_fields: int) -> Counter[int] | None:
+    """How many times each field number occurs at the top level of ``raw``; None when it has more than
+    ``most_fields`` fields (the walk stops there)."""
+    counts: Counter[int] = Counter()
+    for seen, (number, _, _) in enumerate(_top_level_fields(raw, most_fields)):
+        if seen == most_fields:
+            return None
+        counts[number] += 1
+    return counts
+
+
+def field_payloads(raw: bytes | memoryview, field_number: int, stop_after: int) -> list[memoryview]:
+    """The payloads of a length-delimited ``field_number`` at the top level of ``raw`` (embedded messages),
+    at most ``stop_after + 1`` of them: a bounded look inside a message before it is parsed."""
+    view = memoryview(raw)
+    payloads = []
+    for number, start, end in _top_level_fields(view, 4 * stop_after + 64):
+        if number == field_number:
+            payloads.append(view[start:end])
+            if len(payloads) > stop_after:
+                break
+    return payloads
+
+
+def _varint(raw: bytes | memoryview, position: int) -> tuple[int, int]:
     result = shift = 0
     end = min(len(raw), position + 10)
     while position < end:
@@ -111,7 +176,7 @@ def _varint(raw: bytes, position: int) -> tuple[int, int]:
 class CallGate:
     """Admission of prediction calls: the model loading, the server-wide in-flight bound and the drain.
 
-    A plain context manager (``with gate.admit("Predict"):``) entered at the start of a
+    A plain context manager (``with gate.admit("costserve.v1.Classifier", "Predict"):``) entered at the start of a
     call's handler, so a call is counted exactly while its handler runs: the bound is
     checked and the count raised in one step of the event loop, and a flood of calls
     arriving together is refused beyond the bound rather than admitted as a whole.
@@ -128,8 +193,8 @@ class CallGate:
         self.in_flight = 0
         self._on_refused = on_refused
 
-    def admit(self, method: str) -> CallGate:
-        """Admit a call to ``method`` or raise :class:`ServerBusy` / :class:`Unavailable` (counted)."""
+    def admit(self, service: str, method: str) -> CallGate:
+        """Admit a call to ``method`` of ``service`` or raise :class:`ServerBusy` / :class:`Unavailable` (counted)."""
         if not self.accepting:
             error: CostserveError = Unavailable(
                 "the server is shutting down; retry on another replica or after it restarts"
@@ -146,7 +211,7 @@ class CallGate:
         else:
             return self
         if self._on_refused is not None:
-            self._on_refused(method, error)
+            self._on_refused(service, method, error)
         raise error
 
     def __enter__(self) -> None:
@@ -186,18 +251,19 @@ def guard_services(
 ) -> None:
     """Register every collected service on ``server`` behind the gate.
 
-    ``gated`` names the services whose calls count against the in-flight bound and the
-    drain; ``parsers`` maps ``"<service>/<method>"`` to a request parser of its own (one
-    that may return :class:`Undecodable` before parsing), used instead of the generated
-    deserializer.
+    ``gated`` names the services (``"<service>"``) or single methods (``"<service>/<method>"``)
+    whose calls count against the in-flight bound and the drain; ``parsers`` maps
+    ``"<service>/<method>"`` to a request parser of its own (one that may return
+    :class:`Undecodable` before parsing), used instead of the generated deserializer.
     """
     parsers = parsers or {}
     for service, handlers in collector.services.items():
         guarded = {
             method: _guard(
                 handler,
+                service,
                 method,
-                gate if service in gated else None,
+                gate if service in gated or f"{service}/{method}" in gated else None,
                 on_malformed,
                 parsers.get(f"{service}/{method}"),
             )
@@ -209,6 +275,7 @@ def guard_services(
 
 def _guard(
     handler: grpc.RpcMethodHandler,
+    service: str,
     method: str,
     gate: CallGate | None,
     on_malformed: RefusalCounter,
@@ -223,7 +290,7 @@ def _guard(
         behaviour = handler.unary_unary or handler.unary_stream
     if behaviour is None:  # a handler carries the behaviour of its own kind: never the case
         raise ValueError(f"{method}: the handler has no behaviour of its streaming kind")
-    wrapped = _wrap(behaviour, method, gate, on_malformed, handler.request_streaming)
+    wrapped = _wrap(behaviour, service, method, gate, on_malformed, handler.request_streaming)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -241,6 +308,7 @@ def _type_name(deserializer: Callable[[bytes], Any]) -> str:
 
 def _wrap(
     behaviour: Callable[..., Any],
+    service: str,
     method: str,
     gate: CallGate | None,
     on_malformed: RefusalCounter,
@@ -251,11 +319,11 @@ def _wrap(
     def admit(request: Any) -> tuple[Any, CallGate | None]:
         """The request (a checked iterator for a stream) and the entered gate, or the call's refusal."""
         if request_streaming:
-            request = _checked(request, method, on_malformed)
+            request = _checked(request, service, method, on_malformed)
         elif isinstance(request, Undecodable):
-            on_malformed(method, request.error)
+            on_malformed(service, method, request.error)
             raise request.error
-        return request, gate.admit(method) if gate is not None else None
+        return request, gate.admit(service, method) if gate is not None else None
 
     if inspect.isasyncgenfunction(behaviour):
 
@@ -283,10 +351,12 @@ def _wrap(
     return handler
 
 
-async def _checked(requests: AsyncIterator[Any], method: str, on_malformed: RefusalCounter) -> AsyncIterator[Any]:
+async def _checked(
+    requests: AsyncIterator[Any], service: str, method: str, on_malformed: RefusalCounter
+) -> AsyncIterator[Any]:
     """The messages of a request stream; an undecodable one raises its refusal, in order."""
     async for message in requests:
         if isinstance(message, Undecodable):
-            on_malformed(method, message.error)
+            on_malformed(service, method, message.error)
             raise message.error
         yield message

@@ -61,6 +61,8 @@ class Runtime(abc.ABC):
     runs_on_calling_thread: bool = False
     #: How canonical pixels become this model's input, and its outputs probabilities.
     preprocessing: Preprocessing = Preprocessing()
+    #: The names of the model's input and output: its SavedModel signature's, where it has one.
+    signature_keys: tuple[str, str] = ("images", "probabilities")
 
     @abc.abstractmethod
     def predict(self, batch: np.ndarray) -> np.ndarray:
@@ -161,8 +163,9 @@ class SavedModelRuntime(PreprocessedRuntime):
         finally:
             logger.setLevel(level)
         signature = meta_graph.signature_def["serving_default"]
-        (input_info,) = signature.inputs.values()
-        (output_info,) = signature.outputs.values()
+        ((input_key, input_info),) = signature.inputs.items()
+        ((output_key, output_info),) = signature.outputs.items()
+        self.signature_keys = (input_key, output_key)
         input_tensor = graph.get_tensor_by_name(input_info.name)
         output_tensor = graph.get_tensor_by_name(output_info.name)
         dims = input_tensor.shape.as_list()

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import TypeVar
 
 import grpc
-import numpy as np
 
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
@@ -35,7 +34,8 @@ from costserve.server.domain import (
 from costserve.server.errors import CostserveError, InvalidInput
 from costserve.server.inputs import ImageLimits
 from costserve.server.repository.store import LoadedModel
-from costserve.server.rpc_gate import Undecodable, abort_with, count_top_level_field, tolerant
+from costserve.server.rpc_gate import abort_with, count_top_level_field, scanning_parser
+from costserve.server.tensors import top_classes
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -68,9 +68,6 @@ COST_FIELD_BYTES = 2 + pb.Cost(
     usd=1, cpu_usd=1, memory_usd=1, network_usd=1, cpu_seconds=1, memory_gb_seconds=1, utilization=1, network_bytes=1000
 ).ByteSize()  # fmt: skip
 
-#: A PredictRequest larger than this, in bytes, has its images counted from its wire bytes
-#: before it is parsed; a smaller one parses in well under a millisecond whatever it holds.
-SCAN_FROM_BYTES = 4096
 #: PredictRequest.images' field number.
 IMAGES_FIELD = pb.PredictRequest.DESCRIPTOR.fields_by_name["images"].number
 
@@ -80,21 +77,19 @@ Response = TypeVar("Response")
 def request_parsers(max_images: int) -> Mapping[str, Callable[[bytes], object]]:
     """Deserializers of the prediction methods that refuse more than ``max_images`` images before parsing.
 
-    A 16 MiB message can hold 8 million empty images; parsing it alone takes most of a
-    second. Its images are counted from the wire bytes, stopping past ``max_images``.
+    A 16 MiB message can hold 8 million empty images. Its images are counted from the
+    wire bytes, stopping past ``max_images`` (see :func:`scanning_parser`).
     """
-    parse = tolerant(pb.PredictRequest.FromString, pb.PredictRequest.DESCRIPTOR.full_name)
 
-    def parse_request(raw: bytes) -> object:
-        if len(raw) > SCAN_FROM_BYTES and count_top_level_field(raw, IMAGES_FIELD, max_images) > max_images:
-            return Undecodable(
-                InvalidInput(
-                    f"the request has more than {max_images} images (or repeats its fields); at most "
-                    f"{max_images} per request (split it, or use PredictStream)"
-                )
+    def problem_of(raw: bytes) -> str:
+        if count_top_level_field(raw, IMAGES_FIELD, max_images) > max_images:
+            return (
+                f"the request has more than {max_images} images (or repeats its fields); at most "
+                f"{max_images} per request (split it, or use PredictStream)"
             )
-        return parse(raw)
+        return ""
 
+    parse_request = scanning_parser(pb.PredictRequest, problem_of)
     return {f"{SERVICE_NAME}/Predict": parse_request, f"{SERVICE_NAME}/PredictStream": parse_request}
 
 
@@ -111,7 +106,7 @@ def abort_on_error(
     """Turn errors escaping a unary handler into ``context.abort(status, message)``."""
 
     @functools.wraps(handler)
-    async def wrapper(self: ClassifierServicer, request: object, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(self: object, request: object, context: grpc.aio.ServicerContext) -> Response:
         try:
             return await handler(self, request, context)
         except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -183,13 +178,8 @@ def _add_prediction(
 ) -> None:
     probabilities = prediction.probabilities
     classes: list[int] = []
-    if 0 < top_k < len(probabilities):
-        # argpartition then a sort of k: a 1,000-class answer needs no full sort.
-        best = np.argpartition(-probabilities, top_k - 1)[:top_k]
-        order = best[np.argsort(-probabilities[best], kind="stable")]
-        classes, values = order.tolist(), probabilities[order].tolist()
-    elif top_k > 0:
-        order = np.argsort(-probabilities, kind="stable")
+    if top_k > 0:
+        order = top_classes(probabilities, top_k)
         classes, values = order.tolist(), probabilities[order].tolist()
     else:
         values = probabilities.tolist()

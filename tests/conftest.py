@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import threading
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
@@ -11,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -18,6 +20,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((REPO_ROOT / "examples" / "digits").glob("digit_*.png"))
+#: The imported RGB model of the shared repository (see the ``repository`` fixture).
+RGB_SHAPE = (32, 32, 3)
+RGB_CLASSES = 5
 
 T = TypeVar("T")
 
@@ -172,3 +177,54 @@ def http_server() -> Iterator[Callable[[Route], str]]:
     for httpd in servers:
         httpd.shutdown()
         httpd.server_close()
+
+
+# --- a repository of two models: the session's digits and an imported RGB model ------------------
+
+
+def _build_rgb_model(path: Path) -> Any:
+    """A small untrained RGB 32x32 classifier that outputs logits (seeded: the same weights every run)."""
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(3)
+    layers = tf.keras.layers
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input(shape=RGB_SHAPE),
+            layers.Conv2D(8, 3, activation="relu"),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(RGB_CLASSES),
+        ]
+    )
+    model.save(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def rgb_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
+    """An RGB Keras file, held-out data for it (npz), and the Keras model itself."""
+    root = tmp_path_factory.mktemp("rgb-source")
+    model = _build_rgb_model(root / "shapes.keras")
+    rng = np.random.default_rng(5)
+    np.savez(root / "holdout.npz", x=rng.integers(0, 256, (40, *RGB_SHAPE), dtype=np.uint8), y=rng.integers(0, 5, 40))
+    return root / "shapes.keras", root / "holdout.npz", model
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, rgb_source: tuple[Path, Path, Any]) -> Path:
+    """A repository holding digits (version 1, the session's model) and shapes (RGB, imported, version 1)."""
+    from costserve.server.preprocessing import Preprocessing
+    from costserve.server.repository.importer import import_model
+
+    root = tmp_path_factory.mktemp("repository")
+    shutil.copytree(model_dir / "1", root / "digits" / "1")
+    keras_file, holdout, _ = rgb_source
+    import_model(
+        keras_file,
+        "shapes",
+        root,
+        holdout=holdout,
+        preprocessing=Preprocessing(color_mode="rgb", resize="crop", scaling="symmetric", output="logits"),
+        max_int8_drop=100.0,
+    )
+    return root

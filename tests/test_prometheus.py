@@ -852,7 +852,8 @@ def test_dashboard_model() -> None:
     exprs = " ".join(target["expr"] for _, target in _dashboard_targets())
     picked = '{model=~"$model"'
     for needle in [
-        'rate(costserve_requests_total{model=~"$model",code="OK",method=~"Predict.*"}',  # throughput of predictions
+        # throughput of predictions, every protocol
+        'rate(costserve_requests_total{model=~"$model",code="OK",method=~"Predict.*|ModelInfer"}',
         f"rate(costserve_images_total{picked}",
         f"histogram_quantile(0.5, sum by (le) (rate(costserve_request_duration_seconds_bucket{picked}",
         f"histogram_quantile(0.95, sum by (le) (rate(costserve_request_duration_seconds_bucket{picked}",

@@ -21,49 +21,18 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, RunningServer
+from conftest import REPO_ROOT, RGB_CLASSES, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, ImageOps
 
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
-RGB_SHAPE = (32, 32, 3)
-RGB_CLASSES = 5
-
 
 def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _build_rgb_model(path: Path) -> Any:
-    """A small untrained RGB 32x32 classifier that outputs logits (seeded: the same weights every run)."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(3)
-    layers = tf.keras.layers
-    model = tf.keras.Sequential(
-        [
-            tf.keras.Input(shape=RGB_SHAPE),
-            layers.Conv2D(8, 3, activation="relu"),
-            layers.GlobalAveragePooling2D(),
-            layers.Dense(RGB_CLASSES),
-        ]
-    )
-    model.save(path)
-    return model
-
-
-@pytest.fixture(scope="module")
-def rgb_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
-    """An RGB Keras file, held-out data for it (npz), and the Keras model itself."""
-    root = tmp_path_factory.mktemp("rgb-source")
-    model = _build_rgb_model(root / "shapes.keras")
-    rng = np.random.default_rng(5)
-    np.savez(root / "holdout.npz", x=rng.integers(0, 256, (40, *RGB_SHAPE), dtype=np.uint8), y=rng.integers(0, 5, 40))
-    return root / "shapes.keras", root / "holdout.npz", model
 
 
 def _copy_version(source: Path, model_dir: Path, version: str) -> Path:
@@ -77,26 +46,6 @@ def _copy_version(source: Path, model_dir: Path, version: str) -> Path:
     (staging / METADATA_FILE).write_text(metadata_dict)
     staging.rename(model_dir / version)
     return model_dir / version
-
-
-@pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, rgb_source: tuple[Path, Path, Any]) -> Path:
-    """A repository holding digits (version 1, the session's model) and shapes (RGB, imported, version 1)."""
-    from costserve.server.preprocessing import Preprocessing
-    from costserve.server.repository.importer import import_model
-
-    root = tmp_path_factory.mktemp("repository")
-    shutil.copytree(model_dir / "1", root / "digits" / "1")
-    keras_file, holdout, _ = rgb_source
-    import_model(
-        keras_file,
-        "shapes",
-        root,
-        holdout=holdout,
-        preprocessing=Preprocessing(color_mode="rgb", resize="crop", scaling="symmetric", output="logits"),
-        max_int8_drop=100.0,
-    )
-    return root
 
 
 @pytest.fixture

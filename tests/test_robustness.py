@@ -149,19 +149,22 @@ def test_a_large_jpeg_decodes_close_to_the_same_picture_at_model_size() -> None:
 
 
 def test_the_gate_admits_up_to_its_bound_then_refuses_and_closes_for_the_drain() -> None:
-    refused: list[tuple[str, str]] = []
-    gate = CallGate(max_in_flight=2, on_refused=lambda method, error: refused.append((method, error.reason)))
-    with gate.admit("Predict"), gate.admit("PredictStream"):
+    refused: list[tuple[str, str, str]] = []
+    gate = CallGate(
+        max_in_flight=2, on_refused=lambda service, method, error: refused.append((service, method, error.reason))
+    )
+    v1, v2 = "costserve.v1.Classifier", "inference.GRPCInferenceService"
+    with gate.admit(v1, "Predict"), gate.admit(v2, "ModelInfer"):
         assert gate.in_flight == 2
         with pytest.raises(ServerBusy, match="--max-concurrent-rpcs"):
-            gate.admit("Predict")
+            gate.admit(v2, "ModelInfer")
     assert gate.in_flight == 0
-    with gate.admit("Predict"):
+    with gate.admit(v1, "Predict"):
         pass
     gate.accepting = False
     with pytest.raises(Unavailable, match="shutting down"):
-        gate.admit("Predict")
-    assert refused == [("Predict", "server_busy"), ("Predict", "unavailable")]
+        gate.admit(v1, "Predict")
+    assert refused == [(v2, "ModelInfer", "server_busy"), (v1, "Predict", "unavailable")]
 
 
 # --- the decode pool --------------------------------------------------------------------

@@ -175,7 +175,9 @@ def test_metrics_endpoint_counts_requests(server: RunningServer, client: Client)
         client.predict(EXAMPLES[:2], precision="int8")
     with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=10) as reply:
         text = reply.read().decode()
-    assert 'costserve_requests_total{code="OK",method="Predict",model="digits",precision="int8"} 3.0' in text
+    assert (
+        'costserve_requests_total{code="OK",method="Predict",model="digits",precision="int8",protocol="v1"} 3.0' in text
+    )
     assert "process_cpu_seconds_total" in text
 
 

@@ -288,6 +288,12 @@ class LoadedModel:
         """How images become this version's input."""
         return next(iter(self.runtimes.values())).preprocessing
 
+    @property
+    def signature_keys(self) -> tuple[str, str]:
+        """The names of the model's input and output: the fp32 SavedModel signature's, when it is served."""
+        runtime = self.runtimes.get(Precision.FP32) or next(iter(self.runtimes.values()))
+        return runtime.signature_keys
+
     def accuracy(self) -> dict[Precision, float | None]:
         """Held-out accuracy of each loaded variant (None: unknown)."""
         return {precision: self.metadata.variant(precision).accuracy for precision in self.runtimes}

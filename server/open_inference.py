@@ -1,0 +1,404 @@
+"""The Open Inference Protocol v2 front end (``inference.GRPCInferenceService``), over the same core.
+
+What Triton, KServe, MLServer and ``tritonclient`` speak. Like costserve.v1's
+servicer, it only converts messages and maps errors; the core batches, caches,
+prices and counts every call (under ``protocol="v2"``).
+
+The mapping:
+
+- A model takes one input, ``images``: ``UINT8`` levels (0..255) or ``FP32`` pixels in
+  [0, 1], shaped ``[N, H, W, C]``, ``[N, H, W]`` (one-channel models) or ``[H, W, C]``,
+  sent as ``raw_input_contents`` (what tritonclient sends) or typed ``contents``; or
+  ``BYTES`` ``[N]`` of encoded PNG/JPEG files.
+- It answers three outputs: ``probabilities`` (``FP32 [N, classes]``), ``labels``
+  (``BYTES [N]``, the top class's name) and ``classes`` (``INT64 [N]``, its index); as
+  raw output contents when the request sent raw inputs. With the ``top_k`` parameter,
+  ``probabilities`` and ``classes`` are ``[N, k]``: each image's k most probable
+  classes, most probable first. A requested output with the
+  ``classification`` parameter (tritonclient's ``class_count``) is instead ``BYTES
+  [N, k]`` of ``"score:index:label"``, the k most probable classes: Triton's
+  classification extension.
+- Request ``parameters`` carry costserve's options (:data:`PARAMETERS`); response
+  ``parameters`` carry ``cost_usd``, the ``precision`` that answered, ``cache_hits``
+  and the ``decision_reason``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import numpy as np
+
+from costserve import __version__
+from costserve.protocols import inference_pb2 as v2
+from costserve.protocols import inference_pb2_grpc as v2_grpc
+from costserve.server.core import InferenceCore
+from costserve.server.domain import (
+    ImageInput,
+    PixelType,
+    Precision,
+    PredictionRequest,
+    PredictionResult,
+    Protocol,
+    VersionState,
+    WireCall,
+)
+from costserve.server.errors import InvalidInput
+from costserve.server.rpc_gate import count_top_level_field, field_payloads, scanning_parser, top_level_field_counts
+from costserve.server.servicer import abort_on_error, tenant_of
+from costserve.server.tensors import (
+    encoded_images,
+    images_from_tensor,
+    join_length_prefixed,
+    split_length_prefixed,
+    top_classes,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+#: The one input every model takes.
+INPUT_NAME = "images"
+PROBABILITIES, LABELS, CLASSES = "probabilities", "labels", "classes"
+OUTPUTS = (PROBABILITIES, LABELS, CLASSES)
+#: A requested output's parameter asking for the top k classes as "score:index:label" (Triton's).
+CLASSIFICATION = "classification"
+#: Input datatypes of raw pixels.
+PIXEL_DATATYPES = {"UINT8": PixelType.UINT8, "FP32": PixelType.FLOAT32}
+PRECISIONS = {precision.value: precision for precision in Precision}
+#: Request parameters costserve reads, with the InferParameter fields each may be given in.
+PARAMETERS: dict[str, tuple[str, ...]] = {
+    "precision": ("string_param",),
+    "skip_cache": ("bool_param",),
+    # A number also as a string: tritonclient's infer(parameters=...) sends no doubles.
+    "min_accuracy": ("double_param", "int64_param", "string_param"),
+    "max_cost_usd": ("double_param", "int64_param", "string_param"),
+    "top_k": ("int64_param", "uint64_param"),
+}
+#: The protocol extensions ServerMetadata lists.
+EXTENSIONS = ("classification", "model_repository", "parameters")
+#: RepositoryIndex's state of each version state (Triton's names).
+STATE_NAMES = {
+    VersionState.LOADING: "LOADING",
+    VersionState.AVAILABLE: "READY",
+    VersionState.UNLOADING: "UNLOADING",
+    VersionState.FAILED: "UNAVAILABLE",
+}
+#: Bytes the ``cost_usd`` response parameter adds: the response is sized before its cost is known.
+COST_PARAMETER_BYTES = v2.ModelInferResponse(parameters={"cost_usd": v2.InferParameter(double_param=1.0)}).ByteSize()
+
+
+#: Most inputs, requested outputs and raw_input_contents entries a ModelInferRequest may carry; one
+#: input is all a model takes, so a message past these is refused before it is parsed.
+MAX_TENSORS = 8
+#: Most top-level fields (each parameter is one) a ModelInferRequest may carry.
+MAX_FIELDS = 64
+#: Field numbers: ModelInferRequest's inputs, outputs and raw_input_contents; an input's contents,
+#: and the contents' bytes_contents.
+INPUTS_FIELD, OUTPUTS_FIELD, RAW_FIELD = 5, 6, 7
+CONTENTS_FIELD, BYTES_CONTENTS_FIELD = 5, 8
+
+
+def request_parsers(max_images: int) -> dict[str, Callable[[bytes], object]]:
+    """ModelInfer's deserializer, which refuses from the wire bytes, before parsing, a message of more
+    tensors than a request can use or of more encoded images than ``max_images``.
+
+    Millions of empty tensors or BYTES elements fit in 16 MiB, and parsing them alone
+    holds the event loop for a quarter of a second.
+    """
+
+    def too_large(raw: bytes) -> str:
+        counts = top_level_field_counts(raw, MAX_FIELDS)
+        if counts is None:
+            return f"the request has more than {MAX_FIELDS} fields (inputs, outputs, parameters); it needs a few"
+        for field, what in ((INPUTS_FIELD, "inputs"), (OUTPUTS_FIELD, "outputs"), (RAW_FIELD, "raw_input_contents")):
+            if counts[field] > MAX_TENSORS:
+                return f"the request has more than {MAX_TENSORS} {what}; the model takes one input, {INPUT_NAME!r}"
+        for tensor in field_payloads(raw, INPUTS_FIELD, MAX_TENSORS):
+            for contents in field_payloads(tensor, CONTENTS_FIELD, 1):
+                if count_top_level_field(contents, BYTES_CONTENTS_FIELD, max_images) > max_images:
+                    return f"an input holds more than {max_images} encoded images; at most {max_images} per request"
+        return ""
+
+    return {f"{SERVICE_NAME}/ModelInfer": scanning_parser(v2.ModelInferRequest, too_large)}
+
+
+def _parameter(parameters: Any, name: str) -> bool | int | float | str | None:
+    """A request parameter's value, None when absent; InvalidInput when given in the wrong type."""
+    if name not in parameters:
+        return None
+    given = parameters[name]
+    kind = given.WhichOneof("parameter_choice")
+    if kind not in PARAMETERS[name]:
+        given_as = "empty" if kind is None else f"a {kind}"
+        raise InvalidInput(f"parameter {name!r} is {given_as}; expected {' or '.join(PARAMETERS[name])}")
+    value: bool | int | float | str = getattr(given, kind)
+    return value
+
+
+def _number(parameters: Any, name: str) -> float:
+    """A numeric request parameter (0 when absent), given as a number or as a string holding one."""
+    value = _parameter(parameters, name)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidInput(f"parameter {name!r} is {value!r}; expected a number") from None
+    return float(value or 0.0)
+
+
+def _check_unknown_parameters(parameters: Any) -> None:
+    """Refuse a parameter that looks like a misspelt costserve option; others (a client's own) pass."""
+    for name in parameters:
+        if name not in PARAMETERS:
+            close = difflib.get_close_matches(name, PARAMETERS, n=1, cutoff=0.8)
+            if close:
+                raise InvalidInput(f"unknown parameter {name!r}; did you mean {close[0]!r}?")
+
+
+def asked_precision(request: Any) -> Precision:
+    """The precision a request asks for, AUTO when it names none or none known (counted so when refused)."""
+    if "precision" in request.parameters:
+        return PRECISIONS.get(request.parameters["precision"].string_param, Precision.AUTO)
+    return Precision.AUTO
+
+
+def _images(core: InferenceCore, request: Any) -> list[ImageInput]:
+    """The images of a ModelInferRequest's one input."""
+    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
+        names = ", ".join(repr(tensor.name) for tensor in request.inputs[:4]) or "none"
+        if len(request.inputs) > 4:
+            names = f"{len(request.inputs)} inputs: {names}, ..."
+        raise InvalidInput(f"the model takes one input, {INPUT_NAME!r}; the request has {names}")
+    tensor = request.inputs[0]
+    where = f"input {INPUT_NAME!r}"
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(
+                f"raw_input_contents has {len(request.raw_input_contents)} entries; expected one per input (1)"
+            )
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"{where} has both contents and raw_input_contents; send one of them")
+    served = core.resolve(request.model_name, request.model_version)
+    limits = served.limits
+    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    datatype = tensor.datatype
+    if datatype == "BYTES":
+        if raw is not None:
+            elements = split_length_prefixed(raw, where, limits.max_images)
+        else:
+            elements = tensor.contents.bytes_contents  # counted before any element is read
+        return encoded_images(elements, tensor.shape, limits, where)
+    pixel_type = PIXEL_DATATYPES.get(datatype)
+    if pixel_type is None:
+        raise InvalidInput(f"{where} has datatype {datatype or 'unset'}; expected UINT8, FP32 or BYTES")
+    if raw is None:
+        raw = _typed_contents(tensor.contents, pixel_type, where)
+    return images_from_tensor(raw, pixel_type, tensor.shape, served.input_shape, limits, where)
+
+
+def _typed_contents(contents: Any, pixel_type: PixelType, where: str) -> bytes:
+    """The bytes of pixels sent in typed contents: UINT8 in uint_contents, FP32 in fp32_contents."""
+    if pixel_type is PixelType.UINT8:
+        values = np.asarray(contents.uint_contents, dtype=np.uint32)
+        if values.size and int(values.max()) > 255:
+            raise InvalidInput(f"{where}: uint_contents holds {int(values.max())}; UINT8 values lie in 0..255")
+        return values.astype(np.uint8).tobytes()
+    return np.asarray(contents.fp32_contents, dtype="<f4").tobytes()
+
+
+def request_from_proto(
+    core: InferenceCore, request: Any, time_remaining_s: float | None, tenant: str = ""
+) -> PredictionRequest:
+    """Convert a ModelInferRequest; bad inputs, outputs and parameters are InvalidInput, naming the field."""
+    parameters = request.parameters
+    _check_unknown_parameters(parameters)
+    precision_name = _parameter(parameters, "precision")
+    precision = Precision.AUTO
+    if precision_name is not None:
+        precision = PRECISIONS.get(str(precision_name).lower(), Precision.AUTO)
+        if str(precision_name).lower() not in PRECISIONS:
+            raise InvalidInput(f"parameter 'precision' is {precision_name!r}; expected auto, fp32 or int8")
+    min_accuracy = _number(parameters, "min_accuracy")
+    if not 0 <= min_accuracy <= 1:
+        raise InvalidInput(f"parameter 'min_accuracy' is {min_accuracy}; expected a value in [0, 1] (0: no floor)")
+    max_cost_usd = _number(parameters, "max_cost_usd")
+    if not 0 <= max_cost_usd < float("inf"):
+        raise InvalidInput(f"parameter 'max_cost_usd' is {max_cost_usd}; expected a finite number, 0 or more")
+    top_k = int(_parameter(parameters, "top_k") or 0)
+    if top_k < 0:
+        raise InvalidInput(f"parameter 'top_k' is {top_k}; expected 0 (every class) or more")
+    for output in request.outputs:
+        if output.name not in OUTPUTS:
+            raise InvalidInput(f"unknown output {output.name!r}; the model's outputs are {', '.join(OUTPUTS)}")
+    return PredictionRequest(
+        images=_images(core, request),
+        precision=precision,
+        skip_cache=bool(_parameter(parameters, "skip_cache")),
+        time_remaining_s=time_remaining_s,
+        tenant=tenant,
+        min_accuracy=min_accuracy,
+        max_cost_usd=max_cost_usd,
+        model_name=request.model_name,
+        model_version=request.model_version,
+        top_k=top_k,
+    )
+
+
+def _classification_count(output: Any) -> int:
+    """k of a requested output's ``classification`` parameter, 0 when it has none."""
+    if CLASSIFICATION not in output.parameters:
+        return 0
+    given = output.parameters[CLASSIFICATION]
+    k = given.int64_param if given.WhichOneof("parameter_choice") == "int64_param" else given.uint64_param
+    if k < 0:
+        raise InvalidInput(f"output {output.name!r}: parameter 'classification' is {k}; expected 1 or more")
+    return int(k)
+
+
+def _classifications(result: PredictionResult, k: int) -> list[bytes]:
+    """``"score:index:label"`` of the ``k`` most probable classes of each image, row-major."""
+    entries = []
+    for prediction in result.predictions:
+        probabilities = prediction.probabilities
+        for index in top_classes(probabilities, k).tolist():
+            entries.append(f"{probabilities[index]:f}:{index}:{result.labels[index]}".encode())
+    return entries
+
+
+def _set_bytes(response: Any, tensor: Any, elements: list[bytes], raw: bool) -> None:
+    """A BYTES output's elements: length-prefixed in raw_output_contents, or in the tensor's contents."""
+    if raw:
+        response.raw_output_contents.append(join_length_prefixed(elements))
+    else:
+        tensor.contents.bytes_contents.extend(elements)
+
+
+def response_to_proto(request: Any, result: PredictionResult) -> Any:
+    """The ModelInferResponse of a result: the outputs the request asked for (all by default), raw when its
+    inputs were; the parameters but ``cost_usd``, which is filled once the call is priced."""
+    response = v2.ModelInferResponse(model_name=result.model_name, model_version=result.model_version, id=request.id)
+    parameters = response.parameters
+    parameters["precision"].string_param = result.precision.value
+    parameters["cache_hits"].int64_param = result.cache_hits
+    parameters["decision_reason"].string_param = result.decision_reason
+    raw = bool(request.raw_input_contents)
+    predictions = result.predictions
+    count = len(predictions)
+    probabilities = np.stack([prediction.probabilities for prediction in predictions]).astype("<f4", copy=False)
+    # top_k: each image's k most probable classes, most probable first, and their indices.
+    top = np.stack([top_classes(row, result.top_k) for row in probabilities]) if result.top_k else None
+    for name, k in [(output.name, _classification_count(output)) for output in request.outputs] or [
+        (name, 0) for name in OUTPUTS
+    ]:
+        tensor = response.outputs.add(name=name)
+        if k:
+            classes = min(k, len(result.labels))
+            tensor.datatype, tensor.shape[:] = "BYTES", [count, classes]
+            _set_bytes(response, tensor, _classifications(result, classes), raw)
+        elif name == PROBABILITIES:
+            values = probabilities if top is None else np.take_along_axis(probabilities, top, axis=1)
+            tensor.datatype, tensor.shape[:] = "FP32", list(values.shape)
+            if raw:
+                response.raw_output_contents.append(values.tobytes())
+            else:
+                tensor.contents.fp32_contents.extend(values.ravel().tolist())
+        elif name == LABELS:
+            tensor.datatype, tensor.shape[:] = "BYTES", [count]
+            _set_bytes(response, tensor, [result.labels[prediction.label].encode() for prediction in predictions], raw)
+        else:
+            indices = np.asarray([prediction.label for prediction in predictions], dtype="<i8") if top is None else top
+            tensor.datatype, tensor.shape[:] = "INT64", list(indices.shape)
+            if raw:
+                response.raw_output_contents.append(indices.astype("<i8", copy=False).tobytes())
+            else:
+                tensor.contents.int64_contents.extend(indices.ravel().tolist())
+    return response
+
+
+def tensor_metadata(model_input_shape: tuple[int, int, int], classes: int) -> tuple[list[Any], list[Any]]:
+    """ModelMetadata's inputs and outputs of a model of ``model_input_shape`` and ``classes`` classes."""
+    tensor = v2.ModelMetadataResponse.TensorMetadata
+    inputs = [tensor(name=INPUT_NAME, datatype="UINT8", shape=[-1, *model_input_shape])]
+    outputs = [
+        tensor(name=PROBABILITIES, datatype="FP32", shape=[-1, classes]),
+        tensor(name=LABELS, datatype="BYTES", shape=[-1]),
+        tensor(name=CLASSES, datatype="INT64", shape=[-1]),
+    ]
+    return inputs, outputs
+
+
+class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over an :class:`InferenceCore`.
+
+    ``ready`` says whether the server takes predictions (false while the model loads and
+    once the drain began): ServerReady and ModelReady answer from it, never waiting.
+    """
+
+    def __init__(self, ready: Callable[[], bool], core: InferenceCore | None = None) -> None:
+        self.core = core
+        self._ready = ready
+
+    def _ready_core(self) -> InferenceCore:
+        assert self.core is not None, "the call gate admits calls only once the core is ready"
+        return self.core
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return v2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return v2.ServerReadyResponse(ready=self._ready())
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return v2.ServerMetadataResponse(name="costserve", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if self.core is None or not self._ready():
+            return v2.ModelReadyResponse(ready=False)
+        versions = self.core.models.get(request.name or self.core.default_model_name(), {})
+        return v2.ModelReadyResponse(ready=bool(versions) and (not request.version or request.version in versions))
+
+    @abort_on_error
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        core = self._ready_core()
+        model = core.describe("ModelMetadata", request.name, request.version, Protocol.V2)
+        inputs, outputs = tensor_metadata(model.input_shape, len(model.metadata.labels))
+        return v2.ModelMetadataResponse(
+            name=model.name,
+            versions=list(core.models.get(model.name, {})),
+            platform="costserve",
+            inputs=inputs,
+            outputs=outputs,
+        )
+
+    @abort_on_error
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        core = self._ready_core()
+
+        def encode(result: PredictionResult) -> tuple[Any, int]:
+            response = response_to_proto(request, result)
+            return response, response.ByteSize() + COST_PARAMETER_BYTES
+
+        answer = await core.predict(
+            lambda: request_from_proto(core, request, context.time_remaining(), tenant_of(context)),
+            WireCall("ModelInfer", request.ByteSize(), encode, asked_precision(request), Protocol.V2),
+        )
+        answer.response.parameters["cost_usd"].double_param = answer.cost.usd
+        return answer.response
+
+    @abort_on_error
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        core = self._ready_core()
+        index = v2.RepositoryIndexResponse()
+        for model in core.list_models("RepositoryIndex", Protocol.V2):
+            for status in model.versions:
+                if request.ready and status.state is not VersionState.AVAILABLE:
+                    continue
+                index.models.add(
+                    name=model.name, version=status.version, state=STATE_NAMES[status.state], reason=status.reason
+                )
+        return index
