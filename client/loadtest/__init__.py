@@ -5,7 +5,8 @@
     costserve loadtest [--target HOST:PORT] [--concurrency N | --rate R | --sweep-concurrency 1,4,16 | --sweep-rate ...]
                        [--duration S | --requests N] [--warmup S] [--arrivals poisson|constant]
                        [--repeat FRACTION | --repeat zipf:S] [--images-per-request K] [--precision P]
-                       [--deadline-ms MS] [--skip-cache] [--stream] [--processes N] [--channels N]
+                       [--deadline-ms MS] [--skip-cache] [--protocol v1|v2|tfserving] [--stream]
+                       [--processes N] [--channels N]
                        [--model NAME] [--version V] [--inputs DIR]
                        [--json [FILE]] [--csv [FILE]] [--plot FILE.png]
 
@@ -25,6 +26,12 @@ prepared tail (protobuf's wire format merges concatenated messages), sent throug
 ``grpc.aio`` channels that skip request serialization. The tail names the model and
 version asked (``--model``, ``--version``).
 
+Protocols. ``--protocol v1`` (the default) sends costserve.v1 ``Predict`` calls (or, with
+``--stream``, ``PredictStream``); ``v2`` the Open Inference Protocol's ``ModelInfer`` with the
+images as one raw tensor; ``tfserving`` TensorFlow Serving's ``Predict``. The same inputs and
+loops, and the same report, as far as each protocol's answers tell (TF Serving's say neither
+cache hits nor the variant).
+
 ``--inputs DIR`` sends your own PNG/JPEG files instead, as encoded bytes: one sub-folder
 per class (ImageFolder layout; an answer is correct when its ``label_name`` is the folder
 name) or a flat folder (no labels, so no accuracy).
@@ -40,6 +47,7 @@ averages of per-process percentiles.
 
 The parts, one module each: :mod:`~costserve.loadtest.config` (settings),
 :mod:`~costserve.loadtest.inputs` (held-out digits and their variants, or a folder's files),
+:mod:`~costserve.loadtest.protocols` (each protocol's requests and answers),
 :mod:`~costserve.loadtest.transports` (unary and stream calls),
 :mod:`~costserve.loadtest.generator` (one process's closed- and open-loop engines),
 :mod:`~costserve.loadtest.samples` (raw samples, their pooling, percentiles),

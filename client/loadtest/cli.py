@@ -12,6 +12,7 @@ from typing import TextIO
 
 from costserve.client import PRECISIONS
 from costserve.loadtest.config import DEFAULT_CATALOG, LoadtestConfig, RepeatSpec
+from costserve.loadtest.protocols import PROTOCOLS
 from costserve.loadtest.report import (
     LoadReport,
     MissingPlotExtra,
@@ -91,7 +92,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs.add_argument("--precision", choices=sorted(PRECISIONS), default="auto")
     inputs.add_argument("--deadline-ms", type=float, metavar="MS", help="deadline per call in ms (default --timeout)")
     inputs.add_argument("--skip-cache", action="store_true", help="ask the server to compute every answer")
-    inputs.add_argument("--stream", action="store_true", help="pipeline requests on PredictStream calls, not Predict")
+    inputs.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="v1",
+        help="the API every request goes by: v1 (costserve.v1 Predict, the default), v2 (the Open Inference "
+        "Protocol's ModelInfer, raw tensors) or tfserving (TensorFlow Serving's Predict)",
+    )
+    inputs.add_argument(
+        "--stream", action="store_true", help="pipeline requests on PredictStream calls, not Predict (v1 only)"
+    )
     inputs.add_argument(
         "--seed",
         type=int,
@@ -141,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> LoadtestConfig:
         model=args.model,
         model_version=args.model_version,
         inputs=args.inputs,
+        protocol=args.protocol,
     )
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS
+from costserve.loadtest.protocols import CODECS, PROTOCOLS
 
 #: Default Zipf catalog size, in distinct inputs.
 DEFAULT_CATALOG = 10_000
@@ -57,7 +58,9 @@ class LoadtestConfig:
 
     Stops each step after ``duration_s`` seconds or ``requests`` requests, whichever comes first (10 s
     when neither is set); ``warmup_s`` of the same load runs before each step and is not counted.
-    Every request asks ``model`` (``""``: the server's default) at ``model_version`` (``""``: its latest).
+    Every request asks ``model`` (``""``: the server's default) at ``model_version`` (``""``: its latest),
+    through ``protocol``: ``v1`` (costserve.v1), ``v2`` (the Open Inference Protocol) or ``tfserving``
+    (TensorFlow Serving's API); see :mod:`costserve.loadtest.protocols`.
     ``inputs``: a folder of PNG/JPEG files to send instead of the held-out digits, one sub-folder per
     class (ImageFolder layout) or flat (no labels); see :mod:`costserve.loadtest.inputs`.
     """
@@ -83,6 +86,7 @@ class LoadtestConfig:
     model: str = ""
     model_version: str = ""
     inputs: str | None = None
+    protocol: str = "v1"
 
     def steps(self) -> list[LoadStep]:
         """The load levels, in order."""
@@ -124,6 +128,16 @@ class LoadtestConfig:
             raise ValueError(f"--precision is one of {', '.join(PRECISIONS)}")
         if self.deadline_ms is not None and not self.deadline_ms > 0:
             raise ValueError("--deadline-ms must be above 0")
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"--protocol is one of {', '.join(PROTOCOLS)}")
+        if self.stream and self.protocol != "v1":
+            raise ValueError(
+                f"--stream pipelines requests on costserve.v1's PredictStream; --protocol {self.protocol} has no "
+                "stream, so each request is its own call (drop --stream)"
+            )
+        unsupported = CODECS[self.protocol].unsupported(self)
+        if unsupported is not None:
+            raise ValueError(unsupported)
         if self.stream and self.deadline_ms is not None:
             raise ValueError("--deadline-ms sets a deadline per call; a stream has one deadline for all its requests")
         if self.processes < 1 or self.channels < 1:

@@ -12,20 +12,20 @@ from typing import Generic, TypeVar
 import grpc
 import numpy as np
 
-from costserve.client import MAX_MESSAGE_BYTES, PRECISION_NAMES
+from costserve.client import MAX_MESSAGE_BYTES
 from costserve.loadtest.config import LoadStep, LoadtestConfig
 from costserve.loadtest.inputs import InputPicker, Inputs
+from costserve.loadtest.protocols import CODECS, ModelFacts, Reply
 from costserve.loadtest.samples import Samples
 from costserve.loadtest.transports import StreamTransport, UnaryTransport
-from costserve.v1 import classifier_pb2 as pb
 
 #: Open loop: wake this much before a scheduled send, since asyncio's timers fire up to ~1 ms late, in seconds.
 TIMER_SLACK_S = 0.001
 
 
 T = TypeVar("T")
-#: What one load-test request got: the response, the input ids it carried, and those sent for the first time.
-Answered = tuple[pb.PredictResponse, list[int], list[int]]
+#: What one load-test request got: its answer, the input ids it carried, and those sent for the first time.
+Answered = tuple[Reply, list[int], list[int]]
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class _Recorder:
 
     def ok(
         self,
-        response: pb.PredictResponse,
+        reply: Reply,
         ids: list[int],
         new_ids: list[int],
         latency_s: float,
@@ -153,16 +153,18 @@ class _Recorder:
         if lag_s is not None:
             self.lags.append(lag_s)
         samples = self.samples
-        samples.cost_usd += response.cost.usd
-        for input_id, prediction in zip(ids, response.predictions):
+        samples.cost_usd += reply.cost_usd
+        for input_id, answer in zip(ids, reply.answers):
             samples.predictions += 1
-            samples.cache_hits += prediction.cache_hit
-            samples.warm_hits += prediction.cache_hit and input_id in new_ids
-            verdict = self.pool.correct(input_id, prediction)
+            verdict = self.pool.correct(input_id, answer)
             if verdict is not None:
                 samples.labelled += 1
                 samples.correct += verdict
-            samples.precisions[PRECISION_NAMES.get(prediction.precision, str(prediction.precision))] += 1
+        if reply.cache_hits is not None:
+            samples.cache_hits += reply.cache_hits
+            samples.warm_hits += reply.warm_hits(ids, new_ids)
+        for precision in reply.precisions:
+            samples.precisions[precision] += 1
         self.last_done = max(self.last_done, done)
         self.counters[0] += 1
 
@@ -175,6 +177,7 @@ class _Recorder:
 class LoadGenerator:
     """One process's load: its channels, its inputs, and the closed- and open-loop request loops.
 
+    Requests go by ``config.protocol``, written and read with what ``model`` says of the model.
     Create, ``await connect()``, ``await run_step(...)`` per step, then ``await close()``, all in one event loop.
     """
 
@@ -185,10 +188,12 @@ class LoadGenerator:
         worker: int = 0,
         workers: int = 1,
         counters: MutableSequence[int] | None = None,
+        model: ModelFacts | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
-        self.picker = InputPicker(pool, config, worker, workers)
+        self.codec = CODECS[config.protocol](config, pool, model or ModelFacts())
+        self.picker = InputPicker(pool, config, worker, workers, self.codec)
         self.counters = counters if counters is not None else [0, 0]
         self.worker, self.workers = worker, workers
         self._channels: list[grpc.aio.Channel] = []
@@ -219,9 +224,9 @@ class LoadGenerator:
         transports: list[UnaryTransport] | list[StreamTransport]
         if self.config.stream:
             stream_timeout = step.time_bound_s(self.config.timeout_s)
-            transports = [StreamTransport(channel, stream_timeout) for channel in self._channels]
+            transports = [StreamTransport(channel, stream_timeout, self.codec) for channel in self._channels]
         else:
-            transports = [UnaryTransport(channel, self.config.call_timeout_s) for channel in self._channels]
+            transports = [UnaryTransport(channel, self.config.call_timeout_s, self.codec) for channel in self._channels]
         recorder = _Recorder(self.pool, self.counters)
         measure_from = start + step.warmup_s
         stop_at = measure_from + step.duration_s if step.duration_s is not None else math.inf
@@ -245,11 +250,11 @@ class LoadGenerator:
         return samples
 
     async def _predict(self, transport: UnaryTransport | StreamTransport) -> Answered:
-        """One request with the picker's next inputs: (response, the input ids it carried, those new)."""
+        """One request with the picker's next inputs: (its answer, the input ids it carried, those new)."""
         payload, ids, new_ids = self.picker.request()
-        response = await transport.predict(payload)
+        reply = await transport.predict(payload)
         self.picker.answered(new_ids)
-        return response, ids, new_ids
+        return reply, ids, new_ids
 
     @staticmethod
     def _record(recorder: _Recorder, outcome: Timed[Answered], open_loop: bool) -> None:
@@ -257,9 +262,9 @@ class LoadGenerator:
             assert outcome.error is not None
             recorder.error(outcome.error.code().name, outcome.done)
             return
-        response, ids, new_ids = outcome.result
+        reply, ids, new_ids = outcome.result
         lag_s = outcome.lag_s if open_loop else None
-        recorder.ok(response, ids, new_ids, outcome.latency_s, lag_s, outcome.done)
+        recorder.ok(reply, ids, new_ids, outcome.latency_s, lag_s, outcome.done)
 
     async def _closed_loop(
         self,

@@ -1,8 +1,10 @@
 """The inputs: the server's held-out digits and their labelled variants, or the image files of a folder
 (``--inputs DIR``), and which of them each request carries.
 
-Both kinds of pool (:class:`InputPool`, :class:`FileInputPool`) serialize each input as a
-``PredictRequest.images`` field once, and say whether an answer to it is correct (:class:`Inputs`).
+Both kinds of pool (:class:`InputPool`, :class:`FileInputPool`) give each input as an image
+(levels, or a file's bytes) and serialized once as a ``PredictRequest.images`` field, and say
+whether an answer to it is correct (:class:`Inputs`); each protocol's codec
+(:mod:`costserve.loadtest.protocols`) writes the requests from them.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Protocol
 
 import numpy as np
 
-from costserve.client import PRECISIONS, image_message
+from costserve.client import image_message
 from costserve.loadtest.config import LoadtestConfig
+from costserve.loadtest.protocols import Codec, Labelled, V1Codec
 from costserve.v1 import classifier_pb2 as pb
 
 #: One-pixel shifts (dy, dx) that make variants of a held-out digit; no shift first.
@@ -39,11 +42,15 @@ class Inputs(Protocol):
         """The serialized ``PredictRequest.images`` entry of input ``input_id``."""
         ...
 
+    def image(self, input_id: int) -> np.ndarray | bytes:
+        """Input ``input_id``: uint8 levels (height, width), or an encoded image file."""
+        ...
+
     def first_id(self, seed: int) -> int:
         """The id distinct inputs start from under ``--seed seed``."""
         ...
 
-    def correct(self, input_id: int, prediction: pb.Prediction) -> bool | None:
+    def correct(self, input_id: int, prediction: Labelled) -> bool | None:
         """Whether ``prediction`` is the known answer for input ``input_id``; None when its label is unknown."""
         ...
 
@@ -112,7 +119,7 @@ class InputPool:
         """Distinct inputs start at ``seed`` x the number of held-out images, so a new seed meets a cold cache."""
         return seed * len(self.images)
 
-    def correct(self, input_id: int, prediction: pb.Prediction) -> bool:
+    def correct(self, input_id: int, prediction: Labelled) -> bool:
         """Whether ``prediction`` names the known class index of input ``input_id``."""
         return prediction.label == self.label(input_id)
 
@@ -120,11 +127,15 @@ class InputPool:
         """``held-out digits``."""
         return "held-out digits"
 
+    def image(self, input_id: int) -> np.ndarray:
+        """The levels (height, width) of input ``input_id``."""
+        return variant(self.images, input_id)
+
     def field(self, input_id: int) -> bytes:
         """The serialized ``images`` entry of input ``input_id``."""
         serialized = self._fields[input_id]
         if serialized is None:
-            request = pb.PredictRequest(images=[image_message(variant(self.images, input_id))])
+            request = pb.PredictRequest(images=[image_message(self.image(input_id))])
             serialized = self._fields[input_id] = request.SerializeToString()
         return serialized
 
@@ -202,23 +213,31 @@ class FileInputPool:
         #: The class name of each input, or None for a flat folder.
         self.classes = [files.classes[index] for index in order] if files.classes is not None else None
         self.size = len(self.paths)
-        self._fields = [
-            pb.PredictRequest(images=[pb.Image(encoded=path.read_bytes())]).SerializeToString() for path in self.paths
-        ]
+        self._files = [path.read_bytes() for path in self.paths]
+        self._fields: list[bytes | None] = [None] * self.size
 
     def class_name(self, input_id: int) -> str | None:
         """The class (folder) name of input ``input_id``, or None for a flat folder."""
         return self.classes[input_id % self.size] if self.classes is not None else None
 
+    def image(self, input_id: int) -> bytes:
+        """The bytes of input ``input_id``'s file."""
+        return self._files[input_id % self.size]
+
     def field(self, input_id: int) -> bytes:
         """The serialized ``images`` entry of input ``input_id``: the file's bytes as ``Image.encoded``."""
-        return self._fields[input_id % self.size]
+        index = input_id % self.size
+        serialized = self._fields[index]
+        if serialized is None:
+            request = pb.PredictRequest(images=[pb.Image(encoded=self._files[index])])
+            serialized = self._fields[index] = request.SerializeToString()
+        return serialized
 
     def first_id(self, seed: int) -> int:
         """0: every seed uses the same files (``seed`` shuffled their order)."""
         return 0
 
-    def correct(self, input_id: int, prediction: pb.Prediction) -> bool | None:
+    def correct(self, input_id: int, prediction: Labelled) -> bool | None:
         """Whether the answer's ``label_name`` is the file's class name; None for a flat folder."""
         expected = self.class_name(input_id)
         return None if expected is None else prediction.label_name == expected
@@ -241,20 +260,17 @@ class InputPicker:
 
     Distinct inputs start at id ``pool.first_id(seed)`` (``seed * 360`` for the digits, so a new
     seed meets a cold cache) and are striped over processes (process i of n takes the i-th, (i+n)-th, ... of them), so
-    processes never repeat one another's inputs by accident.
+    processes never repeat one another's inputs by accident. ``codec`` writes the requests (default: costserve.v1).
     """
 
-    def __init__(self, pool: Inputs, config: LoadtestConfig, worker: int, workers: int) -> None:
+    def __init__(
+        self, pool: Inputs, config: LoadtestConfig, worker: int, workers: int, codec: Codec | None = None
+    ) -> None:
         self.pool = pool
         self.repeat = config.repeat
         self.worker, self.workers = worker, workers
         self.rng = np.random.default_rng([config.seed, worker])
-        self.tail = pb.PredictRequest(
-            precision=PRECISIONS[config.precision],
-            skip_cache=config.skip_cache,
-            model_name=config.model,
-            model_version=config.model_version,
-        ).SerializeToString()
+        self.codec = codec or V1Codec(config, pool)
         self.images_per_request = config.images_per_request
         #: True once every distinct input was used and ids wrapped around.
         self.wrapped = False
@@ -270,7 +286,7 @@ class InputPicker:
             self._zipf_cdf = np.cumsum(weights) / weights.sum()
 
     def request(self) -> tuple[bytes, list[int], list[int]]:
-        """(serialized PredictRequest, the input ids it carries, those sent for the first time)."""
+        """(the serialized request, the input ids it carries, those sent for the first time)."""
         ids: list[int] = []
         new: list[int] = []
         for _ in range(self.images_per_request):
@@ -278,7 +294,7 @@ class InputPicker:
             ids.append(input_id)
             if is_new:
                 new.append(input_id)
-        return b"".join([self.pool.field(input_id) for input_id in ids] + [self.tail]), ids, new
+        return self.codec.request(ids), ids, new
 
     def answered(self, new_ids: list[int]) -> None:
         """Record that the inputs ``new_ids`` were answered (a fractional repeat re-sends only those)."""

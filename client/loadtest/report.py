@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from costserve.loadtest.config import LoadStep, LoadtestConfig, RepeatSpec
+from costserve.loadtest.protocols import CODECS
 from costserve.loadtest.samples import Samples, merge, percentile, percentiles_ms
 
 #: A generator process busier than this share of a core may be the bottleneck it measures.
@@ -28,6 +29,11 @@ class StepResult:
     index: int
     workers: list[Samples]
     config: LoadtestConfig
+
+    @property
+    def reports_cache_hits(self) -> bool:
+        """Whether the protocol the step went by says which answers were cache hits."""
+        return CODECS[self.config.protocol].reports_cache_hits
 
     @functools.cached_property
     def merged(self) -> Samples:
@@ -55,7 +61,8 @@ class StepResult:
             "images_per_s": ok_images / elapsed if elapsed else 0.0,
             "latency_ms": percentiles_ms(merged.latencies_s),
             "predictions": ok_images,
-            "cache_hit_ratio": merged.cache_hits / ok_images if ok_images else None,
+            # None too when the protocol's answers do not say (TF Serving).
+            "cache_hit_ratio": merged.cache_hits / ok_images if ok_images and self.reports_cache_hits else None,
             # Of the answers to inputs with a known label; None without any (a flat --inputs folder).
             "accuracy": merged.correct / merged.labelled if merged.labelled else None,
             "precision_mix": {name: count / ok_images for name, count in sorted(merged.precisions.items())},
@@ -139,7 +146,8 @@ def format_table(report: LoadReport) -> str:
     lines = [
         f"costserve loadtest: {report.target} ({report.model}); "
         f"{'open loop, ' + config.arrivals + ' arrivals' if config.rate else 'closed loop'}, "
-        f"{'PredictStream' if config.stream else 'Predict'}, {config.images_per_request} image(s)/request, "
+        f"{'costserve.v1 PredictStream' if config.stream else CODECS[config.protocol].title}, "
+        f"{config.images_per_request} image(s)/request, "
         f"precision {config.precision}, inputs {inputs} from {report.inputs}"
         f"{', cache skipped' if config.skip_cache else ''}, "
         f"{config.processes} process(es)",

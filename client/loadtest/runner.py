@@ -14,6 +14,7 @@ from costserve.client import Client
 from costserve.loadtest.config import LoadStep, LoadtestConfig
 from costserve.loadtest.generator import LoadGenerator, share
 from costserve.loadtest.inputs import FileInputPool, InputPool, input_pool
+from costserve.loadtest.protocols import ModelFacts, model_facts, protocol_notes
 from costserve.loadtest.report import LoadReport, StepResult
 from costserve.loadtest.samples import Samples
 
@@ -52,10 +53,10 @@ class ProgressLine:
 
 
 async def _run_in_process(
-    config: LoadtestConfig, pool: InputPool | FileInputPool, progress: ProgressLine
+    config: LoadtestConfig, pool: InputPool | FileInputPool, model: ModelFacts, progress: ProgressLine
 ) -> list[list[Samples]]:
     loop = asyncio.get_running_loop()
-    generator = LoadGenerator(config, pool)
+    generator = LoadGenerator(config, pool, model=model)
     await generator.connect()
     results = []
     try:
@@ -77,6 +78,7 @@ def _worker_main(
     connection: multiprocessing.connection.Connection,
     config: LoadtestConfig,
     pool: InputPool | FileInputPool,
+    model: ModelFacts,
     worker: int,
     counters: MutableSequence[int],
 ) -> None:
@@ -84,7 +86,7 @@ def _worker_main(
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
-        generator = LoadGenerator(config, pool, worker, config.processes, counters)
+        generator = LoadGenerator(config, pool, worker, config.processes, counters, model)
         await generator.connect()
         try:
             connection.send(("ready", None))
@@ -134,7 +136,7 @@ def _collect(
 
 
 def _run_in_processes(
-    config: LoadtestConfig, pool: InputPool | FileInputPool, progress: ProgressLine
+    config: LoadtestConfig, pool: InputPool | FileInputPool, model: ModelFacts, progress: ProgressLine
 ) -> list[list[Samples]]:
     context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing inherited, TensorFlow-free
     processes: list[multiprocessing.process.BaseProcess] = []
@@ -146,7 +148,7 @@ def _run_in_processes(
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=_worker_main,
-                args=(child_end, config, pool, worker, counters[worker]),
+                args=(child_end, config, pool, model, worker, counters[worker]),
                 name=f"costserve-loadtest-{worker}",
                 daemon=True,
             )
@@ -185,9 +187,10 @@ def _run_in_processes(
 def run_loadtest(config: LoadtestConfig, progress: TextIO | None = None) -> LoadReport:
     """Run every step of ``config`` against ``config.target``; ``progress`` gets a live status line.
 
-    Raises ValueError on settings that cannot run (an ``--inputs`` folder without images included),
-    ``grpc.RpcError`` when the server does not answer or does not serve the model (``NOT_FOUND``), and
-    :class:`LoadGeneratorFailed` when a load-generator process fails.
+    Raises ValueError on settings that cannot run (an ``--inputs`` folder without images, or a server
+    that does not speak ``config.protocol``, included), ``grpc.RpcError`` when the server does not answer
+    or does not serve the model (``NOT_FOUND``), and :class:`LoadGeneratorFailed` when a load-generator
+    process fails.
     """
     config.validate()
     with Client(config.target, timeout=config.timeout_s) as client:
@@ -197,15 +200,16 @@ def run_loadtest(config: LoadtestConfig, progress: TextIO | None = None) -> Load
             f"--images-per-request {config.images_per_request} exceeds the server's limit of "
             f"{info.max_images_per_request} images per request"
         )
-    height, width = int(info.input_shape[0]), int(info.input_shape[1])
+    facts = model_facts(config, info.input_shape, info.labels)
+    height, width, _ = facts.input_shape
     pool = input_pool(config, height, width)
     model = f"{info.name} version {info.version}"
-    notes = _label_notes(pool, list(info.labels), model)
+    notes = _label_notes(pool, list(info.labels), model) + protocol_notes(config)
     line = ProgressLine(progress)
     if config.processes == 1:
-        parts = asyncio.run(_run_in_process(config, pool, line))
+        parts = asyncio.run(_run_in_process(config, pool, facts, line))
     else:
-        parts = _run_in_processes(config, pool, line)
+        parts = _run_in_processes(config, pool, facts, line)
     steps = [
         StepResult(step, index, workers, config) for index, (step, workers) in enumerate(zip(config.steps(), parts))
     ]

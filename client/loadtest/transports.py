@@ -1,4 +1,5 @@
-"""How requests travel: one ``Predict`` call each, or pipelined on a ``PredictStream`` call."""
+"""How requests travel: one unary call each (``Predict``, ``ModelInfer``, ...), or pipelined on a
+costserve.v1 ``PredictStream`` call. Each answer comes back read by the protocol's codec."""
 
 from __future__ import annotations
 
@@ -8,24 +9,30 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from costserve.loadtest.protocols import Codec, Reply
 from costserve.v1 import classifier_pb2 as pb
 
-PREDICT_METHOD = "/costserve.v1.Classifier/Predict"
 PREDICT_STREAM_METHOD = "/costserve.v1.Classifier/PredictStream"
 
 
 class UnaryTransport:
-    """``Predict`` calls on one channel, each with its own deadline."""
+    """Unary calls of ``codec``'s method on one channel, each with its own deadline."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, codec: Codec) -> None:
         self._call: grpc.aio.UnaryUnaryMultiCallable = channel.unary_unary(
-            PREDICT_METHOD, response_deserializer=pb.PredictResponse.FromString
+            codec.method, response_deserializer=codec.response_type.FromString
         )
         self._timeout_s = timeout_s
+        self._codec = codec
 
-    async def predict(self, payload: bytes) -> pb.PredictResponse:
-        """Send one serialized PredictRequest; raise ``grpc.aio.AioRpcError`` on failure."""
-        return await self._call(payload, timeout=self._timeout_s)
+    async def predict(self, payload: bytes) -> Reply:
+        """Send one serialized request; raise ``grpc.aio.AioRpcError`` on failure."""
+        metadata = self._codec.metadata or None
+        if not self._codec.cost_in_trailers:
+            return self._codec.reply(await self._call(payload, timeout=self._timeout_s, metadata=metadata), None)
+        call = self._call(payload, timeout=self._timeout_s, metadata=metadata)
+        response = await call
+        return self._codec.reply(response, await call.trailing_metadata())
 
     async def close(self) -> None:
         """Nothing to close: each call ends by itself."""
@@ -41,21 +48,23 @@ class _OpenStream:
 
 
 class StreamTransport:
-    """Requests pipelined on one ``PredictStream`` call; answers (in order) are matched to their requests.
+    """costserve.v1 requests pipelined on one ``PredictStream`` call; answers (in order) are matched to their
+    requests and read by ``codec`` (a :class:`~costserve.loadtest.protocols.V1Codec`).
 
     When the server ends the stream with an error, every request still waiting on it fails with
     that status, and the next request opens a new stream.
     """
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, codec: Codec) -> None:
         self._method: grpc.aio.StreamStreamMultiCallable = channel.stream_stream(
             PREDICT_STREAM_METHOD, response_deserializer=pb.PredictResponse.FromString
         )
         self._timeout_s = timeout_s
+        self._codec = codec
         self._stream: _OpenStream | None = None
         self._write_lock = asyncio.Lock()
 
-    async def predict(self, payload: bytes) -> pb.PredictResponse:
+    async def predict(self, payload: bytes) -> Reply:
         """Send one serialized PredictRequest on the stream and wait for its answer."""
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
         async with self._write_lock:
@@ -69,7 +78,7 @@ class StreamTransport:
                 await stream.call.write(payload)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass  # the stream ended; its reader fails every pending answer with the stream's status
-        return await answer
+        return self._codec.reply(await answer, None)
 
     async def close(self) -> None:
         """Half-close the stream and wait until every answer arrived."""
