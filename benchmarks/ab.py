@@ -75,8 +75,9 @@ from benchmarks.serving import SCENARIOS, check_answer, load_tool, nan_median, s
 from costserve import Client
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS-ab.md"
-#: The scenarios of ``make bench`` that its default server serves.
-AB_SCENARIOS = tuple(scenario for scenario in SCENARIOS if scenario.server == "default")
+#: The scenarios of ``make bench`` that its default server serves through costserve.v1, the one API
+#: every commit compared against has.
+AB_SCENARIOS = tuple(scenario for scenario in SCENARIOS if scenario.server == "default" and scenario.protocol == "v1")
 SIDES = ("old", "new")
 STREAMS = 64
 #: Ports tried for an old server that cannot announce its own (one may be taken meanwhile).

@@ -1,16 +1,19 @@
-"""The ceiling: the fastest a one-process Python gRPC server can answer ``Predict``.
+"""The ceiling: the fastest a one-process Python gRPC server can answer ``Predict`` and ``ModelInfer``.
 
-A minimal ``grpc.aio`` server implementing ``costserve.v1.Classifier.Predict`` that
-answers every request with one prebuilt ``PredictResponse``: by default one shaped
-like costserve's answer for one image (every field set, ten probabilities); the
-benchmark passes ``--response-file`` with the bytes of a real costserve answer so the
-two send the same size. No model, no cache, no metrics: what is left is gRPC, HTTP/2
-and protobuf in one Python process, which is the most costserve could ever do with
-the same client on the same machine.
+A minimal ``grpc.aio`` server answering costserve.v1's ``costserve.v1.Classifier/Predict``
+and the Open Inference Protocol's ``inference.GRPCInferenceService/ModelInfer``, each
+with one prebuilt response: by default one shaped like costserve's answer for one image
+(every field set, ten probabilities); the benchmark passes ``--response-file`` and
+``--v2-response-file`` with the bytes of real costserve answers so the two send the
+same sizes. Each call's request is parsed and its response serialized, as for any
+generated servicer. No model, no cache, no metrics: what is left is gRPC, HTTP/2 and
+protobuf in one Python process, which is the most costserve could ever do with the
+same client on the same machine, through either protocol.
 
 ::
 
-    python -m benchmarks.ceiling [--port 0] [--response-file answer.bin] [--ready-file ready.json]
+    python -m benchmarks.ceiling [--port 0] [--response-file answer.bin] [--v2-response-file answer-v2.bin]
+                                 [--ready-file ready.json]
     # prints "ceiling listening on 127.0.0.1:PORT"
 
 It listens on 127.0.0.1 only and exits on SIGTERM or SIGINT. Like costserve's server,
@@ -30,9 +33,11 @@ import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
+from google.protobuf.message import Message
 
+from costserve.protocols import inference_pb2 as v2
 from costserve.v1 import classifier_pb2 as pb
-from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
 #: Channel arguments: the same as costserve's server (see costserve.server.app.grpc_options).
 GRPC_OPTIONS = [
@@ -44,9 +49,13 @@ GRPC_OPTIONS = [
 ]
 
 
+#: The probabilities of the built-in answers: one image, ten classes, class 7 on top.
+PROBABILITIES = [0.0012, 0.0031, 0.0007, 0.0104, 0.0009, 0.0048, 0.0002, 0.9712, 0.0021, 0.0054]
+
+
 def fixed_response() -> pb.PredictResponse:
     """A PredictResponse shaped like costserve's answer for one image, every field non-default."""
-    probabilities = [0.0012, 0.0031, 0.0007, 0.0104, 0.0009, 0.0048, 0.0002, 0.9712, 0.0021, 0.0054]
+    probabilities = PROBABILITIES
     return pb.PredictResponse(
         predictions=[
             pb.Prediction(
@@ -74,14 +83,49 @@ def fixed_response() -> pb.PredictResponse:
     )
 
 
-class CeilingServicer(pb_grpc.ClassifierServicer):
-    """Answers every Predict with the same prebuilt response."""
+def fixed_infer_response() -> v2.ModelInferResponse:
+    """A ModelInferResponse shaped like costserve's v2 answer for one raw image: its three outputs, raw, and the
+    ``cost_usd``, ``precision``, ``cache_hits`` and ``decision_reason`` parameters."""
+    response = v2.ModelInferResponse(model_name="digits", model_version="1")
+    for name, datatype, shape in (
+        ("probabilities", "FP32", [1, 10]),
+        ("labels", "BYTES", [1]),
+        ("classes", "INT64", [1]),
+    ):
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+    response.raw_output_contents.extend(
+        [np.asarray(PROBABILITIES, "<f4").tobytes(), b"\x01\x00\x00\x007", np.asarray([7], "<i8").tobytes()]
+    )
+    parameters = response.parameters
+    parameters["cost_usd"].double_param = 1.234567e-8
+    parameters["precision"].string_param = "fp32"
+    parameters["cache_hits"].int64_param = 0
+    parameters["decision_reason"].string_param = "requested"
+    return response
 
-    def __init__(self, response: pb.PredictResponse) -> None:
-        self.response = response
 
-    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        return self.response
+#: What the ceiling answers: (service, method, the request's message class) and the default answer of each.
+METHODS: tuple[tuple[str, str, type[Message]], ...] = (
+    ("costserve.v1.Classifier", "Predict", pb.PredictRequest),
+    ("inference.GRPCInferenceService", "ModelInfer", v2.ModelInferRequest),
+)
+
+
+def add_fixed_answer(
+    server: grpc.aio.Server, service: str, method: str, request_type: type[Message], response: Message
+) -> None:
+    """Answer ``service``/``method`` with ``response``, registered as generated servicers register theirs."""
+
+    async def answer(request: Message, context: grpc.aio.ServicerContext) -> Message:
+        return response
+
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            answer, request_deserializer=request_type.FromString, response_serializer=type(response).SerializeToString
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)
 
 
 def write_ready_file(path: Path, port: int) -> None:
@@ -92,10 +136,20 @@ def write_ready_file(path: Path, port: int) -> None:
     os.replace(partial, path)
 
 
-async def serve(port: int, response: pb.PredictResponse | None = None, ready_file: Path | None = None) -> None:
-    """Serve on 127.0.0.1:``port`` (0 = any free port) until SIGTERM or SIGINT; announce it in ``ready_file``."""
+async def serve(
+    port: int,
+    response: pb.PredictResponse | None = None,
+    ready_file: Path | None = None,
+    infer_response: v2.ModelInferResponse | None = None,
+) -> None:
+    """Serve on 127.0.0.1:``port`` (0 = any free port) until SIGTERM or SIGINT; announce it in ``ready_file``.
+
+    ``Predict`` answers ``response`` and ``ModelInfer`` ``infer_response`` (default: the built-in ones).
+    """
     server = grpc.aio.server(options=GRPC_OPTIONS)
-    pb_grpc.add_ClassifierServicer_to_server(CeilingServicer(response or fixed_response()), server)
+    answers = (response or fixed_response(), infer_response or fixed_infer_response())
+    for (service, method, request_type), answer in zip(METHODS, answers):
+        add_fixed_answer(server, service, method, request_type, answer)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if bound == 0:
         raise OSError(f"could not bind 127.0.0.1:{port}")
@@ -115,7 +169,9 @@ async def serve(port: int, response: pb.PredictResponse | None = None, ready_fil
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``python -m benchmarks.ceiling [--port N]``."""
-    parser = argparse.ArgumentParser(description="Minimal grpc.aio Classifier.Predict with a fixed response.")
+    parser = argparse.ArgumentParser(
+        description="Minimal grpc.aio Classifier/Predict and GRPCInferenceService/ModelInfer with fixed responses."
+    )
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 picks a free one)")
     parser.add_argument(
         "--response-file",
@@ -123,10 +179,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a serialized PredictResponse to answer with (default: built in)",
     )
+    parser.add_argument(
+        "--v2-response-file",
+        type=Path,
+        default=None,
+        help="a serialized ModelInferResponse to answer ModelInfer with (default: built in)",
+    )
     parser.add_argument("--ready-file", type=Path, help="write the bound port here as JSON once listening")
     args = parser.parse_args(argv)
     response = pb.PredictResponse.FromString(args.response_file.read_bytes()) if args.response_file else None
-    asyncio.run(serve(args.port, response, args.ready_file))
+    infer_response = (
+        v2.ModelInferResponse.FromString(args.v2_response_file.read_bytes()) if args.v2_response_file else None
+    )
+    asyncio.run(serve(args.port, response, args.ready_file, infer_response))
     return 0
 
 

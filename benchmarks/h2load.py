@@ -23,8 +23,8 @@ def grpc_frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-def run_h2load(target: str, body_file: Path, plan: LoadShape, log_path: Path) -> LoadResult:
-    """h2load: one connection, ``plan.streams`` concurrent streams posting ``body_file`` (a gRPC frame).
+def run_h2load(target: str, body_file: Path, plan: LoadShape, log_path: Path, method: str = PREDICT) -> LoadResult:
+    """h2load: one connection, ``plan.streams`` concurrent streams posting ``body_file`` (a gRPC frame) to ``method``.
 
     For a duration after a warm-up, or a request count; per-request latencies come from its ``log_path``.
     """
@@ -39,7 +39,7 @@ def run_h2load(target: str, body_file: Path, plan: LoadShape, log_path: Path) ->
     else:
         command += ["-D", f"{plan.duration_s:g}", "--warm-up-time", f"{int(plan.warmup_s * 1000)}ms"]
         time_limit = plan.duration_s + plan.warmup_s + 60
-    command.append(f"http://{target}{PREDICT}")
+    command.append(f"http://{target}{method}")
     with contextlib.suppress(FileNotFoundError):
         log_path.unlink()
     done = subprocess.run(command, capture_output=True, text=True, timeout=time_limit)

@@ -233,11 +233,19 @@ def start_benchmark_server(
     )
 
 
-def start_ceiling(workdir: Path | None = None, response_file: Path | None = None) -> ServerProcess:
-    """Start :mod:`benchmarks.ceiling` on 127.0.0.1 port 0; return once it serves."""
+def start_ceiling(
+    workdir: Path | None = None, response_file: Path | None = None, v2_response_file: Path | None = None
+) -> ServerProcess:
+    """Start :mod:`benchmarks.ceiling` on 127.0.0.1 port 0; return once it serves.
+
+    It answers ``Predict`` with the PredictResponse in ``response_file`` and ``ModelInfer`` with the
+    ModelInferResponse in ``v2_response_file`` (each default: its built-in answer).
+    """
     command = [sys.executable, "-m", "benchmarks.ceiling", "--port", "0"]
     if response_file is not None:
         command += ["--response-file", str(response_file)]
+    if v2_response_file is not None:
+        command += ["--v2-response-file", str(v2_response_file)]
     server = ServerProcess("ceiling", command, workdir)
     try:
         server.wait_bound(60)

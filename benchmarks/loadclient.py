@@ -52,12 +52,13 @@ class LoadResult:
         return percentile(self.latencies_ms, 99)
 
 
-def run_python_load(target: str, payload: bytes, shape: LoadShape) -> LoadResult:
-    """The grpc.aio client: ``shape.streams`` concurrent calls of ``payload`` on one channel, bounded in time."""
-    return asyncio.run(_python_load(target, payload, shape))
+def run_python_load(target: str, payload: bytes, shape: LoadShape, method: str = PREDICT) -> LoadResult:
+    """The grpc.aio client: ``shape.streams`` concurrent calls of ``method`` with ``payload`` on one channel,
+    bounded in time."""
+    return asyncio.run(_python_load(target, payload, shape, method))
 
 
-async def _python_load(target: str, payload: bytes, plan: LoadShape) -> LoadResult:
+async def _python_load(target: str, payload: bytes, plan: LoadShape, method: str) -> LoadResult:
     latencies: list[float] = []
     errors = 0
     completed = 0
@@ -66,7 +67,7 @@ async def _python_load(target: str, payload: bytes, plan: LoadShape) -> LoadResu
     measuring_from = loop.time() + (0 if plan.requests else plan.warmup_s)
     ends_at = measuring_from + (plan.duration_s if not plan.requests else 120 + plan.requests / 100)
     async with grpc.aio.insecure_channel(target) as channel:
-        predict = channel.unary_unary(PREDICT)
+        predict = channel.unary_unary(method)
 
         async def stream() -> None:
             nonlocal errors, completed

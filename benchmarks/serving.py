@@ -12,7 +12,10 @@
    so that a drift of the shared 2-core machine hits both; each throughput is
    reported as a percentage of the ceiling measured in the same round, and the
    median over rounds is kept. Rows: fp32 with the cache bypassed, int8 with the
-   cache bypassed, cache hits, and fp32 with batching off;
+   cache bypassed, cache hits, and fp32 with batching off; and the same fp32 request
+   through the Open Inference Protocol v2 (``ModelInfer``, the digit as one raw UINT8
+   tensor) against the ceiling's own ``ModelInfer``, with its throughput divided by
+   costserve.v1's in each round (the v2 adapter's overhead, measured);
 3. measures one-stream latency (sequential calls with the sync Python client)
    against the ceiling and costserve (fp32, cache bypassed), and the runtime's own
    batch-of-1 fp32 inference time, loaded in this process;
@@ -73,6 +76,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
 from benchmarks import procstats, realistic
 from benchmarks.h2load import grpc_frame, h2load_version, run_h2load
@@ -85,7 +89,7 @@ from benchmarks.launch import (
     start_ceiling,
 )
 from benchmarks.loadclient import LoadResult, LoadShape, run_python_load
-from benchmarks.payloads import PREDICT, call_raw, digit_pixels, request_bytes
+from benchmarks.payloads import MODEL_INFER, PREDICT, call_raw, digit_pixels, request_bytes, v2_request_bytes
 from benchmarks.procstats import CpuSampler, thread_cpu_seconds
 from benchmarks.report import (
     NOTES_MARKER,
@@ -99,7 +103,10 @@ from benchmarks.report import (
     write_results,
 )
 from costserve import image_message, metrics_text
+from costserve.client import PRECISION_NAMES
+from costserve.loadtest.protocols import infer_outputs
 from costserve.loadtest.samples import percentile
+from costserve.protocols import inference_pb2 as v2
 from costserve.v1 import classifier_pb2 as pb
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -111,6 +118,8 @@ TARGET_FP32 = 0.60
 TARGET_INT8 = 0.70
 TARGET_HITS = 0.85
 TARGET_BATCHING_GAIN = 3.0
+#: The v2 adapter's throughput against costserve.v1's, same request, same run.
+TARGET_V2_VS_V1 = 0.90
 LATENCY_ALLOWANCE_MS = 0.5
 DEFAULT_CACHE_ENTRIES = 100_000
 SMALL_CACHE_ENTRIES = 1_000
@@ -277,15 +286,30 @@ class Scenario:
     precision: int
     skip_cache: bool
     server: str  # "default" or "nobatch"; the realistic model's "realistic" or "realistic-nobatch"
+    #: "v1" (costserve.v1 Predict) or "v2" (the Open Inference Protocol's ModelInfer).
+    protocol: str = "v1"
 
     @property
     def batching_off(self) -> bool:
         """Whether its server runs with ``--max-batch-size 1``."""
         return self.server.endswith("nobatch")
 
+    @property
+    def method(self) -> str:
+        """The gRPC method its requests go to, on costserve and on the ceiling."""
+        return MODEL_INFER if self.protocol == "v2" else PREDICT
+
+    def body(self) -> bytes:
+        """Its serialized request: the example digit as raw pixels, one image."""
+        if self.protocol == "v2":
+            return v2_request_bytes(PRECISION_NAMES[self.precision], self.skip_cache)
+        return request_bytes(self.precision, self.skip_cache)
+
 
 SCENARIOS = (
     Scenario("fp32", "fp32, cache bypassed", pb.PRECISION_FP32, True, "default"),
+    # Right after the v1 fp32 run, so that the two alternate within each round.
+    Scenario("v2_fp32", "v2 ModelInfer, raw UINT8, fp32, cache bypassed", pb.PRECISION_FP32, True, "default", "v2"),
     Scenario("int8", "int8, cache bypassed", pb.PRECISION_INT8, True, "default"),
     Scenario("hits", "cache hits (fp32)", pb.PRECISION_FP32, False, "default"),
     Scenario("fp32_nobatch", "fp32, cache bypassed, batching off", pb.PRECISION_FP32, True, "nobatch"),
@@ -322,6 +346,7 @@ class Measured:
 
         return {
             "title": self.scenario.title,
+            "protocol": self.scenario.protocol,
             "costserve_rps": statistics.median(result.rps for result in self.costserve),
             "ceiling_rps": statistics.median(result.rps for result in self.ceiling),
             "ratio": statistics.median(self.ratios()),
@@ -356,19 +381,20 @@ class Verifier:
         self.server = server
         self.before = metrics_text.scrape(server.metrics_url)
 
-    def check(self, result: LoadResult, precision: str) -> tuple[float, float]:
-        """Raise unless OK answers >= the client's successes and nothing failed; return (mean batch, hit share)."""
+    def check(self, result: LoadResult, precision: str, protocol: str = "v1") -> tuple[float, float]:
+        """Raise unless OK answers through ``protocol`` >= the client's successes and nothing failed; return
+        (mean batch, hit share)."""
         after = metrics_text.scrape(self.server.metrics_url)
 
         def delta(name: str, **labels: str) -> float:
             return metrics_text.total(after, name, **labels) - metrics_text.total(self.before, name, **labels)
 
-        ok = delta("costserve_requests_total", code="OK")
+        ok = delta("costserve_requests_total", code="OK", protocol=protocol)
         failed = delta("costserve_requests_total") - ok - delta("costserve_requests_total", code="CANCELLED")
         if ok < result.succeeded or failed > 0:
             raise RuntimeError(
                 f"{self.server.name}: the client counted {result.succeeded} answers, costserve answered {ok:.0f} "
-                f"with OK and {failed:.0f} with an error status"
+                f"with OK through {protocol} and {failed:.0f} otherwise (an error status, or another protocol)"
             )
         batches = delta("costserve_batch_size_count", precision=precision)
         images = delta("costserve_batch_size_sum", precision=precision)
@@ -380,9 +406,17 @@ class Verifier:
 
 
 def saturate(
-    target: str, body: bytes, body_file: Path, shape: LoadShape, tool: str, log_path: Path, pid: int | None = None
+    target: str,
+    body: bytes,
+    body_file: Path,
+    shape: LoadShape,
+    tool: str,
+    log_path: Path,
+    pid: int | None = None,
+    method: str = PREDICT,
 ) -> LoadResult:
-    """One saturation run with ``tool`` (h2load or python); with ``pid``, also the server's CPU per request."""
+    """One saturation run of ``method`` with ``tool`` (h2load or python); with ``pid``, also the server's CPU per
+    request."""
     sampler = None
     if pid is not None and not shape.requests:  # inside the measured window, away from its edges
         margin = min(0.2, shape.duration_s / 5)
@@ -390,9 +424,9 @@ def saturate(
     before = thread_cpu_seconds(pid) if pid is not None and shape.requests else None
     with sampler or contextlib.nullcontext():
         if tool == "h2load":
-            result = run_h2load(target, body_file, shape, log_path)
+            result = run_h2load(target, body_file, shape, log_path, method)
         else:
-            result = run_python_load(target, body, shape)
+            result = run_python_load(target, body, shape, method)
     if sampler is not None and sampler.usage is not None and result.rps > 0:
         result.loop_cpu_us = sampler.usage[0] / result.rps * 1e6
         result.process_cpu_us = sampler.usage[1] / result.rps * 1e6
@@ -411,35 +445,84 @@ def sanity_check(
     for scenario in scenarios:
         body = bodies[scenario.key]
         reply = check_answer(servers[scenario.server], scenario, body)
-        ceiling_reply = pb.PredictResponse.FromString(call_raw(servers["ceiling"].target, body))
+        ceiling_reply = call_raw(servers["ceiling"].target, body, method=scenario.method)
         facts[scenario.key] = {
             "request_bytes": len(body),
             "costserve_response_bytes": reply.ByteSize(),
-            "ceiling_response_bytes": ceiling_reply.ByteSize(),
+            "ceiling_response_bytes": len(ceiling_reply),
         }
     return facts
 
 
-def check_answer(server: ServerProcess, scenario: Scenario, body: bytes) -> pb.PredictResponse:
+@dataclass(frozen=True)
+class AnswerFacts:
+    """What the sanity check reads of one answer, whatever its protocol."""
+
+    images: int
+    precision: str
+    cache_hits: int
+    #: The batch each image was computed in; empty when the protocol does not say (v2).
+    batch_sizes: tuple[int, ...]
+    model_name: str
+    label: int
+    probabilities: tuple[float, ...]
+
+
+def answer_facts(scenario: Scenario, raw: bytes) -> tuple[Message, AnswerFacts]:
+    """The answer to one of ``scenario``'s requests, parsed, and what the sanity check reads of it."""
+    if scenario.protocol == "v2":
+        response = v2.ModelInferResponse.FromString(raw)
+        outputs = infer_outputs(response)
+        probabilities = np.asarray(outputs.get("probabilities", np.empty((0, 0))))
+        classes = np.asarray(outputs.get("classes", np.empty(0))).reshape(-1)
+        parameters = response.parameters
+        return response, AnswerFacts(
+            images=len(classes),
+            precision=parameters["precision"].string_param,
+            cache_hits=int(parameters["cache_hits"].int64_param),
+            batch_sizes=(),
+            model_name=response.model_name,
+            label=int(classes[0]) if len(classes) else -1,
+            probabilities=tuple(probabilities[0].tolist()) if len(probabilities) else (),
+        )
+    reply = pb.PredictResponse.FromString(raw)
+    predictions = reply.predictions
+    first = predictions[0] if predictions else pb.Prediction(label=-1)
+    return reply, AnswerFacts(
+        images=len(predictions),
+        precision=PRECISION_NAMES.get(first.precision, str(first.precision)),
+        cache_hits=sum(prediction.cache_hit for prediction in predictions),
+        batch_sizes=tuple(prediction.batch_size for prediction in predictions),
+        model_name=reply.model_name,
+        label=first.label,
+        probabilities=tuple(first.probabilities),
+    )
+
+
+def check_answer(server: ServerProcess, scenario: Scenario, body: bytes) -> Message:
     """Send ``body`` as ``scenario`` does and check the answer makes sense for it; return it. Raises RuntimeError."""
-    precision = pb.PRECISION_FP32 if scenario.precision == pb.PRECISION_FP32 else pb.PRECISION_INT8
-    reply = pb.PredictResponse.FromString(call_raw(server.target, body))
+    reply_bytes = call_raw(server.target, body, method=scenario.method)
     if not scenario.skip_cache:  # the first call filled the cache; the second must hit
-        reply = pb.PredictResponse.FromString(call_raw(server.target, body))
-    prediction = reply.predictions[0]
+        reply_bytes = call_raw(server.target, body, method=scenario.method)
+    reply, answer = answer_facts(scenario, reply_bytes)
+    precision = PRECISION_NAMES[scenario.precision]
     problems = []
-    if len(reply.predictions) != 1 or prediction.precision != precision:
-        problems.append(f"answered {len(reply.predictions)} predictions in precision {prediction.precision}")
-    if prediction.cache_hit == scenario.skip_cache:
-        problems.append(f"cache_hit={prediction.cache_hit} with skip_cache={scenario.skip_cache}")
-    if scenario.batching_off and prediction.batch_size != 1:
-        problems.append(f"batch_size {prediction.batch_size} with batching off")
-    asked_for = pb.PredictRequest.FromString(body).model_name
-    if asked_for and reply.model_name != asked_for:
-        problems.append(f"model {reply.model_name!r} answered a request for {asked_for!r}")
-    probabilities = list(prediction.probabilities)
-    if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or prediction.label != int(np.argmax(probabilities)):
-        problems.append(f"label {prediction.label} and probabilities {probabilities} do not make a prediction")
+    if answer.images != 1 or answer.precision != precision:
+        problems.append(f"answered {answer.images} predictions in precision {answer.precision}")
+    if answer.cache_hits != (0 if scenario.skip_cache else answer.images):
+        problems.append(f"{answer.cache_hits} cache hit(s) with skip_cache={scenario.skip_cache}")
+    if scenario.batching_off and any(size != 1 for size in answer.batch_sizes):
+        problems.append(f"batch sizes {list(answer.batch_sizes)} with batching off")
+    asked_for = (
+        v2.ModelInferRequest.FromString(body).model_name
+        if scenario.protocol == "v2"
+        else pb.PredictRequest.FromString(body).model_name
+    )
+    if asked_for and answer.model_name != asked_for:
+        problems.append(f"model {answer.model_name!r} answered a request for {asked_for!r}")
+    probabilities = answer.probabilities
+    if not probabilities or abs(sum(probabilities) - 1.0) > 0.05 or answer.label != int(np.argmax(probabilities)):
+        problems.append(f"label {answer.label} and probabilities {list(probabilities)} do not make a prediction")
     if problems:
         raise RuntimeError(f"sanity call {scenario.key} on {server.name}: " + "; ".join(problems))
     return reply
@@ -472,12 +555,16 @@ def measure_saturation(
                 log_path = workdir / f"h2load-{scenario.key}-{who}-{round_index}.log"
                 if who == "ceiling":
                     ceiling = servers["ceiling"]
-                    result = saturate(ceiling.target, body, body_file, shape, plan.tool, log_path, ceiling.pid)
+                    result = saturate(
+                        ceiling.target, body, body_file, shape, plan.tool, log_path, ceiling.pid, scenario.method
+                    )
                     measured[scenario.key].ceiling.append(result)
                 else:
                     verifier = Verifier(server)
-                    result = saturate(server.target, body, body_file, shape, plan.tool, log_path, server.pid)
-                    mean_batch, hit_share = verifier.check(result, precision)
+                    result = saturate(
+                        server.target, body, body_file, shape, plan.tool, log_path, server.pid, scenario.method
+                    )
+                    mean_batch, hit_share = verifier.check(result, precision, scenario.protocol)
                     measured[scenario.key].costserve.append(result)
                     measured[scenario.key].mean_batch.append(mean_batch)
                     measured[scenario.key].cache_hit_share.append(hit_share)
@@ -638,15 +725,16 @@ def measure_realistic(
     }
 
 
+def round_ratios(numerator: Measured, denominator: Measured) -> list[float]:
+    """costserve's req/s in one scenario over its req/s in another, per round (both ran in each round)."""
+    return [mine.rps / other.rps for mine, other in zip(numerator.costserve, denominator.costserve) if other.rps > 0]
+
+
 def realistic_gains(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
     """Each of :data:`REALISTIC_GAINS`: the ratio of costserve's req/s in each round, and their median."""
     gains = {}
     for key, (title, numerator, denominator) in REALISTIC_GAINS.items():
-        ratios = [
-            mine.rps / other.rps
-            for mine, other in zip(measured[numerator].costserve, measured[denominator].costserve)
-            if other.rps > 0
-        ]
+        ratios = round_ratios(measured[numerator], measured[denominator])
         gains[key] = {"title": title, "median": statistics.median(ratios) if ratios else float("nan"), "rounds": ratios}
     return gains
 
@@ -855,6 +943,7 @@ def profile_under_load(
                 profile_shape,
                 plan.tool,
                 out_dir / "h2load-profile.log",
+                method=scenario.method,
             )
         finally:
             try:
@@ -960,7 +1049,7 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
         rows.append(
             {
                 "row": figures["title"],
-                "measured": f"{100 * figures['ratio']:.1f}% of ceiling",
+                "measured": f"{100 * figures['ratio']:.1f}% of {'v2 ' if figures['protocol'] == 'v2' else ''}ceiling",
                 "target": f">= {100 * target:.0f}%" if target else "(see next row)",
                 "result": verdict(figures["ratio"] >= target) if target else "-",
                 "costserve": f"{figures['costserve_rps']:.0f} req/s",
@@ -970,24 +1059,46 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             }
         )
 
+    def comparison_row(title: str, measured: str, target: str, passed: bool, keys: tuple[str, str]) -> None:
+        """A row dividing costserve's req/s in two scenarios; the ceilings too when they differ by protocol."""
+        mine, other = saturation[keys[0]], saturation[keys[1]]
+        rows.append(
+            {
+                "row": title,
+                "measured": measured,
+                "target": target,
+                "result": verdict(passed),
+                "costserve": f"{mine['costserve_rps']:.0f} vs {other['costserve_rps']:.0f} req/s",
+                "ceiling": (
+                    f"{mine['ceiling_rps']:.0f} vs {other['ceiling_rps']:.0f} req/s"
+                    if mine["protocol"] != other["protocol"]
+                    else "-"
+                ),
+                "p50": "-",
+                "p99": "-",
+            }
+        )
+
     saturation_row("fp32", TARGET_FP32)
     saturation_row("int8", TARGET_INT8)
     saturation_row("hits", TARGET_HITS)
     saturation_row("fp32_nobatch", None)
     gain = results["batching_gain"]
-    rows.append(
-        {
-            "row": "fp32 batching on vs off (64 streams)",
-            "measured": f"{gain:.2f}x",
-            "target": f">= {TARGET_BATCHING_GAIN:.0f}x",
-            "result": verdict(gain >= TARGET_BATCHING_GAIN),
-            "costserve": (
-                f"{saturation['fp32']['costserve_rps']:.0f} vs {saturation['fp32_nobatch']['costserve_rps']:.0f} req/s"
-            ),
-            "ceiling": "-",
-            "p50": "-",
-            "p99": "-",
-        }
+    comparison_row(
+        "fp32 batching on vs off (64 streams)",
+        f"{gain:.2f}x",
+        f">= {TARGET_BATCHING_GAIN:.0f}x",
+        gain >= TARGET_BATCHING_GAIN,
+        ("fp32", "fp32_nobatch"),
+    )
+    saturation_row("v2_fp32", None)
+    v2_ratio = results["v2_vs_v1"]
+    comparison_row(
+        "v2 / v1 throughput (fp32, cache bypassed)",
+        f"{v2_ratio:.2f}",
+        f">= {TARGET_V2_VS_V1:.2f}",
+        v2_ratio >= TARGET_V2_VS_V1,
+        ("v2_fp32", "fp32"),
     )
     latency = results["one_stream"]
     rows.append(
@@ -1086,7 +1197,8 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
                 if plan["requests"]
                 else per_part("`-D {duration}` after `--warm-up-time {warmup_ms}ms`")
             )
-            + " per run, posting one gRPC-framed `PredictRequest` (`-d`)"
+            + " per run, posting one gRPC-framed `PredictRequest` (v2: `ModelInferRequest`) (`-d`) to the "
+            "scenario's method"
         )
     else:
         tool = (
@@ -1115,9 +1227,9 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         "",
         f"- Load tool: {tool}.",
         "- Every answer counted is a gRPC OK: a Python call with the same bytes was checked first (label, precision, "
-        'cache_hit, batch size), and after each run costserve\'s `costserve_requests_total{code="OK"}` had grown '
-        "by at least the client's count with no error status (streams still open when the tool stops are "
-        "CANCELLED, not errors).",
+        'cache hits, batch size), and after each run costserve\'s `costserve_requests_total{code="OK"}` of the '
+        "scenario's protocol (`v1` or `v2`) had grown by at least the client's count with no error status (streams "
+        "still open when the tool stops are CANCELLED, not errors).",
         "",
     ]
     if "saturation" in results:
@@ -1180,6 +1292,7 @@ def digits_sections(results: dict[str, Any]) -> list[str]:
     memory = results["memory"]
     full, small = memory["default_cache"], memory["small_cache"]
     sizes = results["sizes"]["fp32"]
+    v2_sizes = results["sizes"].get("v2_fp32")
     lines = [
         "### The digits model",
         "",
@@ -1190,6 +1303,20 @@ def digits_sections(results: dict[str, Any]) -> list[str]:
         '- Request: one 28x28 uint8 raw-pixel image (`examples/digits/digit_7.png`); "cache bypassed" sets '
         "`skip_cache=true`, so every request is computed; the cache-hit row sends the same image without it, after one "
         "warming request.",
+    ]
+    if v2_sizes is not None:
+        lines.append(
+            "- v2: the same image through the Open Inference Protocol, `inference.GRPCInferenceService/ModelInfer` "
+            "with one input `images`, `UINT8 [1, 28, 28, 1]` in `raw_input_contents`, and the parameters "
+            f"`precision=fp32` and `skip_cache=true` ({v2_sizes['request_bytes']} bytes; costserve's answer "
+            f"{v2_sizes['costserve_response_bytes']} bytes: `probabilities`, `labels` and `classes` as raw outputs and "
+            "the cost, precision, hit count and reason as parameters). Its ceiling is the same process answering "
+            f"`ModelInfer` with costserve's own v2 answer ({v2_sizes['ceiling_response_bytes']} bytes), so its "
+            "percentage is of the v2 ceiling; its runs follow the v1 fp32 runs in every round on the same server, and "
+            '"v2 / v1 throughput" is the median over rounds of their req/s divided in each round '
+            f"({', '.join(f'{ratio:.2f}' for ratio in results['v2_vs_v1_rounds'])}).",
+        )
+    lines += [
         "",
         "#### Per scenario",
         "",
@@ -1300,13 +1427,14 @@ def measure_digits(
     )
     default.wait_serving()
     nobatch.wait_serving()
-    # The ceiling answers with costserve's own answer for this image, so both send the same bytes.
-    answer = workdir / "answer.bin"
+    # The ceiling answers with costserve's own answers for this image, so both send the same bytes.
+    answer, v2_answer = workdir / "answer.bin", workdir / "answer-v2.bin"
     answer.write_bytes(call_raw(default.target, request_bytes(pb.PRECISION_FP32, True)))
-    ceiling = stack.enter_context(start_ceiling(workdir, answer))
+    v2_answer.write_bytes(call_raw(default.target, v2_request_bytes("fp32", True), method=MODEL_INFER))
+    ceiling = stack.enter_context(start_ceiling(workdir, answer, v2_answer))
     servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
 
-    bodies = {scenario.key: request_bytes(scenario.precision, scenario.skip_cache) for scenario in SCENARIOS}
+    bodies = {scenario.key: scenario.body() for scenario in SCENARIOS}
     body_files = {}
     for key, body in bodies.items():
         body_files[key] = workdir / f"{key}.grpc"
@@ -1316,13 +1444,12 @@ def measure_digits(
     print(f"saturation: {plan.rounds} round(s), {plan.streams} streams", flush=True)
     measured = measure_saturation(servers, bodies, body_files, plan, workdir)
     results["saturation"] = {key: value.summary() for key, value in measured.items()}
-    gains = [
-        mine.rps / off.rps
-        for mine, off in zip(measured["fp32"].costserve, measured["fp32_nobatch"].costserve)
-        if off.rps > 0
-    ]
+    gains = round_ratios(measured["fp32"], measured["fp32_nobatch"])
     results["batching_gain"] = statistics.median(gains) if gains else float("nan")
     results["batching_gains"] = gains
+    v2_ratios = round_ratios(measured["v2_fp32"], measured["fp32"])
+    results["v2_vs_v1"] = statistics.median(v2_ratios) if v2_ratios else float("nan")
+    results["v2_vs_v1_rounds"] = v2_ratios
 
     print("one-stream latency ...", flush=True)
     latencies = one_stream_latency(ceiling, default, bodies["fp32"], plan.one_stream_requests)
