@@ -40,7 +40,6 @@ from prometheus_client import CollectorRegistry
 
 from costserve.protocols import (
     inference_pb2,
-    inference_pb2_grpc,
     tensorflow_pb2,
     tensorflow_serving_pb2,
     tensorflow_serving_pb2_grpc,
@@ -194,7 +193,7 @@ class CostserveServer:
             self.metrics.track_transport(transport.read)
         services = MethodCollector()
         classifier_pb2_grpc.add_ClassifierServicer_to_server(self.servicer, services)
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.open_inference, services)
+        open_inference.add_to_server(self.open_inference, services)
         tensorflow_serving_pb2_grpc.add_PredictionServiceServicer_to_server(self.tf_prediction, services)
         tensorflow_serving_pb2_grpc.add_ModelServiceServicer_to_server(self.tf_models, services)
         health_pb2_grpc.add_HealthServicer_to_server(

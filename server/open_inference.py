@@ -26,7 +26,9 @@ The mapping:
 from __future__ import annotations
 
 import difflib
+import functools
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +38,7 @@ import numpy as np
 from costserve import __version__
 from costserve.protocols import inference_pb2 as v2
 from costserve.protocols import inference_pb2_grpc as v2_grpc
+from costserve.protocols.wire import field_bytes
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
     ImageInput,
@@ -61,8 +64,9 @@ from costserve.server.tensors import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-#: The one input every model takes.
+#: The one input every model takes, and how errors name it.
 INPUT_NAME = "images"
+WHERE = f"input {INPUT_NAME!r}"
 PROBABILITIES, LABELS, CLASSES = "probabilities", "labels", "classes"
 OUTPUTS = (PROBABILITIES, LABELS, CLASSES)
 #: A requested output's parameter asking for the top k classes as "score:index:label" (Triton's).
@@ -79,6 +83,8 @@ PARAMETERS: dict[str, tuple[str, ...]] = {
     "max_cost_usd": ("double_param", "int64_param", "string_param"),
     "top_k": ("int64_param", "uint64_param"),
 }
+#: The parameters that hold a number.
+NUMBERS = ("min_accuracy", "max_cost_usd")
 #: The protocol extensions ServerMetadata lists.
 EXTENSIONS = ("classification", "model_repository", "parameters")
 #: RepositoryIndex's state of each version state (Triton's names).
@@ -88,8 +94,15 @@ STATE_NAMES = {
     VersionState.UNLOADING: "UNLOADING",
     VersionState.FAILED: "UNAVAILABLE",
 }
+#: Field numbers of ModelInferResponse's id and raw_output_contents.
+ID_FIELD, RAW_OUTPUT_FIELD = 3, 6
+DOUBLE, INT64 = struct.Struct("<d"), struct.Struct("<q")
+_COST_TEMPLATE = v2.ModelInferResponse(parameters={"cost_usd": v2.InferParameter(double_param=1.0)}).SerializeToString()
+assert _COST_TEMPLATE.endswith(DOUBLE.pack(1.0)), "the cost_usd entry ends with its double"
+#: The wire bytes of the ``cost_usd`` response parameter up to its value (8 bytes, little-endian).
+COST_PREFIX = _COST_TEMPLATE[: -DOUBLE.size]
 #: Bytes the ``cost_usd`` response parameter adds: the response is sized before its cost is known.
-COST_PARAMETER_BYTES = v2.ModelInferResponse(parameters={"cost_usd": v2.InferParameter(double_param=1.0)}).ByteSize()
+COST_PARAMETER_BYTES = len(_COST_TEMPLATE)
 
 
 #: Most inputs, requested outputs and raw_input_contents entries a ModelInferRequest may carry; one
@@ -127,37 +140,35 @@ def request_parsers(max_images: int) -> dict[str, Callable[[bytes], object]]:
     return {f"{SERVICE_NAME}/ModelInfer": scanning_parser(v2.ModelInferRequest, too_large)}
 
 
-def _parameter(parameters: Any, name: str) -> bool | int | float | str | None:
-    """A request parameter's value, None when absent; InvalidInput when given in the wrong type."""
-    if name not in parameters:
-        return None
-    given = parameters[name]
+def _parameter_value(name: str, given: Any) -> bool | int | float | str:
+    """A request parameter's value; InvalidInput when it is given in a type it does not take."""
     kind = given.WhichOneof("parameter_choice")
     if kind not in PARAMETERS[name]:
         given_as = "empty" if kind is None else f"a {kind}"
         raise InvalidInput(f"parameter {name!r} is {given_as}; expected {' or '.join(PARAMETERS[name])}")
     value: bool | int | float | str = getattr(given, kind)
-    return value
-
-
-def _number(parameters: Any, name: str) -> float:
-    """A numeric request parameter (0 when absent), given as a number or as a string holding one."""
-    value = _parameter(parameters, name)
-    if isinstance(value, str):
+    if isinstance(value, str) and name in NUMBERS:
         try:
             return float(value)
         except ValueError:
             raise InvalidInput(f"parameter {name!r} is {value!r}; expected a number") from None
-    return float(value or 0.0)
+    return value
 
 
-def _check_unknown_parameters(parameters: Any) -> None:
-    """Refuse a parameter that looks like a misspelt costserve option; others (a client's own) pass."""
-    for name in parameters:
-        if name not in PARAMETERS:
-            close = difflib.get_close_matches(name, PARAMETERS, n=1, cutoff=0.8)
-            if close:
-                raise InvalidInput(f"unknown parameter {name!r}; did you mean {close[0]!r}?")
+def _options(parameters: Any) -> dict[str, bool | int | float | str]:
+    """costserve's options among a request's parameters, read in one pass over them.
+
+    A name that looks like a misspelt option is refused; others (a client's own) pass.
+    """
+    options: dict[str, bool | int | float | str] = {}
+    for name in parameters:  # not .items(): the map's items view is walked in Python
+        if name in PARAMETERS:
+            options[name] = _parameter_value(name, parameters[name])
+            continue
+        close = difflib.get_close_matches(name, PARAMETERS, n=1, cutoff=0.8)
+        if close:
+            raise InvalidInput(f"unknown parameter {name!r}; did you mean {close[0]!r}?")
+    return options
 
 
 def asked_precision(request: Any) -> Precision:
@@ -169,23 +180,24 @@ def asked_precision(request: Any) -> Precision:
 
 def _images(core: InferenceCore, request: Any) -> list[ImageInput]:
     """The images of a ModelInferRequest's one input."""
-    if len(request.inputs) != 1 or request.inputs[0].name != INPUT_NAME:
-        names = ", ".join(repr(tensor.name) for tensor in request.inputs[:4]) or "none"
-        if len(request.inputs) > 4:
-            names = f"{len(request.inputs)} inputs: {names}, ..."
+    inputs = request.inputs
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        names = ", ".join(repr(tensor.name) for tensor in inputs[:4]) or "none"
+        if len(inputs) > 4:
+            names = f"{len(inputs)} inputs: {names}, ..."
         raise InvalidInput(f"the model takes one input, {INPUT_NAME!r}; the request has {names}")
-    tensor = request.inputs[0]
-    where = f"input {INPUT_NAME!r}"
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInput(
-                f"raw_input_contents has {len(request.raw_input_contents)} entries; expected one per input (1)"
-            )
+    tensor = inputs[0]
+    where = WHERE
+    raws = request.raw_input_contents
+    raw = None
+    if raws:
+        if len(raws) != 1:
+            raise InvalidInput(f"raw_input_contents has {len(raws)} entries; expected one per input (1)")
         if tensor.HasField("contents"):
             raise InvalidInput(f"{where} has both contents and raw_input_contents; send one of them")
+        raw = raws[0]
     served = core.resolve(request.model_name, request.model_version)
     limits = served.limits
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
     datatype = tensor.datatype
     if datatype == "BYTES":
         if raw is not None:
@@ -216,20 +228,20 @@ def request_from_proto(
 ) -> PredictionRequest:
     """Convert a ModelInferRequest; bad inputs, outputs and parameters are InvalidInput, naming the field."""
     parameters = request.parameters
-    _check_unknown_parameters(parameters)
-    precision_name = _parameter(parameters, "precision")
+    options = _options(parameters) if parameters else {}
     precision = Precision.AUTO
-    if precision_name is not None:
-        precision = PRECISIONS.get(str(precision_name).lower(), Precision.AUTO)
-        if str(precision_name).lower() not in PRECISIONS:
-            raise InvalidInput(f"parameter 'precision' is {precision_name!r}; expected auto, fp32 or int8")
-    min_accuracy = _number(parameters, "min_accuracy")
+    if "precision" in options:
+        name = str(options["precision"]).lower()
+        if name not in PRECISIONS:
+            raise InvalidInput(f"parameter 'precision' is {options['precision']!r}; expected auto, fp32 or int8")
+        precision = PRECISIONS[name]
+    min_accuracy = float(options.get("min_accuracy", 0.0))
     if not 0 <= min_accuracy <= 1:
         raise InvalidInput(f"parameter 'min_accuracy' is {min_accuracy}; expected a value in [0, 1] (0: no floor)")
-    max_cost_usd = _number(parameters, "max_cost_usd")
+    max_cost_usd = float(options.get("max_cost_usd", 0.0))
     if not 0 <= max_cost_usd < float("inf"):
         raise InvalidInput(f"parameter 'max_cost_usd' is {max_cost_usd}; expected a finite number, 0 or more")
-    top_k = int(_parameter(parameters, "top_k") or 0)
+    top_k = int(options.get("top_k", 0))
     if top_k < 0:
         raise InvalidInput(f"parameter 'top_k' is {top_k}; expected 0 (every class) or more")
     for output in request.outputs:
@@ -238,7 +250,7 @@ def request_from_proto(
     return PredictionRequest(
         images=_images(core, request),
         precision=precision,
-        skip_cache=bool(_parameter(parameters, "skip_cache")),
+        skip_cache=bool(options.get("skip_cache", False)),
         time_remaining_s=time_remaining_s,
         tenant=tenant,
         min_accuracy=min_accuracy,
@@ -320,6 +332,68 @@ def response_to_proto(request: Any, result: PredictionResult) -> Any:
     return response
 
 
+@functools.lru_cache(maxsize=1024)
+def _answer_head(model_name: str, model_version: str, precision: str, cache_hits: int, reason: str) -> bytes:
+    """The wire bytes of an answer's model, version and parameters (all but ``cost_usd``), made once."""
+    response = v2.ModelInferResponse(model_name=model_name, model_version=model_version)
+    response.parameters["precision"].string_param = precision
+    response.parameters["cache_hits"].int64_param = cache_hits
+    response.parameters["decision_reason"].string_param = reason
+    return response.SerializeToString()
+
+
+@functools.lru_cache(maxsize=256)
+def _default_outputs(count: int, classes: int) -> bytes:
+    """The wire bytes of the three outputs' names, datatypes and shapes for ``count`` images, made once."""
+    response = v2.ModelInferResponse()
+    response.outputs.add(name=PROBABILITIES, datatype="FP32", shape=[count, classes])
+    response.outputs.add(name=LABELS, datatype="BYTES", shape=[count])
+    response.outputs.add(name=CLASSES, datatype="INT64", shape=[count])
+    return response.SerializeToString()
+
+
+def answer_bytes(request: Any, result: PredictionResult) -> bytes:
+    """The ModelInferResponse of a result as wire bytes, all but its ``cost_usd`` (see :func:`cost_bytes`).
+
+    The common answer (raw inputs, every output, no top_k) is assembled from pieces
+    serialized once per model, variant and batch shape plus the raw outputs: building it
+    as a message costs several times the bytes. Any other answer is built as a message.
+    """
+    if request.outputs or result.top_k or not request.raw_input_contents:
+        return bytes(response_to_proto(request, result).SerializeToString())
+    predictions = result.predictions
+    labels = result.labels
+    if len(predictions) == 1:
+        (prediction,) = predictions
+        probabilities = prediction.probabilities.astype("<f4", copy=False).tobytes()
+        indices = INT64.pack(prediction.label)
+    else:
+        probabilities = np.stack([p.probabilities for p in predictions]).astype("<f4", copy=False).tobytes()
+        indices = np.asarray([p.label for p in predictions], dtype="<i8").tobytes()
+    names = join_length_prefixed([labels[p.label].encode() for p in predictions])
+    return b"".join(
+        (
+            _answer_head(
+                result.model_name,
+                result.model_version,
+                result.precision.value,
+                result.cache_hits,
+                result.decision_reason,
+            ),
+            field_bytes(ID_FIELD, request.id.encode()) if request.id else b"",
+            _default_outputs(len(predictions), len(predictions[0].probabilities)),
+            field_bytes(RAW_OUTPUT_FIELD, probabilities),
+            field_bytes(RAW_OUTPUT_FIELD, names),
+            field_bytes(RAW_OUTPUT_FIELD, indices),
+        )
+    )
+
+
+def cost_bytes(usd: float) -> bytes:
+    """The ``cost_usd`` response parameter as wire bytes, appended to an answer's (a map entry is a field)."""
+    return COST_PREFIX + DOUBLE.pack(usd)
+
+
 def tensor_metadata(model_input_shape: tuple[int, int, int], classes: int) -> tuple[list[Any], list[Any]]:
     """ModelMetadata's inputs and outputs of a model of ``model_input_shape`` and ``classes`` classes."""
     tensor = v2.ModelMetadataResponse.TensorMetadata
@@ -330,6 +404,18 @@ def tensor_metadata(model_input_shape: tuple[int, int, int], classes: int) -> tu
         tensor(name=CLASSES, datatype="INT64", shape=[-1]),
     ]
     return inputs, outputs
+
+
+def add_to_server(servicer: OpenInferenceServicer, server: Any) -> None:
+    """Register ``servicer`` as the generated ``add_GRPCInferenceServiceServicer_to_server`` does, but with
+    ModelInfer's answers passed through as the wire bytes :meth:`OpenInferenceServicer.ModelInfer` makes."""
+    v2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    model_infer = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=v2.ModelInferRequest.FromString,
+        response_serializer=bytes,
+    )
+    server.add_registered_method_handlers(SERVICE_NAME, {"ModelInfer": model_infer})
 
 
 class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
@@ -379,16 +465,15 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         core = self._ready_core()
 
-        def encode(result: PredictionResult) -> tuple[Any, int]:
-            response = response_to_proto(request, result)
-            return response, response.ByteSize() + COST_PARAMETER_BYTES
+        def encode(result: PredictionResult) -> tuple[bytes, int]:
+            answer = answer_bytes(request, result)
+            return answer, len(answer) + COST_PARAMETER_BYTES
 
         answer = await core.predict(
             lambda: request_from_proto(core, request, context.time_remaining(), tenant_of(context)),
             WireCall("ModelInfer", request.ByteSize(), encode, asked_precision(request), Protocol.V2),
         )
-        answer.response.parameters["cost_usd"].double_param = answer.cost.usd
-        return answer.response
+        return answer.response + cost_bytes(answer.cost.usd)
 
     @abort_on_error
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -53,9 +53,9 @@ def images_from_tensor(
     ``limits`` before any image is made; the images' own checks (size, values) are the
     decoder's, as for every protocol.
     """
-    dims = tuple(int(dim) for dim in shape)
+    dims = tuple(shape)
     height, width, channels = input_shape
-    if any(dim <= 0 for dim in dims):
+    if dims and min(dims) <= 0:
         raise InvalidInput(f"{tensor} has shape {list(dims)} with a dimension below 1")
     image_shape: tuple[int, ...]
     # [N, H, W] when the last two dimensions are the model's height and width; else [H, W, C].

@@ -294,3 +294,25 @@ def test_messages_of_millions_of_elements_are_refused_from_their_wire_bytes(
             stub.ModelInfer(request, timeout=30)
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert words in refused.value.details(), refused.value.details()
+
+
+@pytest.mark.parametrize("count, request_id", [(1, ""), (3, "call-7")])
+def test_the_assembled_answer_is_the_message_built_answer(count: int, request_id: str) -> None:
+    """The common answer's wire bytes, assembled from cached pieces, parse to the message built field by field."""
+    from costserve.server.domain import ImagePrediction, Precision, PredictionResult
+    from costserve.server.open_inference import answer_bytes, cost_bytes, response_to_proto
+
+    rows = np.random.default_rng(16).random((count, 10)).astype(np.float32)
+    predictions = [ImagePrediction.of(row, Precision.INT8, index == 0, 4) for index, row in enumerate(rows)]
+    result = PredictionResult(
+        predictions, "3", 0.001, "digits", [f"class {i}" for i in range(10)], decision_reason="cache", cache_hits=1
+    )
+    request = v2.ModelInferRequest(model_name="digits", id=request_id)
+    request.inputs.add(name="images", datatype="UINT8", shape=[count, 28, 28, 1])
+    request.raw_input_contents.append(_digits(count, seed=17).tobytes())
+
+    assembled = v2.ModelInferResponse.FromString(answer_bytes(request, result) + cost_bytes(2.5e-7))
+    built = response_to_proto(request, result)
+    built.parameters["cost_usd"].double_param = 2.5e-7
+    assert assembled == built
+    assert assembled.id == request_id and assembled.parameters["cost_usd"].double_param == 2.5e-7

@@ -40,6 +40,7 @@ from costserve.protocols import inference_pb2_grpc as v2_grpc
 from costserve.protocols import tensorflow_pb2 as tf
 from costserve.protocols import tensorflow_serving_pb2 as tfs
 from costserve.protocols import tensorflow_serving_pb2_grpc as tfs_grpc
+from costserve.protocols.wire import field_bytes
 from costserve.v1 import classifier_pb2 as pb
 
 if TYPE_CHECKING:  # the settings check each protocol's limits: imported only for types here
@@ -131,20 +132,6 @@ class Pool(Protocol):
     def image(self, input_id: int) -> np.ndarray | bytes:
         """Input ``input_id``: uint8 levels (height, width), or an encoded image file."""
         ...
-
-
-def field_bytes(number: int, payload: bytes) -> bytes:
-    """One length-delimited protobuf field: its tag, the payload's length (a varint), the payload."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def levels(image: np.ndarray, channels: int) -> bytes:
