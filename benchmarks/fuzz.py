@@ -11,11 +11,19 @@ Hypothesis strategies build requests for every field of every RPC:
   images, many images; and the same requests mutated at the wire level (truncated,
   bytes flipped, unknown fields appended);
 - ``GetModelInfo``: the empty request, and requests carrying unknown fields;
+- the Open Inference Protocol v2's ``ModelInfer``: inputs of every name, datatype and
+  shape (right, wrong, negative, huge), raw contents of the right and wrong length and
+  typed contents, requested outputs and parameters of every name and type, also
+  mutated at the wire level; ``ModelMetadata`` and ``ModelReady`` for any model name;
+- TensorFlow Serving's ``Predict``: model specs (names, versions, labels, signatures),
+  inputs of any name, dtype and shape, values in ``tensor_content`` and the typed fields,
+  output filters; ``GetModelMetadata`` and ``GetModelStatus`` for any model;
 - ``grpc.health.v1.Health/Check`` and ``Watch``: random service names;
 - raw garbage bytes sent to every method, reflection included, with identity
   serializers, so the server receives bytes no protobuf parser accepts;
 - a few deliberate extremes: messages over the server's 16 MiB limit, a message of
-  ~4 million empty images, a 6000x6000 PNG.
+  ~4 million empty images (and its v2 and TF Serving twins: millions of empty encoded
+  images in one tensor), a 6000x6000 PNG.
 
 :func:`run_fuzz` sends them, each with a deadline, and tallies the status codes per
 RPC. The rule: no ``INTERNAL`` and no ``UNKNOWN``, ever, every call ends with a
@@ -50,6 +58,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from benchmarks.payloads import DIGIT, PREDICT, UNLIMITED, digit_png_request
+from costserve.protocols import inference_pb2 as v2
+from costserve.protocols import tensorflow_pb2 as tf_pb
+from costserve.protocols import tensorflow_serving_pb2 as tfs
 from costserve.v1 import classifier_pb2 as pb
 
 #: The server's default --max-message-bytes; a few deliberate cases go over it.
@@ -75,16 +86,27 @@ METHODS: dict[str, tuple[str, str]] = {
     "Health.Check": ("/grpc.health.v1.Health/Check", "unary_unary"),
     "Health.Watch": ("/grpc.health.v1.Health/Watch", "unary_stream"),
     "Reflection": ("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "stream_stream"),
+    "v2.ModelInfer": ("/inference.GRPCInferenceService/ModelInfer", "unary_unary"),
+    "v2.ModelMetadata": ("/inference.GRPCInferenceService/ModelMetadata", "unary_unary"),
+    "v2.ModelReady": ("/inference.GRPCInferenceService/ModelReady", "unary_unary"),
+    "tfs.Predict": ("/tensorflow.serving.PredictionService/Predict", "unary_unary"),
+    "tfs.GetModelMetadata": ("/tensorflow.serving.PredictionService/GetModelMetadata", "unary_unary"),
+    "tfs.GetModelStatus": ("/tensorflow.serving.ModelService/GetModelStatus", "unary_unary"),
 }
 #: Share of the cases each kind of case gets (structured requests per RPC, and garbage per method).
 CASE_SHARES: dict[str, float] = {
-    "Predict": 0.30,
-    "PredictStream": 0.12,
-    "Predict wire-mutated": 0.10,
-    "GetModelInfo": 0.04,
-    "Health.Check": 0.04,
+    "Predict": 0.20,
+    "PredictStream": 0.08,
+    "Predict wire-mutated": 0.06,
+    "GetModelInfo": 0.03,
+    "Health.Check": 0.03,
     "Health.Watch": 0.02,
-    "garbage": 0.38,
+    "v2.ModelInfer": 0.14,
+    "v2.ModelInfer wire-mutated": 0.04,
+    "v2.ModelMetadata": 0.02,
+    "tfs.Predict": 0.10,
+    "tfs.GetModelMetadata": 0.02,
+    "garbage": 0.26,
 }
 
 
@@ -440,6 +462,123 @@ def mutated_wire(draw: st.DrawFn, messages: st.SearchStrategy[tuple[Any, str]]) 
     return data, f"wire {how}: {description}"
 
 
+# --------------------------------------------------------------------------- the standard protocols
+
+#: Model names: the served one, unknown ones, and odd strings.
+MODEL_NAMES = st.one_of(
+    st.sampled_from(["", "digits", "cats", "digits ", "DIGITS"]),
+    st.binary(max_size=32).map(lambda raw: raw.decode("latin-1")),
+)
+VERSIONS = st.sampled_from(["", "1", "2", "0", "-1", "latest", "99999999999999999999"])
+#: Tensor shapes: the model's, its variants, and wrong, empty, negative and huge ones.
+TENSOR_SHAPES = st.one_of(
+    st.sampled_from([[1, 28, 28, 1], [2, 28, 28, 1], [28, 28, 1], [3, 28, 28], [1, 28, 28, 3], [1], [2], [1, 1]]),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=6),
+    st.lists(st.integers(0, 70), min_size=1, max_size=5),
+)
+#: GetModelMetadata's metadata_field: the one there is (most often), none, and others.
+METADATA_FIELDS = st.sampled_from([["signature_def"], ["signature_def"], [], ["x"], ["signature_def", ""]])
+V2_DATATYPES = st.sampled_from(["UINT8", "FP32", "BYTES", "INT32", "FP16", "", "uint8", "STRING"])
+
+
+@st.composite
+def infer_parameters(draw: st.DrawFn) -> dict[str, Any]:
+    """Request parameters: costserve's options in right and wrong types, misspelt ones and a client's own."""
+    names = st.sampled_from(
+        ["precision", "skip_cache", "min_accuracy", "max_cost_usd", "top_k", "precison", "priority", "timeout", "x"]
+    )
+    values = st.one_of(
+        st.builds(lambda v: v2.InferParameter(string_param=v), st.sampled_from(["auto", "fp32", "int8", "fp16", ""])),
+        st.builds(lambda v: v2.InferParameter(bool_param=v), st.booleans()),
+        st.builds(lambda v: v2.InferParameter(int64_param=v), st.integers(-(2**63), 2**63 - 1)),
+        st.builds(lambda v: v2.InferParameter(double_param=v), st.floats(allow_nan=True, allow_infinity=True)),
+        st.builds(lambda v: v2.InferParameter(uint64_param=v), st.integers(0, 2**64 - 1)),
+        st.just(v2.InferParameter()),
+    )
+    return draw(st.dictionaries(names, values, max_size=4))
+
+
+@st.composite
+def model_infer_requests(draw: st.DrawFn) -> tuple[Any, str]:
+    """A ModelInferRequest with every field drawn; half of them sane (raw UINT8 digits), so that the fuzzing
+    also reaches decoding, batching and pricing."""
+    sane = draw(st.booleans())
+    request = v2.ModelInferRequest(model_name="digits" if sane else draw(MODEL_NAMES))
+    if sane:
+        count = draw(st.integers(1, 4))
+        request.inputs.add(name="images", datatype="UINT8", shape=[count, 28, 28, 1])
+        request.raw_input_contents.append(draw(st.binary(min_size=784 * count, max_size=784 * count)))
+        if draw(st.booleans()):
+            request.parameters["precision"].string_param = draw(st.sampled_from(["auto", "fp32", "int8"]))
+        return request, f"sane: {count} raw UINT8 digits"
+    request.model_version = draw(VERSIONS)
+    for _ in range(draw(st.integers(0, 3))):
+        tensor = request.inputs.add(
+            name=draw(st.sampled_from(["images", "image", ""])), datatype=draw(V2_DATATYPES), shape=draw(TENSOR_SHAPES)
+        )
+        contents = draw(st.sampled_from(["raw", "raw", "uint", "fp32", "bytes", "none"]))
+        if contents == "raw":
+            request.raw_input_contents.append(draw(st.binary(max_size=784 * 3)))
+        elif contents == "uint":
+            tensor.contents.uint_contents.extend(draw(st.lists(st.integers(0, 2**32 - 1), max_size=2400)))
+        elif contents == "fp32":
+            tensor.contents.fp32_contents.extend(draw(st.lists(SPECIAL_FLOATS, max_size=2400)))
+        elif contents == "bytes":
+            tensor.contents.bytes_contents.extend(draw(st.lists(st.binary(max_size=64), max_size=4)))
+    for name in draw(st.lists(st.sampled_from(["probabilities", "labels", "classes", "logits", ""]), max_size=4)):
+        output = request.outputs.add(name=name)
+        if draw(st.booleans()):
+            output.parameters["classification"].int64_param = draw(st.integers(-5, 2**40))
+    for name, value in draw(infer_parameters()).items():
+        request.parameters[name].CopyFrom(value)
+    shapes = [list(tensor.shape)[:5] for tensor in request.inputs]
+    return request, (
+        f"any: model {request.model_name[:20]!r}, inputs {[(t.name, t.datatype) for t in request.inputs]} {shapes}, "
+        f"{len(request.raw_input_contents)} raw, parameters {sorted(request.parameters)}"
+    )
+
+
+@st.composite
+def tf_predict_requests(draw: st.DrawFn) -> tuple[Any, str]:
+    """A TF Serving PredictRequest with every field drawn; half of them sane (DT_UINT8 digits)."""
+    sane = draw(st.booleans())
+    request = tfs.PredictRequest()
+    request.model_spec.name = "digits" if sane else draw(MODEL_NAMES)
+    if sane:
+        count = draw(st.integers(1, 4))
+        tensor = request.inputs["image"]
+        tensor.dtype = tf_pb.DT_UINT8
+        for size in (count, 28, 28, 1):
+            tensor.tensor_shape.dim.add(size=size)
+        tensor.tensor_content = draw(st.binary(min_size=784 * count, max_size=784 * count))
+        return request, f"sane: {count} DT_UINT8 digits"
+    version = draw(st.sampled_from(["none", "number", "label"]))
+    if version == "number":
+        request.model_spec.version.value = draw(st.integers(-(2**63), 2**63 - 1))
+    elif version == "label":
+        request.model_spec.version_label = draw(st.sampled_from(["stable", "canary", "", "beta"]))
+    request.model_spec.signature_name = draw(st.sampled_from(["", "serving_default", "predict"]))
+    for key in draw(st.lists(st.sampled_from(["image", "images", ""]), max_size=3)):
+        tensor = request.inputs[key]
+        tensor.dtype = draw(st.one_of(st.sampled_from([1, 4, 7, 3, 9, 0]), st.integers(-5, 200)))
+        for size in draw(TENSOR_SHAPES):
+            tensor.tensor_shape.dim.add(size=size)
+        contents = draw(st.sampled_from(["content", "content", "float", "int", "string", "none"]))
+        if contents == "content":
+            tensor.tensor_content = draw(st.binary(max_size=784 * 4 * 2))
+        elif contents == "float":
+            tensor.float_val.extend(draw(st.lists(SPECIAL_FLOATS, max_size=1600)))
+        elif contents == "int":
+            tensor.int_val.extend(draw(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=1600)))
+        elif contents == "string":
+            tensor.string_val.extend(draw(st.lists(st.binary(max_size=64), max_size=4)))
+    request.output_filter.extend(draw(st.lists(st.sampled_from(["output_0", "probabilities", ""]), max_size=2)))
+    return request, (
+        f"any: model {request.model_spec.name[:20]!r}, inputs "
+        f"{[(key, request.inputs[key].dtype) for key in request.inputs]}, filter {list(request.output_filter)}"
+    )
+
+
 def health_requests() -> st.SearchStrategy[tuple[health_pb2.HealthCheckRequest, str]]:
     """HealthCheckRequests for known and random service names."""
     names = st.one_of(
@@ -501,6 +640,44 @@ def health_watch_cases() -> st.SearchStrategy[FuzzCase]:
     )
 
 
+def model_infer_cases() -> st.SearchStrategy[FuzzCase]:
+    """Structured v2 ModelInfer calls."""
+    return model_infer_requests().map(lambda pair: FuzzCase("v2.ModelInfer", (pair[0].SerializeToString(),), pair[1]))
+
+
+def model_infer_wire_cases() -> st.SearchStrategy[FuzzCase]:
+    """v2 ModelInfer calls whose message was damaged after serialization."""
+    return mutated_wire(model_infer_requests()).map(lambda pair: FuzzCase("v2.ModelInfer", (pair[0],), pair[1]))
+
+
+@st.composite
+def v2_metadata_cases(draw: st.DrawFn) -> FuzzCase:
+    """v2 ModelMetadata and ModelReady calls for any model name and version."""
+    rpc = draw(st.sampled_from(["v2.ModelMetadata", "v2.ModelReady"]))
+    name, version = draw(MODEL_NAMES), draw(VERSIONS)
+    message = v2.ModelMetadataRequest(name=name, version=version).SerializeToString()  # ModelReady's fields too
+    return FuzzCase(rpc, (message,), f"model {name[:20]!r} version {version!r}")
+
+
+def tf_predict_cases() -> st.SearchStrategy[FuzzCase]:
+    """Structured TF Serving Predict calls."""
+    return tf_predict_requests().map(lambda pair: FuzzCase("tfs.Predict", (pair[0].SerializeToString(),), pair[1]))
+
+
+@st.composite
+def tf_metadata_cases(draw: st.DrawFn) -> FuzzCase:
+    """TF Serving GetModelMetadata and GetModelStatus calls for any model spec and metadata field."""
+    request, _ = draw(tf_predict_requests())
+    if draw(st.booleans()):
+        message = tfs.GetModelMetadataRequest(
+            model_spec=request.model_spec,
+            metadata_field=draw(METADATA_FIELDS),
+        )
+        return FuzzCase("tfs.GetModelMetadata", (message.SerializeToString(),), f"spec {request.model_spec.name!r}")
+    message = tfs.GetModelStatusRequest(model_spec=request.model_spec)
+    return FuzzCase("tfs.GetModelStatus", (message.SerializeToString(),), f"spec {request.model_spec.name!r}")
+
+
 @st.composite
 def garbage_cases(draw: st.DrawFn) -> FuzzCase:
     """Random bytes to any method, most of which no protobuf parser accepts."""
@@ -541,8 +718,31 @@ def extreme_cases() -> list[FuzzCase]:
         FuzzCase("Predict", (pb.PredictRequest(images=[pb.Image(encoded=with_png_size(large_png(8, 8), 65535, 65535))]
                                                ).SerializeToString(),),
                  "a PNG declaring 65535x65535", EXTREME_DEADLINE_S),
+        FuzzCase("v2.ModelInfer", (empty_encoded_images_v2(4_000_000),),
+                 "4,000,000 empty encoded images in one BYTES input (8 MB)", EXTREME_DEADLINE_S),
+        FuzzCase("tfs.Predict", (empty_encoded_images_tfs(4_000_000),),
+                 "4,000,000 empty encoded images in one DT_STRING input (8 MB)", EXTREME_DEADLINE_S),
     ]  # fmt: skip
     return cases
+
+
+def empty_encoded_images_v2(count: int) -> bytes:
+    """A ModelInferRequest whose one BYTES input holds ``count`` empty elements."""
+    request = v2.ModelInferRequest(model_name="digits")
+    tensor = request.inputs.add(name="images", datatype="BYTES", shape=[count])
+    tensor.contents.bytes_contents.extend([b""] * count)
+    return bytes(request.SerializeToString())
+
+
+def empty_encoded_images_tfs(count: int) -> bytes:
+    """A TF Serving PredictRequest whose input holds ``count`` empty strings."""
+    request = tfs.PredictRequest()
+    request.model_spec.name = "digits"
+    tensor = request.inputs["image"]
+    tensor.dtype = tf_pb.DT_STRING
+    tensor.tensor_shape.dim.add(size=count)
+    tensor.string_val.extend([b""] * count)
+    return bytes(request.SerializeToString())
 
 
 CASE_STRATEGIES: dict[str, Callable[[], st.SearchStrategy[FuzzCase]]] = {
@@ -552,6 +752,11 @@ CASE_STRATEGIES: dict[str, Callable[[], st.SearchStrategy[FuzzCase]]] = {
     "GetModelInfo": model_info_cases,
     "Health.Check": health_check_cases,
     "Health.Watch": health_watch_cases,
+    "v2.ModelInfer": model_infer_cases,
+    "v2.ModelInfer wire-mutated": model_infer_wire_cases,
+    "v2.ModelMetadata": v2_metadata_cases,
+    "tfs.Predict": tf_predict_cases,
+    "tfs.GetModelMetadata": tf_metadata_cases,
     "garbage": garbage_cases,
 }
 

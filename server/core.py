@@ -328,6 +328,23 @@ class InferenceCore:
         self.metrics.count_answered(protocol.value, method)
         return self.model_statuses()
 
+    def model_status(self, method: str, name: str, version: str, protocol: Protocol) -> ModelStatus:
+        """One model ("": the default) and the states of its versions (only ``version``'s when given), for a
+        front end's status call; raises :class:`NotFound` for a model or version the repository does not
+        hold. Counts the call either way."""
+        name = name or self.default_model_name()
+        status = next((status for status in self.model_statuses() if status.name == name), None)
+        if status is not None and version:
+            versions = tuple(entry for entry in status.versions if entry.version == version)
+            status = dataclasses.replace(status, versions=versions) if versions else None
+        if status is None:
+            missing = f"version {version} of model {name}" if version else f"any versions of model {name}"
+            error = NotFound(f"Could not find {missing}")
+            self.metrics.count_refused(protocol.value, method, "auto", error)
+            raise error
+        self.metrics.count_answered(protocol.value, method, model=name)
+        return status
+
     async def start(self) -> None:
         """Serve the model given at construction (warmed off the loop), then take requests."""
         if self._initial is not None:
@@ -416,13 +433,22 @@ class InferenceCore:
         return PricedAnswer(result, response, cost)
 
     def describe(
-        self, method: str = "GetModelInfo", name: str = "", version: str = "", protocol: Protocol = Protocol.V1
+        self,
+        method: str = "GetModelInfo",
+        name: str = "",
+        version: str = "",
+        protocol: Protocol = Protocol.V1,
+        check: Callable[[], str] | None = None,
     ) -> LoadedModel:
         """The model version named ("": the default, its latest), for a front end's model-information call.
 
-        Counts the call under ``protocol`` and ``method``; raises :class:`NotFound` (counted) for one not served.
+        ``check``, when given, runs first and returns the version to resolve (a front end's own
+        reading of its request, which may refuse it). Counts the call under ``protocol`` and
+        ``method``; raises :class:`NotFound` for one not served, and what ``check`` raised, counted.
         """
         try:
+            if check is not None:
+                version = check()
             served = self.resolve(name, version)
         except CostserveError as error:
             self.metrics.count_refused(protocol.value, method, "auto", error)

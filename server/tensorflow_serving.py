@@ -297,11 +297,16 @@ class PredictionServicer(tfs_grpc.PredictionServiceServicer):
     async def GetModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         core = self._ready_core()
         spec = request.model_spec
-        if list(request.metadata_field) != [SIGNATURE_DEF_FIELD]:
-            raise InvalidInput(
-                f"metadata_field is {list(request.metadata_field)}; the one field there is {SIGNATURE_DEF_FIELD!r}"
-            )
-        model = core.describe("GetModelMetadata", spec.name, _version_of(core, spec), Protocol.TFSERVING)
+
+        def version() -> str:
+            if list(request.metadata_field) != [SIGNATURE_DEF_FIELD]:
+                raise InvalidInput(
+                    f"metadata_field is {list(request.metadata_field)}; the one field there is {SIGNATURE_DEF_FIELD!r}"
+                )
+            _check_signature(spec)
+            return _version_of(core, spec)
+
+        model = core.describe("GetModelMetadata", spec.name, protocol=Protocol.TFSERVING, check=version)
         response = tfs.GetModelMetadataResponse()
         response.model_spec.name = model.name
         response.model_spec.version.value = int(model.version)
@@ -322,16 +327,8 @@ class ModelServicer(tfs_grpc.ModelServiceServicer):
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         assert self.core is not None, "the call gate admits calls only once the core is ready"
         spec = request.model_spec
-        name = spec.name or self.core.default_model_name()
-        statuses = {status.name: status for status in self.core.list_models("GetModelStatus", Protocol.TFSERVING)}
-        model = statuses.get(name)
-        if model is None:
-            raise NotFound(f"Could not find any versions of model {name}")
-        versions = model.versions
-        if spec.WhichOneof("version_choice") == "version":
-            versions = tuple(status for status in versions if status.version == str(spec.version.value))
-            if not versions:
-                raise NotFound(f"Could not find version {spec.version.value} of model {name}")
+        version = str(spec.version.value) if spec.WhichOneof("version_choice") == "version" else ""
+        versions = self.core.model_status("GetModelStatus", spec.name, version, Protocol.TFSERVING).versions
         response = tfs.GetModelStatusResponse()
         for status in versions:
             entry = response.model_version_status.add(version=int(status.version), state=STATES[status.state])

@@ -15,19 +15,30 @@ import pytest
 
 from benchmarks.fuzz import FORBIDDEN, case_counts, extreme_cases, run_fuzz
 
-#: Methods whose every call costserve_requests_total counts.
-COUNTED = ("Predict", "PredictStream", "GetModelInfo")
+#: Methods whose every call costserve_requests_total counts, by the fuzzer's name: (protocol, method).
+COUNTED = {
+    "Predict": ("v1", "Predict"),
+    "PredictStream": ("v1", "PredictStream"),
+    "GetModelInfo": ("v1", "GetModelInfo"),
+    "v2.ModelInfer": ("v2", "ModelInfer"),
+    "v2.ModelMetadata": ("v2", "ModelMetadata"),
+    "tfs.Predict": ("tfserving", "Predict"),
+    "tfs.GetModelMetadata": ("tfserving", "GetModelMetadata"),
+    "tfs.GetModelStatus": ("tfserving", "GetModelStatus"),
+}
 CASES = 400
 SEED = 20261130
 
 
-def counted_by_server(server: Any, method: str) -> Counter:
-    """costserve_requests_total for ``method``, summed over precisions, by code."""
+def counted_by_server(server: Any, protocol: str, method: str) -> Counter:
+    """costserve_requests_total for ``method`` of ``protocol``, summed over models and precisions, by code."""
     label_sets = [
         sample.labels
         for family in server.registry.collect()
         for sample in family.samples
-        if sample.name == "costserve_requests_total" and sample.labels.get("method") == method
+        if sample.name == "costserve_requests_total"
+        and sample.labels.get("method") == method
+        and sample.labels.get("protocol") == protocol
     ]
     counts: Counter = Counter()
     for labels in label_sets:
@@ -53,14 +64,14 @@ def test_fuzzing_every_rpc_gets_no_internal_or_unknown_and_every_call_is_counted
     assert report.cases == sum(case_counts(CASES).values()) + len(extreme_cases()), report.to_dict()
     assert report.final_predict == "OK", f"after the fuzzing a valid Predict got {report.final_predict}"
 
-    for method in COUNTED:
+    for method, (protocol, counted_as) in COUNTED.items():
         client = Counter(report.statuses[method])
         if method == "Predict":
             client["OK"] += 1  # the valid Predict sent after the fuzzing
         # A message over --max-message-bytes is refused by gRPC itself before any handler
         # runs, so no server code can count it.
         client -= report.over_limit[method]
-        server_counts = counted_by_server(server, method)
+        server_counts = counted_by_server(server, protocol, counted_as)
         if method == "PredictStream":
             # A stream may be counted once per request it carried: at least once per call, by its outcome.
             short = {

@@ -144,9 +144,22 @@ def test_model_status_and_counters(served: RunningServer, channel: grpc.Channel)
     with pytest.raises(grpc.RpcError) as unknown:
         model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=30)
     assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+    status_request.model_spec.name = "digits"
+    status_request.model_spec.version.value = 9
+    with pytest.raises(grpc.RpcError) as missing:
+        model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(status_request, timeout=30)
+    assert missing.value.code() is grpc.StatusCode.NOT_FOUND and "version 9 of model digits" in missing.value.details()
+    metadata_request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature"])
+    with pytest.raises(grpc.RpcError) as wrong_field:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(metadata_request, timeout=30)
+    assert wrong_field.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     _predict(channel, "digits", tf.make_tensor_proto(_images(DIGIT_SHAPE, 1, seed=23), dtype=tf.uint8))
     assert served.metric("costserve_requests_total", {"protocol": "tfserving", "method": "Predict", "code": "OK"}) == 1
-    assert served.metric("costserve_requests_total", {"protocol": "tfserving", "method": "GetModelStatus"}) == 2
+    status_counts = {"protocol": "tfserving", "method": "GetModelStatus"}
+    assert served.metric("costserve_requests_total", {**status_counts, "code": "OK"}) == 1
+    assert served.metric("costserve_requests_total", {**status_counts, "code": "NOT_FOUND"}) == 2
+    metadata_counts = {"protocol": "tfserving", "method": "GetModelMetadata", "code": "INVALID_ARGUMENT"}
+    assert served.metric("costserve_requests_total", metadata_counts) == 1
 
 
 @pytest.mark.parametrize(
