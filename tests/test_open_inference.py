@@ -247,7 +247,7 @@ def test_bad_requests_get_the_right_status_and_the_server_keeps_serving(
     assert served.metric("costserve_requests_total", {"protocol": "v2", "code": status}) == 1
 
 
-def test_health_and_reflection_cover_the_protocol(served: RunningServer) -> None:
+def test_health_and_reflection_cover_the_protocols(served: RunningServer) -> None:
     with grpc.insecure_channel(served.target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         check = health.Check(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"), timeout=10)
@@ -257,7 +257,15 @@ def test_health_and_reflection_cover_the_protocol(served: RunningServer) -> None
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
         )
         services = {service.name for service in listing.list_services_response.service}
-        assert {"costserve.v1.Classifier", "inference.GRPCInferenceService"} <= services
+        standard = {
+            "inference.GRPCInferenceService",
+            "tensorflow.serving.PredictionService",
+            "tensorflow.serving.ModelService",
+        }
+        assert {"costserve.v1.Classifier", *standard} <= services
+        for service in standard:
+            check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING, service
         (described,) = reflection.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")]),
             timeout=10,
