@@ -63,8 +63,11 @@ class _PooledWSGIServer(WSGIServer):
     def __init__(self, host: str, port: int, app: _App, *, timeout_s: float, max_pending: int) -> None:
         family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family
-        # Bursts of connects wait in the kernel's backlog instead of retrying their SYN a second later.
-        self.request_queue_size = max_pending
+        # Bursts of connects wait in the kernel's backlog instead of retrying their SYN a second
+        # later (then 2 s, 4 s, ...): the accept thread, one Python thread among others, may fall
+        # behind a burst, and a backlog of only max_pending dropped the rest. Past max_pending,
+        # the accept thread refuses them with a 503 as soon as it takes them up.
+        self.request_queue_size = max(max_pending, socket.SOMAXCONN)
         self.timeout_s = timeout_s
         self.pending: queue.Queue[tuple[socket.socket, Any] | None] = queue.Queue(max_pending)
         self._lock = threading.Lock()
