@@ -96,8 +96,9 @@ class Settings(BaseSettings):
     max_concurrent_rpcs: int = Field(
         512,
         ge=1,
-        description="Prediction calls (Predict, PredictStream, GetModelInfo) handled at once, server-wide; past it "
-        "calls get RESOURCE_EXHAUSTED at once. Health checks and reflection are never refused.",
+        description="Prediction and model calls of every protocol (costserve.v1; v2 ModelInfer, ModelMetadata, "
+        "RepositoryIndex; TF Serving) handled at once, server-wide; past it calls get RESOURCE_EXHAUSTED at once. "
+        "Health checks, reflection and v2 liveness and readiness are never refused.",
     )
     max_pending_calls: int = Field(
         256,
