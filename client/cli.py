@@ -32,7 +32,7 @@ import grpc
 from google.protobuf import json_format
 
 from costserve import __version__, cost_report, loadtest
-from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client, version_state_name
+from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client, TlsFiles, version_state_name
 from costserve.v1 import classifier_pb2 as pb
 
 
@@ -84,6 +84,32 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: The TLS flags: (flag, environment variable, what the file holds).
+TLS_FLAGS = (
+    ("--tls-ca", "COSTSERVE_TLS_CA", "PEM CA certificates the server's certificate is checked against (TLS)"),
+    ("--tls-cert", "COSTSERVE_TLS_CERT", "PEM client certificate, for a server that requires one (mTLS)"),
+    ("--tls-key", "COSTSERVE_TLS_KEY", "PEM private key of --tls-cert"),
+)
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Add ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (defaults from ``COSTSERVE_TLS_*``).
+
+    ``suppress``: a subcommand's copy, which overrides the global flag only when given.
+    """
+    for name, env, what in TLS_FLAGS:
+        default = argparse.SUPPRESS if suppress else os.environ.get(env) or None
+        parser.add_argument(name, type=Path, default=default, metavar="FILE", help=f"{what} [env {env}]")
+
+
+def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
+    """The TLS files the flags name; None (plain text) when none is given."""
+    ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
+    if ca is None and cert is None and key is None:
+        return None
+    return TlsFiles(ca=ca, cert=cert, key=key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``costserve``."""
     parser = argparse.ArgumentParser(prog="costserve", description="Client of a costserve server.")
@@ -96,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds per call (default {DEFAULT_TIMEOUT_S:g})"
     )
+    add_tls_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="classify image files (PNG or JPEG)")
     predict.add_argument("files", nargs="+", type=Path)
@@ -290,6 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "cost":
         return cost_report.run(args)
     try:
+        tls = tls_from_args(args)
+        if tls is not None:
+            tls.credentials()  # read now: a missing or unreadable file is a usage error
+    except (OSError, ValueError) as error:
+        print(f"costserve: TLS: {error}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "loadtest":
             # Its default inputs are scikit-learn's bundled digits; the client alone does not install it.
             if args.inputs is None and importlib.util.find_spec("sklearn") is None:
@@ -300,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
             return loadtest.main(args)
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, tls=tls) as client:
             if args.command == "health":
                 status = client.health()
                 print(status)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -152,6 +153,50 @@ class _Defaults:
         return tenant_metadata(self.tenant if tenant is None else tenant)
 
 
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """How a client reaches a server whose gRPC port speaks TLS (``costserve-server --tls-cert``).
+
+    ``ca``: PEM certificates of the CA that signed the server's certificate (None: the
+    system's trusted roots). ``cert`` and ``key``: the client's own certificate and key,
+    for a server that requires them (``--tls-client-ca``, mTLS).
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs its key, and a key its certificate (--tls-cert, --tls-key)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials of these files."""
+
+        def read(path: Path | None) -> bytes | None:
+            return None if path is None else Path(path).read_bytes()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def secure_or_plain_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), tls: TlsFiles | None = None
+) -> grpc.Channel:
+    """A channel to ``target``: TLS with ``tls``, plain text without."""
+    if tls is None:
+        return grpc.insecure_channel(target, options=list(options))
+    return grpc.secure_channel(target, tls.credentials(), options=list(options))
+
+
+def secure_or_plain_aio_channel(
+    target: str, options: Sequence[tuple[str, Any]] = (), tls: TlsFiles | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to ``target``: TLS with ``tls``, plain text without."""
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=list(options))
+    return grpc.aio.secure_channel(target, tls.credentials(), options=list(options))
+
+
 def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -167,7 +212,8 @@ class Client(_Defaults):
     it. ``tenant`` is the default tenant calls are charged to (request metadata
     ``x-costserve-tenant``); ``predict(..., tenant=...)`` overrides it per call.
     Errors raise ``grpc.RpcError`` with the server's status code and message
-    (``NOT_FOUND`` for a model or version the server does not serve).
+    (``NOT_FOUND`` for a model or version the server does not serve). ``tls``
+    (:class:`TlsFiles`) connects with TLS, and mTLS when it holds a client certificate.
 
     Example::
 
@@ -187,9 +233,10 @@ class Client(_Defaults):
         timeout: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
         tenant: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__(target, timeout, tenant)
-        self._channel = grpc.insecure_channel(target, options=_channel_options(options))
+        self._channel = secure_or_plain_channel(target, _channel_options(options), tls)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -360,6 +407,7 @@ class AsyncClient(_Defaults):
         timeout: float = DEFAULT_TIMEOUT_S,
         options: Sequence[tuple[str, Any]] = (),
         tenant: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         try:
             asyncio.get_running_loop()
@@ -368,7 +416,7 @@ class AsyncClient(_Defaults):
                 "create an AsyncClient inside a coroutine: its channel belongs to the running event loop"
             ) from None
         super().__init__(target, timeout, tenant)
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(options))
+        self._channel = secure_or_plain_aio_channel(target, _channel_options(options), tls)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

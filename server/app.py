@@ -59,6 +59,7 @@ from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
+from costserve.server.tls import ServerCertificates, is_loopback
 from costserve.server.transport import TransportCalls, server_ids
 from costserve.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -178,6 +179,8 @@ class CostserveServer:
         #: drain's refusal of new calls. The drain's call tracking is its count of calls in flight.
         self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused, ready=False)
         self.repository: RepositoryManager | None = None
+        #: The gRPC port's TLS files, when it speaks TLS.
+        self.certificates: ServerCertificates | None = None
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
@@ -219,7 +222,20 @@ class CostserveServer:
             },
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._grpc.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            self.certificates = ServerCertificates(
+                self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
+            )
+            self.port = self._grpc.add_secure_port(address, self.certificates.credentials())
+        else:
+            self.port = self._grpc.add_insecure_port(address)
+            if not is_loopback(self.settings.host):
+                log.warning(
+                    "gRPC on %s is plain text beyond this machine: anyone on the network can read and send "
+                    "requests (set --tls-cert and --tls-key; see docs/security.md)",
+                    self.settings.host,
+                )
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._grpc.start()
@@ -228,7 +244,8 @@ class CostserveServer:
             self.metrics_port = self._metrics_http.port
         self._write_ready_file(serving=False)
         log.info(
-            "gRPC on %s:%d (NOT_SERVING until the model is warm)%s",
+            "gRPC%s on %s:%d (NOT_SERVING until the model is warm)%s",
+            "" if self.certificates is None else " (mTLS)" if self.settings.tls_client_ca else " (TLS)",
             self.settings.host,
             self.port,
             f", metrics on http://{self.settings.host}:{self.metrics_port}/metrics" if self._metrics_http else "",

@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         8000, ge=-1, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free port, -1 turns it off."
     )
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain of the gRPC port: with --tls-key, the port speaks TLS only. Reloaded "
+        "when the file changes: new connections get the new certificate, open ones keep theirs.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert (reloaded with it).")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificates: with them, every client must present a certificate one of them signed "
+        "(mTLS); needs --tls-cert. Reloaded when the file changes.",
+    )
     model_repository: Path = Field(
         Path("models"),
         description="Model repository: <repository>/<name>/<version>/, every model served at once, each by its "
@@ -223,6 +234,19 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _tls_files_come_together(self) -> Settings:
+        for field, other, missing in (
+            ("tls_cert", "tls_key", self.tls_cert is not None and self.tls_key is None),
+            ("tls_key", "tls_cert", self.tls_key is not None and self.tls_cert is None),
+            ("tls_client_ca", "tls_cert", self.tls_client_ca is not None and self.tls_cert is None),
+        ):
+            if missing:
+                raise PydanticCustomError(
+                    "needs_field", "{field} needs {other}", {"field": field, "other": other, "value": "set"}
+                )
+        return self
+
+    @model_validator(mode="after")
     def _images_per_request_fit_the_queue(self) -> Settings:
         # A request is queued whole: one larger than the queue could never be accepted.
         if self.max_images_per_request > self.max_queue:
@@ -303,6 +327,8 @@ def _describe(details: ErrorDetails) -> str:
     if kind == "at_most_field":
         name = ctx["field"]
         return f"{_names(name)}: must be at most {_names(ctx['other'])}, which is {ctx['limit']}, got {ctx['value']}"
+    if kind == "needs_field":
+        return f"{_names(ctx['field'])}: needs {_names(ctx['other'])} as well"
     name = str(details["loc"][0]) if details["loc"] else ""
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         bound = {

@@ -59,7 +59,19 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "over_slo": ("refuse", "refuse"),
     "budgets": ("/etc/costserve/budgets.toml", Path("/etc/costserve/budgets.toml")),
     "ready_file": ("/run/costserve/ready.json", Path("/run/costserve/ready.json")),
+    "tls_cert": ("/etc/costserve/tls/server.pem", Path("/etc/costserve/tls/server.pem")),
+    "tls_key": ("/etc/costserve/tls/server.key", Path("/etc/costserve/tls/server.key")),
+    "tls_client_ca": ("/etc/costserve/tls/clients-ca.pem", Path("/etc/costserve/tls/clients-ca.pem")),
 }
+
+
+#: Fields valid only beside others (TLS's certificate and key): the companions each needs.
+COMPANIONS = {"tls_cert": ("tls_key",), "tls_key": ("tls_cert",), "tls_client_ca": ("tls_cert", "tls_key")}
+
+
+def _companions(name: str) -> dict[str, str]:
+    """Environment variables setting the companions ``name`` needs (none for most fields)."""
+    return {env_var(other): "/elsewhere/companion" for other in COMPANIONS.get(name, ())}
 
 
 def _default_text(name: str) -> str:
@@ -173,18 +185,22 @@ def test_name_examples() -> None:
 @pytest.mark.parametrize("name", FIELD_NAMES)
 def test_every_field_has_a_flag(name: str, make_settings: Callable[..., Settings]) -> None:
     text, parsed = SAMPLES[name]
-    settings = make_settings([f"{flag(name)}={text}"])
+    settings = make_settings([f"{flag(name)}={text}"], _companions(name))
     value = getattr(settings, name)
     assert value == parsed
     assert type(value) is type(parsed)
-    others = {other: getattr(Settings(), other) for other in FIELD_NAMES if other != name}
+    others = {
+        other: Settings.model_fields[other].default
+        for other in FIELD_NAMES
+        if other != name and other not in COMPANIONS.get(name, ())
+    }
     assert {other: getattr(settings, other) for other in others} == others
 
 
 @pytest.mark.parametrize("name", FIELD_NAMES)
 def test_every_field_has_an_env_var_converted_to_its_type(name: str, make_settings: Callable[..., Settings]) -> None:
     text, parsed = SAMPLES[name]
-    settings = make_settings(environ={env_var(name): text})
+    settings = make_settings(environ={env_var(name): text, **_companions(name)})
     value = getattr(settings, name)
     assert value == parsed
     assert type(value) is type(parsed)
@@ -231,7 +247,7 @@ def test_flag_beats_env_beats_default(make_settings: Callable[..., Settings]) ->
 @pytest.mark.parametrize("name", FIELD_NAMES)
 def test_flag_beats_env_for_every_field(name: str, make_settings: Callable[..., Settings]) -> None:
     text, parsed = SAMPLES[name]
-    settings = make_settings([f"{flag(name)}={text}"], {env_var(name): _default_text(name)})
+    settings = make_settings([f"{flag(name)}={text}"], {env_var(name): _default_text(name), **_companions(name)})
     assert getattr(settings, name) == parsed
 
 
@@ -240,8 +256,11 @@ def test_env_beats_default_and_flag_beats_that_env_for_every_field(
     name: str, make_settings: Callable[..., Settings]
 ) -> None:
     text, parsed = SAMPLES[name]
-    assert getattr(make_settings(environ={env_var(name): text}), name) == parsed
-    overridden = getattr(make_settings([f"{flag(name)}={_default_text(name)}"], {env_var(name): text}), name)
+    companions = _companions(name)
+    assert getattr(make_settings(environ={env_var(name): text, **companions}), name) == parsed
+    overridden = getattr(
+        make_settings([f"{flag(name)}={_default_text(name)}"], {env_var(name): text, **companions}), name
+    )
     assert overridden != parsed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS
+from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS, TlsFiles
 from costserve.loadtest.protocols import CODECS, PROTOCOLS
 
 #: Default Zipf catalog size, in distinct inputs.
@@ -87,6 +87,17 @@ class LoadtestConfig:
     model_version: str = ""
     inputs: str | None = None
     protocol: str = "v1"
+    #: TLS: the server's CA, and a client certificate and key for mTLS (PEM file paths; None: unset).
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> TlsFiles | None:
+        """The TLS files, None for plain text."""
+        if self.tls_ca is None and self.tls_cert is None and self.tls_key is None:
+            return None
+        return TlsFiles(*(Path(path) if path else None for path in (self.tls_ca, self.tls_cert, self.tls_key)))
 
     def steps(self) -> list[LoadStep]:
         """The load levels, in order."""

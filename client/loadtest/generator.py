@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 import grpc
 import numpy as np
 
-from costserve.client import MAX_MESSAGE_BYTES
+from costserve.client import MAX_MESSAGE_BYTES, secure_or_plain_aio_channel
 from costserve.loadtest.config import LoadStep, LoadtestConfig
 from costserve.loadtest.inputs import InputPicker, Inputs
 from costserve.loadtest.protocols import CODECS, ModelFacts, Reply
@@ -208,7 +208,8 @@ class LoadGenerator:
             ("grpc.use_local_subchannel_pool", 1),  # one connection per channel, not one shared
         ]
         count = min(self.config.channels, needed)
-        self._channels = [grpc.aio.insecure_channel(self.config.target, options=options) for _ in range(count)]
+        tls = self.config.tls
+        self._channels = [secure_or_plain_aio_channel(self.config.target, options, tls) for _ in range(count)]
         await asyncio.wait_for(
             asyncio.gather(*(channel.channel_ready() for channel in self._channels)), self.config.timeout_s
         )

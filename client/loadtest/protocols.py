@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import grpc
 import numpy as np
 
-from costserve.client import MAX_MESSAGE_BYTES, PRECISION_NAMES, PRECISIONS, cost_usd
+from costserve.client import MAX_MESSAGE_BYTES, PRECISION_NAMES, PRECISIONS, cost_usd, secure_or_plain_channel
 from costserve.protocols import inference_pb2 as v2
 from costserve.protocols import inference_pb2_grpc as v2_grpc
 from costserve.protocols import tensorflow_pb2 as tf
@@ -450,7 +450,7 @@ def model_facts(config: LoadtestConfig, input_shape: Sequence[int], labels: Sequ
     if config.protocol == "v1":
         return facts
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    with grpc.insecure_channel(config.target, options=options) as channel:
+    with secure_or_plain_channel(config.target, options, config.tls) as channel:
         try:
             if config.protocol == "v2":
                 request = v2.ModelMetadataRequest(name=config.model, version=config.model_version)
