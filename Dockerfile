@@ -34,7 +34,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH \
     COSTSERVE_HOST=0.0.0.0 \
-    COSTSERVE_MODEL_REPOSITORY=/models
+    COSTSERVE_MODEL_REPOSITORY=/models \
+    GRPC_VERBOSITY=ERROR
 
 # Fixed UID/GID so volume permissions are predictable; --no-log-init avoids a
 # huge sparse /var/log/faillog for a high UID (hadolint DL3046).
