@@ -104,10 +104,7 @@ def add_tls_arguments(parser: argparse.ArgumentParser, suppress: bool = False) -
 
 def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
     """The TLS files the flags name; None (plain text) when none is given."""
-    ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
-    if ca is None and cert is None and key is None:
-        return None
-    return TlsFiles(ca=ca, cert=cert, key=key)
+    return TlsFiles.of(args.tls_ca, args.tls_cert, args.tls_key)
 
 
 def build_parser() -> argparse.ArgumentParser:

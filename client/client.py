@@ -166,6 +166,13 @@ class TlsFiles:
     cert: Path | None = None
     key: Path | None = None
 
+    @classmethod
+    def of(cls, ca: str | Path | None, cert: str | Path | None, key: str | Path | None) -> TlsFiles | None:
+        """The files given (paths, or their text; empty or None: unset), None (plain text) when none is."""
+        if not (ca or cert or key):
+            return None
+        return cls(*(Path(path) if path else None for path in (ca, cert, key)))
+
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("a client certificate needs its key, and a key its certificate (--tls-cert, --tls-key)")

@@ -28,6 +28,10 @@ class Precision(enum.Enum):
     __hash__ = object.__hash__
 
 
+#: Each precision by its value ("auto", "fp32", "int8"), as the protocols that name it in text do.
+PRECISION_OF_NAME = {precision.value: precision for precision in Precision}
+
+
 class Protocol(enum.Enum):
     """The API a call came in by. Values are the metric label values (and ``costserve loadtest --protocol``)."""
 

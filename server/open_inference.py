@@ -38,9 +38,10 @@ import numpy as np
 from costserve import __version__
 from costserve.protocols import inference_pb2 as v2
 from costserve.protocols import inference_pb2_grpc as v2_grpc
-from costserve.protocols.wire import field_bytes
+from costserve.protocols.wire import field_bytes, join_length_prefixed
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
+    PRECISION_OF_NAME,
     ImageInput,
     PixelType,
     Precision,
@@ -50,13 +51,12 @@ from costserve.server.domain import (
     VersionState,
     WireCall,
 )
-from costserve.server.errors import InvalidInput
+from costserve.server.errors import InvalidInput, NotFound
 from costserve.server.rpc_gate import count_top_level_field, field_payloads, scanning_parser, top_level_field_counts
 from costserve.server.servicer import abort_on_error, tenant_of
 from costserve.server.tensors import (
     encoded_images,
     images_from_tensor,
-    join_length_prefixed,
     split_length_prefixed,
     top_classes,
 )
@@ -73,7 +73,6 @@ OUTPUTS = (PROBABILITIES, LABELS, CLASSES)
 CLASSIFICATION = "classification"
 #: Input datatypes of raw pixels.
 PIXEL_DATATYPES = {"UINT8": PixelType.UINT8, "FP32": PixelType.FLOAT32}
-PRECISIONS = {precision.value: precision for precision in Precision}
 #: Request parameters costserve reads, with the InferParameter fields each may be given in.
 PARAMETERS: dict[str, tuple[str, ...]] = {
     "precision": ("string_param",),
@@ -174,7 +173,7 @@ def _options(parameters: Any) -> dict[str, bool | int | float | str]:
 def asked_precision(request: Any) -> Precision:
     """The precision a request asks for, AUTO when it names none or none known (counted so when refused)."""
     if "precision" in request.parameters:
-        return PRECISIONS.get(request.parameters["precision"].string_param, Precision.AUTO)
+        return PRECISION_OF_NAME.get(request.parameters["precision"].string_param, Precision.AUTO)
     return Precision.AUTO
 
 
@@ -232,9 +231,9 @@ def request_from_proto(
     precision = Precision.AUTO
     if "precision" in options:
         name = str(options["precision"]).lower()
-        if name not in PRECISIONS:
+        if name not in PRECISION_OF_NAME:
             raise InvalidInput(f"parameter 'precision' is {options['precision']!r}; expected auto, fp32 or int8")
-        precision = PRECISIONS[name]
+        precision = PRECISION_OF_NAME[name]
     min_accuracy = float(options.get("min_accuracy", 0.0))
     if not 0 <= min_accuracy <= 1:
         raise InvalidInput(f"parameter 'min_accuracy' is {min_accuracy}; expected a value in [0, 1] (0: no floor)")
@@ -445,8 +444,11 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if self.core is None or not self._ready():
             return v2.ModelReadyResponse(ready=False)
-        versions = self.core.models.get(request.name or self.core.default_model_name(), {})
-        return v2.ModelReadyResponse(ready=bool(versions) and (not request.version or request.version in versions))
+        try:
+            self.core.resolve(request.name, request.version)
+        except NotFound:
+            return v2.ModelReadyResponse(ready=False)
+        return v2.ModelReadyResponse(ready=True)
 
     @abort_on_error
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

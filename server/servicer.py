@@ -225,12 +225,17 @@ def response_to_proto(result: PredictionResult) -> pb.PredictResponse:
     return response
 
 
+def metadata_value(context: grpc.aio.ServicerContext, wanted: str) -> str | None:
+    """The first value of request metadata ``wanted`` (bytes decoded as UTF-8), or None when the call has none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == wanted:
+            return value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return None
+
+
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
     """The tenant named by the call's metadata, or "" when it names none."""
-    for key, value in context.invocation_metadata() or ():
-        if key == TENANT_METADATA_KEY:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return ""
+    return metadata_value(context, TENANT_METADATA_KEY) or ""
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):

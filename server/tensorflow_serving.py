@@ -39,6 +39,7 @@ from costserve.protocols import tensorflow_serving_pb2 as tfs
 from costserve.protocols import tensorflow_serving_pb2_grpc as tfs_grpc
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
+    PRECISION_OF_NAME,
     ImageInput,
     PixelType,
     Precision,
@@ -52,7 +53,7 @@ from costserve.server.domain import (
 from costserve.server.errors import InvalidInput, NotFound
 from costserve.server.repository.store import LoadedModel
 from costserve.server.rpc_gate import count_top_level_field, field_payloads, scanning_parser, top_level_field_counts
-from costserve.server.servicer import abort_on_error, cost_metadata, tenant_of
+from costserve.server.servicer import abort_on_error, cost_metadata, metadata_value, tenant_of
 from costserve.server.tensors import encoded_images, images_from_tensor
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,6 @@ STATES = {
 }
 #: Request metadata choosing the variant, and trailing metadata naming the one that answered.
 PRECISION_METADATA_KEY = "x-costserve-precision"
-PRECISIONS = {precision.value: precision for precision in Precision}
 #: gRPC's UNKNOWN, the status code of a version that failed to load.
 UNKNOWN_CODE = grpc.StatusCode.UNKNOWN.value[0]
 
@@ -183,14 +183,13 @@ def _to_pixels(image: ImageInput, model: LoadedModel, where: str) -> ImageInput:
 
 def precision_of(context: grpc.aio.ServicerContext) -> Precision:
     """The variant the call's ``x-costserve-precision`` metadata asks for (AUTO when it names none)."""
-    for key, value in context.invocation_metadata() or ():
-        if key == PRECISION_METADATA_KEY:
-            name = value if isinstance(value, str) else value.decode("utf-8", "replace")
-            precision = PRECISIONS.get(name.strip().lower())
-            if precision is None:
-                raise InvalidInput(f"metadata {PRECISION_METADATA_KEY} is {name!r}; expected auto, fp32 or int8")
-            return precision
-    return Precision.AUTO
+    name = metadata_value(context, PRECISION_METADATA_KEY)
+    if name is None:
+        return Precision.AUTO
+    precision = PRECISION_OF_NAME.get(name.strip().lower())
+    if precision is None:
+        raise InvalidInput(f"metadata {PRECISION_METADATA_KEY} is {name!r}; expected auto, fp32 or int8")
+    return precision
 
 
 def request_from_proto(

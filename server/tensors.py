@@ -12,19 +12,17 @@ end's ``top_k``.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 
 import numpy as np
 
+from costserve.protocols import wire
 from costserve.server.domain import ImageInput, PixelType, RawPixels
 from costserve.server.errors import InvalidInput
 from costserve.server.inputs import ImageLimits
 
 #: Bytes per element of each pixel type.
 ITEM_BYTES = {PixelType.UINT8: 1, PixelType.FLOAT32: 4}
-#: The length prefix of each element of a raw BYTES tensor (v2): 4 bytes, little-endian.
-LENGTH_PREFIX = struct.Struct("<I")
 
 
 def expected_shapes(input_shape: tuple[int, int, int]) -> str:
@@ -87,31 +85,12 @@ def images_from_tensor(
 
 
 def split_length_prefixed(data: bytes, tensor: str, max_elements: int) -> list[bytes]:
-    """The elements of a raw BYTES tensor: each is a 4-byte little-endian length, then that many bytes.
-
-    More than ``max_elements`` is refused as soon as it is seen, whatever the rest holds.
-    """
-    elements: list[bytes] = []
-    position = 0
-    while position < len(data):
-        if len(elements) == max_elements:
-            raise InvalidInput(f"{tensor} holds more than {max_elements} elements; at most {max_elements} per request")
-        if position + LENGTH_PREFIX.size > len(data):
-            raise InvalidInput(f"{tensor} ends inside an element's 4-byte length prefix (at byte {position})")
-        (length,) = LENGTH_PREFIX.unpack_from(data, position)
-        position += LENGTH_PREFIX.size
-        if position + length > len(data):
-            raise InvalidInput(
-                f"{tensor}: element {len(elements)} declares {length} bytes; only {len(data) - position} remain"
-            )
-        elements.append(data[position : position + length])
-        position += length
-    return elements
-
-
-def join_length_prefixed(elements: Sequence[bytes]) -> bytes:
-    """A raw BYTES tensor of ``elements`` (the inverse of :func:`split_length_prefixed`)."""
-    return b"".join(LENGTH_PREFIX.pack(len(element)) + element for element in elements)
+    """The elements of a raw BYTES tensor (:func:`costserve.protocols.wire.split_length_prefixed`), at most
+    ``max_elements``; bad bytes are InvalidInput naming ``tensor``."""
+    try:
+        return wire.split_length_prefixed(data, max_elements)
+    except ValueError as error:
+        raise InvalidInput(f"{tensor} {error}") from None
 
 
 def encoded_images(

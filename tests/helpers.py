@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from costserve.server.runtimes import Runtime
 
@@ -104,3 +106,12 @@ def report_rows(report: str, header_start: str, rows: tuple[str, ...]) -> dict[s
         assert matches, f"row {row!r} missing from the report:\n{report}"
         found[row] = matches[0]
     return found
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """uint8 pixels (height, width), (height, width, 1) or (height, width, 3) as a PNG file."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -7,7 +7,6 @@ and share one cache, one price and one set of counters.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import tritonclient.grpc as triton
 from conftest import RGB_CLASSES, RGB_SHAPE, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
+from helpers import png
 from tritonclient.utils import InferenceServerException
 
 from costserve.protocols import inference_pb2 as v2
@@ -33,12 +32,6 @@ DIGIT_SHAPE = (28, 28, 1)
 def _digits(count: int, seed: int = 0) -> np.ndarray:
     """``count`` distinct 28x28x1 uint8 images (seeded noise: never met by another test's cache)."""
     return np.random.default_rng(seed).integers(0, 256, (count, *DIGIT_SHAPE), dtype=np.uint8)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.squeeze() if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -140,7 +133,7 @@ def test_every_input_form_gives_the_same_answer(
     same(_infer(triton_client, "digits", images[..., 0], precision="fp32"))
     same(_infer(triton_client, "digits", images[0], precision="fp32"), slice(0, 1))
     same(_infer(triton_client, "digits", images.astype(np.float32) / 255, "FP32", precision="fp32"))
-    encoded = np.array([_png(image) for image in images], dtype=np.object_)
+    encoded = np.array([png(image) for image in images], dtype=np.object_)
     same(_infer(triton_client, "digits", encoded, "BYTES", precision="fp32"))
 
     typed = v2.ModelInferRequest(model_name="digits")

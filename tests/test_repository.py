@@ -6,7 +6,6 @@ session's trained one) beside an RGB 32x32 model imported through the importer.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -23,16 +22,11 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, RGB_CLASSES, RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import png
 from PIL import Image, ImageOps
 
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _copy_version(source: Path, model_dir: Path, version: str) -> Path:
@@ -75,7 +69,7 @@ def _digit(label: int) -> pb.Image:
 
 
 def _rgb_request(pixels: np.ndarray, **fields: Any) -> pb.PredictRequest:
-    return pb.PredictRequest(images=[pb.Image(encoded=_png(pixels))], model_name="shapes", **fields)
+    return pb.PredictRequest(images=[pb.Image(encoded=png(pixels))], model_name="shapes", **fields)
 
 
 def test_two_models_at_once_with_their_own_batchers_and_caches(

@@ -6,7 +6,6 @@ Answers must equal costserve.v1's for the same images (labels equal, probabiliti
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import RGB_CLASSES, RGB_SHAPE, RunningServer
-from PIL import Image
+from helpers import png
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -44,12 +43,6 @@ def channel(served: RunningServer) -> Iterator[grpc.Channel]:
 
 def _images(shape: tuple[int, ...], count: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels.squeeze() if pixels.shape[-1] == 1 else pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _signature(channel: grpc.Channel, model: str) -> Any:
@@ -126,7 +119,7 @@ def test_model_input_floats_strings_and_labels_give_the_same_answer(channel: grp
     model_input = images.astype(np.float32) / 255 * 2 - 1
     floats, _ = _predict(channel, "shapes", tf.make_tensor_proto(model_input, dtype=tf.float32))
     np.testing.assert_allclose(tf.make_ndarray(floats.outputs[out_key]), expected, rtol=0, atol=1e-5)
-    pngs = tf.make_tensor_proto([_png(image) for image in images], dtype=tf.string)
+    pngs = tf.make_tensor_proto([png(image) for image in images], dtype=tf.string)
     encoded, _ = _predict(channel, "shapes", pngs)
     np.testing.assert_allclose(tf.make_ndarray(encoded.outputs[out_key]), expected, rtol=0, atol=1e-6)
     stable, _ = _predict(channel, "shapes", tf.make_tensor_proto(images, dtype=tf.uint8), version_label="stable")

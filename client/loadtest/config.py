@@ -95,9 +95,7 @@ class LoadtestConfig:
     @property
     def tls(self) -> TlsFiles | None:
         """The TLS files, None for plain text."""
-        if self.tls_ca is None and self.tls_cert is None and self.tls_key is None:
-            return None
-        return TlsFiles(*(Path(path) if path else None for path in (self.tls_ca, self.tls_cert, self.tls_key)))
+        return TlsFiles.of(self.tls_ca, self.tls_cert, self.tls_key)
 
     def steps(self) -> list[LoadStep]:
         """The load levels, in order."""

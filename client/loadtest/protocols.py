@@ -18,15 +18,14 @@ As for costserve.v1, each input is encoded once and a request is a concatenation
 
 What an answer tells differs: v1 says per image whether it was a cache hit and which variant
 answered; v2 says per request (``cache_hits``, ``precision``, ``cost_usd`` parameters);
-TF Serving's Predict answers probabilities only, its cost comes in the trailing metadata,
-and neither hits nor the variant can be read from it (:attr:`Codec.reports_cache_hits`,
-:attr:`Codec.limits`); nor can its request ask for a precision or bypass the cache.
+TF Serving's Predict answers probabilities only: its cost and the variant come in costserve's
+trailing metadata, and hits cannot be read from it (:attr:`Codec.reports_cache_hits`,
+:attr:`Codec.limits`); its request asks for a precision in metadata and cannot bypass the cache.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -40,7 +39,7 @@ from costserve.protocols import inference_pb2_grpc as v2_grpc
 from costserve.protocols import tensorflow_pb2 as tf
 from costserve.protocols import tensorflow_serving_pb2 as tfs
 from costserve.protocols import tensorflow_serving_pb2_grpc as tfs_grpc
-from costserve.protocols.wire import field_bytes
+from costserve.protocols.wire import LENGTH_PREFIX, field_bytes, split_length_prefixed
 from costserve.v1 import classifier_pb2 as pb
 
 if TYPE_CHECKING:  # the settings check each protocol's limits: imported only for types here
@@ -54,8 +53,6 @@ PRECISION_METADATA_KEY = "x-costserve-precision"
 V2_INPUT = "images"
 #: TF Serving's signature costserve serves.
 SIGNATURE = "serving_default"
-#: The length prefix of each element of a raw v2 BYTES tensor: 4 bytes, little-endian.
-_LENGTH_PREFIX = struct.Struct("<I")
 
 
 class Labelled(Protocol):
@@ -176,7 +173,7 @@ def infer_outputs(response: Any) -> dict[str, np.ndarray | list[bytes]]:
     for index, tensor in enumerate(response.outputs):
         shape = [int(dim) for dim in tensor.shape]
         if tensor.datatype == "BYTES":
-            outputs[tensor.name] = _split_length_prefixed(raw[index]) if raw else list(tensor.contents.bytes_contents)
+            outputs[tensor.name] = split_length_prefixed(raw[index]) if raw else list(tensor.contents.bytes_contents)
         elif tensor.datatype == "FP32":
             values = np.frombuffer(raw[index], "<f4") if raw else np.asarray(tensor.contents.fp32_contents, "<f4")
             outputs[tensor.name] = values.reshape(shape)
@@ -184,15 +181,6 @@ def infer_outputs(response: Any) -> dict[str, np.ndarray | list[bytes]]:
             values = np.frombuffer(raw[index], "<i8") if raw else np.asarray(tensor.contents.int64_contents, "<i8")
             outputs[tensor.name] = values.reshape(shape)
     return outputs
-
-
-def _split_length_prefixed(raw: bytes) -> list[bytes]:
-    elements, offset = [], 0
-    while offset < len(raw):
-        (length,) = _LENGTH_PREFIX.unpack_from(raw, offset)
-        elements.append(raw[offset + 4 : offset + 4 + length])
-        offset += 4 + length
-    return elements
 
 
 class Codec:
@@ -313,7 +301,7 @@ class V2Codec(Codec):
     def encode(self, image: np.ndarray | bytes) -> bytes:
         """Levels (height, width, channels), or a file's bytes after their length."""
         if isinstance(image, bytes):
-            return _LENGTH_PREFIX.pack(len(image)) + image
+            return LENGTH_PREFIX.pack(len(image)) + image
         return levels(image, self.model.input_shape[2])
 
     def request(self, ids: Sequence[int]) -> bytes:
