@@ -12,7 +12,9 @@ Example::
         response = client.predict(["examples/digits/digit_7.png"], model="digits", top_k=3)
         print(response.predictions[0].classes)          # the 3 most probable classes, highest first
 
-:class:`AsyncClient` is the same on ``grpc.aio``. The server lives in
+``Client(..., token=...)`` sends a bearer token (an API key or a JWT) with every call, to a
+server that authenticates its callers; give it ``tls=TlsFiles(...)`` too, or the token
+travels in plain text. :class:`AsyncClient` is the same on ``grpc.aio``. The server lives in
 :mod:`costserve.server` (``pip install 'costserve[server]'``); this package imports
 neither it nor TensorFlow.
 """
@@ -20,6 +22,7 @@ neither it nor TensorFlow.
 from importlib.metadata import PackageNotFoundError, version
 
 from costserve.client import (
+    AUTHORIZATION_METADATA_KEY,
     COST_METADATA_KEY,
     TENANT_METADATA_KEY,
     AsyncClient,
@@ -29,11 +32,13 @@ from costserve.client import (
     cost_usd,
     image_message,
     predict_request,
+    token_metadata,
     version_state_name,
 )
 
 __all__ = [
     "AsyncClient",
+    "AUTHORIZATION_METADATA_KEY",
     "Client",
     "COST_METADATA_KEY",
     "ImageLike",
@@ -42,6 +47,7 @@ __all__ = [
     "cost_usd",
     "image_message",
     "predict_request",
+    "token_metadata",
     "version_state_name",
 ]
 

@@ -12,6 +12,9 @@
     costserve cost [--metrics-url URL | --prometheus URL [--window 1h]] [--by-model | --by-tenant] [--json]
 
 ``--target`` (or ``COSTSERVE_TARGET``) names the server, default 127.0.0.1:50051;
+``--token`` (or, better, ``COSTSERVE_TOKEN``) the bearer token every call carries;
+``--tls-ca``, ``--tls-cert``, ``--tls-key`` (or ``COSTSERVE_TLS_CA``, ``COSTSERVE_CLIENT_CERT``,
+``COSTSERVE_CLIENT_KEY``) connect with TLS;
 ``--tenant`` (or ``COSTSERVE_TENANT``) the tenant predictions are charged to;
 ``--model`` (or ``COSTSERVE_MODEL``) the model asked, default the server's default model.
 ``costserve --version`` prints the installed version.
@@ -32,7 +35,15 @@ import grpc
 from google.protobuf import json_format
 
 from costserve import __version__, cost_report, loadtest
-from costserve.client import DEFAULT_TIMEOUT_S, PRECISION_NAMES, PRECISIONS, Client, TlsFiles, version_state_name
+from costserve.client import (
+    DEFAULT_TIMEOUT_S,
+    PRECISION_NAMES,
+    PRECISIONS,
+    Client,
+    TlsFiles,
+    token_metadata,
+    version_state_name,
+)
 from costserve.v1 import classifier_pb2 as pb
 
 
@@ -84,22 +95,41 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Not COSTSERVE_TLS_CERT/KEY: those are the server's own certificate, and one shell may set both.
 #: The TLS flags: (flag, environment variable, what the file holds).
 TLS_FLAGS = (
     ("--tls-ca", "COSTSERVE_TLS_CA", "PEM CA certificates the server's certificate is checked against (TLS)"),
-    ("--tls-cert", "COSTSERVE_TLS_CERT", "PEM client certificate, for a server that requires one (mTLS)"),
-    ("--tls-key", "COSTSERVE_TLS_KEY", "PEM private key of --tls-cert"),
+    ("--tls-cert", "COSTSERVE_CLIENT_CERT", "PEM client certificate, for a server that requires one (mTLS)"),
+    ("--tls-key", "COSTSERVE_CLIENT_KEY", "PEM private key of --tls-cert"),
 )
+#: The environment variable ``--token`` defaults to.
+TOKEN_ENV = "COSTSERVE_TOKEN"
 
 
 def add_tls_arguments(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
-    """Add ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (defaults from ``COSTSERVE_TLS_*``).
+    """Add ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (defaults from the variables of :data:`TLS_FLAGS`).
 
     ``suppress``: a subcommand's copy, which overrides the global flag only when given.
     """
     for name, env, what in TLS_FLAGS:
         default = argparse.SUPPRESS if suppress else os.environ.get(env) or None
         parser.add_argument(name, type=Path, default=default, metavar="FILE", help=f"{what} [env {env}]")
+
+
+def add_token_argument(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """Add ``--token`` (default from ``COSTSERVE_TOKEN``): the bearer token every gRPC call carries.
+
+    ``suppress``: a subcommand's copy, which overrides the global flag only when given.
+    """
+    default = argparse.SUPPRESS if suppress else os.environ.get(TOKEN_ENV) or None
+    parser.add_argument(
+        "--token",
+        default=default,
+        metavar="TOKEN",
+        help="bearer token sent as 'authorization: Bearer TOKEN' with every call, for a server that "
+        f"authenticates its callers: an API key (csk_...) or a JWT [env {TOKEN_ENV}, better than the flag, "
+        "which other users can see in the process list]. Plain text unless --tls-ca is given",
+    )
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
@@ -120,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds per call (default {DEFAULT_TIMEOUT_S:g})"
     )
     add_tls_arguments(parser)
+    add_token_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     predict = commands.add_parser("predict", help="classify image files (PNG or JPEG)")
     predict.add_argument("files", nargs="+", type=Path)
@@ -321,6 +352,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"costserve: TLS: {error}", file=sys.stderr)
         return 2
     try:
+        token_metadata(args.token)  # its message never quotes the token
+    except ValueError as error:
+        print(f"costserve: --token ({TOKEN_ENV}): {error}", file=sys.stderr)
+        return 2
+    try:
         if args.command == "loadtest":
             # Its default inputs are scikit-learn's bundled digits; the client alone does not install it.
             if args.inputs is None and importlib.util.find_spec("sklearn") is None:
@@ -331,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
             return loadtest.main(args)
-        with Client(args.target, timeout=args.timeout, tls=tls) as client:
+        with Client(args.target, timeout=args.timeout, tls=tls, token=args.token) as client:
             if args.command == "health":
                 status = client.health()
                 print(status)

@@ -32,6 +32,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # The two keys are also defined in costserve.server.servicer: the client never imports the server.
 #: Request metadata key naming the tenant a call is charged to.
 TENANT_METADATA_KEY = "x-costserve-tenant"
+#: Request metadata key of the bearer token (``authorization: Bearer <token>``), gRPC's and HTTP's.
+AUTHORIZATION_METADATA_KEY = "authorization"
 #: Trailing metadata key holding a call's cost in USD (a stream's: the sum over its responses).
 COST_METADATA_KEY = "x-costserve-cost-usd"
 
@@ -112,6 +114,25 @@ def tenant_metadata(tenant: str | None) -> tuple[tuple[str, str], ...]:
     return ((TENANT_METADATA_KEY, tenant),) if tenant else ()
 
 
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The request metadata that authenticates a call with ``token`` (none for ``None`` or ``""``).
+
+    ``token`` is a bearer token: an API key (``csk_...``) or a JWT, sent as ``authorization: Bearer
+    <token>``. It travels in plain text unless the channel uses TLS. Raises ValueError, without
+    quoting the token, when it is not printable ASCII without spaces (what a metadata value can hold)::
+
+        stub.ModelInfer(request, metadata=token_metadata(os.environ["COSTSERVE_TOKEN"]))
+    """
+    if not token:
+        return ()
+    # Checked here, once: gRPC would refuse it on every call, with an error that quotes the value.
+    if not (token.isascii() and token.isprintable()) or " " in token:
+        raise ValueError(
+            f"the bearer token ({len(token)} characters) must be printable ASCII without spaces or line breaks"
+        )
+    return ((AUTHORIZATION_METADATA_KEY, f"Bearer {token}"),)
+
+
 def cost_usd(trailing_metadata: Metadata | None) -> float | None:
     """The call's cost in USD from its trailing metadata, or None when the server sent none.
 
@@ -139,18 +160,26 @@ class ResponseStream(Protocol):
 
 
 class _Defaults:
-    """What both clients keep: the target, the default timeout and the default tenant."""
+    """What both clients keep: the target, the default timeout and tenant, and the token's metadata."""
 
-    def __init__(self, target: str, timeout: float, tenant: str | None) -> None:
+    def __init__(self, target: str, timeout: float, tenant: str | None, token: str | None) -> None:
         self.target = target
         self.timeout = timeout
         self.tenant = tenant
+        # Only the metadata is kept, built once: the token itself is no attribute to print by mistake.
+        self._auth_metadata = token_metadata(token)
+        self._prebuilt_tenant = tenant
+        self._prebuilt_metadata = tenant_metadata(tenant) + self._auth_metadata
 
     def _timeout(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
     def _metadata(self, tenant: str | None) -> tuple[tuple[str, str], ...]:
-        return tenant_metadata(self.tenant if tenant is None else tenant)
+        """A prediction's metadata: its tenant's (default the client's) and the token's."""
+        tenant = self.tenant if tenant is None else tenant
+        if tenant == self._prebuilt_tenant:
+            return self._prebuilt_metadata
+        return tenant_metadata(tenant) + self._auth_metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +251,13 @@ class Client(_Defaults):
     (``NOT_FOUND`` for a model or version the server does not serve). ``tls``
     (:class:`TlsFiles`) connects with TLS, and mTLS when it holds a client certificate.
 
+    ``token`` is a bearer token for a server that authenticates its callers: an API key
+    (``csk_...``) or a JWT. Every call (health included) then carries the request metadata
+    ``authorization: Bearer <token>``; a call with no valid token is refused with
+    ``UNAUTHENTICATED``. The token travels in plain text, readable and replayable by anyone
+    on the path, unless the channel uses TLS (``tls=TlsFiles(...)``). A token that cannot
+    be metadata (spaces, line breaks, non-ASCII) raises ValueError here.
+
     Example::
 
         with Client("127.0.0.1:50051", timeout=5) as client:
@@ -232,6 +268,11 @@ class Client(_Defaults):
             print(reply.model_name, reply.predictions[0].label, reply.cost.usd)
             reply = client.predict([pixels], model="digits", version="2", top_k=3)
             print(list(zip(reply.predictions[0].classes, reply.predictions[0].probabilities)))
+
+        # A server that authenticates its callers, over TLS so that the token stays secret:
+        token, ca = os.environ["COSTSERVE_TOKEN"], Path("ca.pem")
+        with Client("10.0.0.5:50051", token=token, tls=TlsFiles(ca=ca)) as client:
+            print(client.health())
     """
 
     def __init__(
@@ -241,8 +282,9 @@ class Client(_Defaults):
         options: Sequence[tuple[str, Any]] = (),
         tenant: str | None = None,
         tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(target, timeout, tenant)
+        super().__init__(target, timeout, tenant, token)
         self._channel = secure_or_plain_channel(target, _channel_options(options), tls)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -358,7 +400,7 @@ class Client(_Defaults):
         when the version was imported without held-out data.
         """
         request = pb.GetModelInfoRequest(model_name=model, model_version=version)
-        return self._stub.GetModelInfo(request, timeout=self._timeout(timeout))
+        return self._stub.GetModelInfo(request, timeout=self._timeout(timeout), metadata=self._auth_metadata)
 
     def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         """Every model of the server's repository, which one is the default, and each version's state.
@@ -370,12 +412,16 @@ class Client(_Defaults):
             for model in client.list_models().models:
                 print(model.name, [(v.version, version_state_name(v.state)) for v in model.versions])
         """
-        return self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
+        return self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._timeout(timeout), metadata=self._auth_metadata
+        )
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name: ``SERVING``, ``NOT_SERVING``, ...; raises on no answer."""
         reply = self._health.Check(  # type: ignore[attr-defined]  # typeshed's HealthStub omits Check
-            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self._timeout(timeout),
+            metadata=self._auth_metadata,
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
@@ -384,7 +430,9 @@ class AsyncClient(_Defaults):
     """The :class:`Client` on ``grpc.aio``: the same calls, awaited.
 
     Create it inside a coroutine (its channel belongs to the running event loop)
-    and use it as an async context manager, or ``await client.close()``.
+    and use it as an async context manager, or ``await client.close()``. ``tenant``,
+    ``tls`` and ``token`` are the :class:`Client`'s: the bearer token goes with every
+    call, in plain text unless ``tls`` is given.
 
     Example::
 
@@ -415,6 +463,7 @@ class AsyncClient(_Defaults):
         options: Sequence[tuple[str, Any]] = (),
         tenant: str | None = None,
         tls: TlsFiles | None = None,
+        token: str | None = None,
     ) -> None:
         try:
             asyncio.get_running_loop()
@@ -422,7 +471,7 @@ class AsyncClient(_Defaults):
             raise RuntimeError(
                 "create an AsyncClient inside a coroutine: its channel belongs to the running event loop"
             ) from None
-        super().__init__(target, timeout, tenant)
+        super().__init__(target, timeout, tenant, token)
         self._channel = secure_or_plain_aio_channel(target, _channel_options(options), tls)
         self._stub = pb_grpc.ClassifierStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -533,15 +582,19 @@ class AsyncClient(_Defaults):
     async def model_info(self, model: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         """One served model version, as :meth:`Client.model_info`."""
         request = pb.GetModelInfoRequest(model_name=model, model_version=version)
-        return await self._stub.GetModelInfo(request, timeout=self._timeout(timeout))
+        return await self._stub.GetModelInfo(request, timeout=self._timeout(timeout), metadata=self._auth_metadata)
 
     async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
         """The server's models and their versions' states, as :meth:`Client.list_models`."""
-        return await self._stub.ListModels(pb.ListModelsRequest(), timeout=self._timeout(timeout))
+        return await self._stub.ListModels(
+            pb.ListModelsRequest(), timeout=self._timeout(timeout), metadata=self._auth_metadata
+        )
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The gRPC health status name, as :meth:`Client.health`."""
         reply = await self._health.Check(  # type: ignore[attr-defined]  # typeshed's HealthStub omits Check
-            health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout)
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self._timeout(timeout),
+            metadata=self._auth_metadata,
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -9,6 +9,11 @@
                        [--processes N] [--channels N]
                        [--model NAME] [--version V] [--inputs DIR]
                        [--json [FILE]] [--csv [FILE]] [--plot FILE.png]
+                       [--token TOKEN] [--tls-ca FILE [--tls-cert FILE --tls-key FILE]]
+
+``--token`` (env ``COSTSERVE_TOKEN``) is the bearer token every call carries, for a server that
+authenticates its callers; the JSON report says only whether one was set. It and the TLS flags
+are costserve's global options, which may also follow ``loadtest``.
 
 Load shapes. *Closed loop* (``--concurrency N``): N callers, each sends its next
 request when the previous one is answered. *Open loop* (``--rate R``): requests

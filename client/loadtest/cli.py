@@ -37,9 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", default=argparse.SUPPRESS, help="server address HOST:PORT (same as costserve --target)"
     )
-    from costserve.cli import add_tls_arguments
+    from costserve.cli import add_tls_arguments, add_token_argument
 
     add_tls_arguments(parser, suppress=True)
+    add_token_argument(parser, suppress=True)
     load = parser.add_argument_group("load (one of; default --concurrency 1)").add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, metavar="N", help="closed loop: N callers, each waits for its answer")
     load.add_argument("--rate", type=float, metavar="R", help="open loop: R requests/s whatever the answers")
@@ -137,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> LoadtestConfig:
         tls_ca=str(args.tls_ca) if args.tls_ca else None,
         tls_cert=str(args.tls_cert) if args.tls_cert else None,
         tls_key=str(args.tls_key) if args.tls_key else None,
+        token=args.token or None,
         concurrency=tuple(concurrency),
         rate=tuple(rate),
         arrivals=args.arrivals,

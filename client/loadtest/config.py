@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS, TlsFiles
+from costserve.client import DEFAULT_TIMEOUT_S, PRECISIONS, TlsFiles, token_metadata
 from costserve.loadtest.protocols import CODECS, PROTOCOLS
 
 #: Default Zipf catalog size, in distinct inputs.
@@ -63,6 +63,9 @@ class LoadtestConfig:
     (TensorFlow Serving's API); see :mod:`costserve.loadtest.protocols`.
     ``inputs``: a folder of PNG/JPEG files to send instead of the held-out digits, one sub-folder per
     class (ImageFolder layout) or flat (no labels); see :mod:`costserve.loadtest.inputs`.
+    ``token``: a bearer token (an API key or a JWT) every call carries as ``authorization: Bearer
+    <token>``, in plain text unless TLS is set; it is left out of the config's repr, and the
+    report's JSON says only whether one was set.
     """
 
     target: str = "127.0.0.1:50051"
@@ -91,11 +94,17 @@ class LoadtestConfig:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     @property
     def tls(self) -> TlsFiles | None:
         """The TLS files, None for plain text."""
         return TlsFiles.of(self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The request metadata every call carries: the token's (none without one)."""
+        return token_metadata(self.token)
 
     def steps(self) -> list[LoadStep]:
         """The load levels, in order."""
@@ -159,3 +168,7 @@ class LoadtestConfig:
             raise ValueError("--seed must be 0 or more")
         if self.inputs is not None and not Path(self.inputs).is_dir():
             raise ValueError(f"--inputs {self.inputs}: not a directory")
+        try:
+            token_metadata(self.token)
+        except ValueError as error:  # its message never quotes the token
+            raise ValueError(f"--token: {error}") from None

@@ -206,8 +206,9 @@ class Codec:
         self.pool = pool
         self.model = model
         self._pieces: dict[int, bytes] = {}
-        #: Request metadata sent with every call (what the protocol's messages have no field for).
-        self.metadata: tuple[tuple[str, str], ...] = ()
+        #: Request metadata sent with every call (what the protocol's messages have no field for): the
+        #: token's, and the protocol's own.
+        self.metadata: tuple[tuple[str, str], ...] = config.metadata
 
     def piece(self, input_id: int) -> bytes:
         """Input ``input_id`` encoded for this protocol, once."""
@@ -358,7 +359,7 @@ class TFServingCodec(Codec):
         self.key = field_bytes(1, model.signature_input.encode())
         self.head = field_bytes(1, model_spec(config.model, config.model_version).SerializeToString())
         if config.precision != "auto":
-            self.metadata = ((PRECISION_METADATA_KEY, config.precision),)
+            self.metadata += ((PRECISION_METADATA_KEY, config.precision),)
 
     def encode(self, image: np.ndarray | bytes) -> bytes:
         """A file as one ``string_val`` field, or levels (height, width, channels) for ``tensor_content``."""
@@ -442,7 +443,9 @@ def model_facts(config: LoadtestConfig, input_shape: Sequence[int], labels: Sequ
         try:
             if config.protocol == "v2":
                 request = v2.ModelMetadataRequest(name=config.model, version=config.model_version)
-                v2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(request, timeout=config.timeout_s)
+                v2_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+                    request, timeout=config.timeout_s, metadata=config.metadata
+                )
                 return facts
             signature_input, signature_output = signature_names(channel, config)
         except grpc.RpcError as error:
@@ -464,7 +467,9 @@ def signature_names(channel: grpc.Channel, config: LoadtestConfig) -> tuple[str,
     request = tfs.GetModelMetadataRequest(
         model_spec=model_spec(config.model, config.model_version), metadata_field=["signature_def"]
     )
-    response = tfs_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=config.timeout_s)
+    response = tfs_grpc.PredictionServiceStub(channel).GetModelMetadata(
+        request, timeout=config.timeout_s, metadata=config.metadata
+    )
     signatures = tfs.SignatureDefMap()
     if "signature_def" not in response.metadata or not response.metadata["signature_def"].Unpack(signatures):
         raise ValueError("--protocol tfserving: GetModelMetadata returned no signature_def")

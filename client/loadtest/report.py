@@ -19,6 +19,8 @@ from costserve.loadtest.samples import Samples, merge, percentile, percentiles_m
 BUSY_GENERATOR = 0.9
 #: Open loop: sending later than this behind schedule (p99) is worth a note, in seconds.
 LATE_SEND_S = 0.005
+#: What the JSON report's ``settings.token`` says when the calls carried a token.
+REDACTED = "<redacted>"
 
 
 @dataclass
@@ -121,6 +123,8 @@ class LoadReport:
         """The report as plain data (the ``--json`` document)."""
         settings = asdict(self.config)
         settings["repeat"] = str(self.config.repeat)
+        # A report is shared and kept: it says whether calls carried a token, never which.
+        settings["token"] = REDACTED if self.config.token else None
         return {
             "target": self.target,
             "model": self.model,

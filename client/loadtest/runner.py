@@ -193,7 +193,7 @@ def run_loadtest(config: LoadtestConfig, progress: TextIO | None = None) -> Load
     process fails.
     """
     config.validate()
-    with Client(config.target, timeout=config.timeout_s, tls=config.tls) as client:
+    with Client(config.target, timeout=config.timeout_s, tls=config.tls, token=config.token) as client:
         info = client.model_info(config.model, config.model_version)
     if config.images_per_request > info.max_images_per_request:
         raise ValueError(

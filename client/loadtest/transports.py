@@ -69,7 +69,7 @@ class StreamTransport:
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
         async with self._write_lock:
             if self._stream is None or self._stream.finished:
-                self._stream = _OpenStream(self._method(timeout=self._timeout_s))
+                self._stream = _OpenStream(self._method(timeout=self._timeout_s, metadata=self._codec.metadata or None))
                 self._stream.reader = asyncio.ensure_future(self._read(self._stream))
             stream = self._stream
             # Queued before writing: the reader resolves it, even if the stream fails during the write.
