@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import ssl
-import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 import grpc
+
+from costserve.server.files import WatchedFiles
 
 log = logging.getLogger(__name__)
 
@@ -37,77 +38,86 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-class ServerCertificates:
-    """The files of the gRPC port's TLS, read at start and again whenever one of them changes.
+@dataclass(frozen=True)
+class CertificateFiles:
+    """A TLS server's files: a PEM certificate chain, its private key and, for mTLS, PEM client CAs.
 
-    ``client_ca``, when given, requires every client to present a certificate signed by
-    one of its CAs (mTLS). Files that cannot be read or do not fit together raise
-    ``ValueError`` at start; later, they are logged and the certificate being served is kept.
+    ``flags`` name the settings the files come from, for messages: the gRPC port's
+    (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``) or /metrics' (``--metrics-tls-*``).
     """
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
-        self.cert, self.key, self.client_ca = cert, key, client_ca
-        #: How many times new files were loaded after the first.
-        self.reloads = 0
-        self._lock = threading.Lock()
-        self._stamp = self._stamp_now()
-        self._initial = self._configuration()
-        self._refused: tuple[tuple[int, int, int], ...] | None = None
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    flags: tuple[str, str, str] = ("--tls-cert", "--tls-key", "--tls-client-ca")
 
-    def _paths(self) -> list[Path]:
+    def paths(self) -> list[Path]:
+        """The files, in the order their stamps are taken."""
         return [self.cert, self.key] + ([self.client_ca] if self.client_ca is not None else [])
 
-    def _stamp_now(self) -> tuple[tuple[int, int, int], ...]:
-        """(modification time, size, inode) of each file: any replacement or rewrite changes it."""
-        stamps = []
-        for path in self._paths():
-            status = os.stat(path)
-            stamps.append((status.st_mtime_ns, status.st_size, status.st_ino))
-        return tuple(stamps)
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server-side SSLContext of the files as they are now, requiring client certificates with a client CA.
 
-    def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        """The files as gRPC's configuration, once Python's own TLS has checked that they fit together."""
+        Raises ``ValueError`` naming the flag when a file cannot be read, is not PEM, or the
+        certificate and key do not fit together.
+        """
+        cert_flag, key_flag, client_ca_flag = self.flags
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        where = f"--tls-cert {self.cert} / --tls-key {self.key}"
         try:
             context.load_cert_chain(self.cert, self.key)
         except (OSError, ssl.SSLError) as error:
-            raise ValueError(f"{where}: not a PEM certificate chain and its private key ({error})") from None
-        root = None
+            raise ValueError(
+                f"{cert_flag} {self.cert} / {key_flag} {self.key}: not a PEM certificate chain and its private key "
+                f"({error})"
+            ) from None
         if self.client_ca is not None:
             try:
                 context.load_verify_locations(cafile=self.client_ca)
             except (OSError, ssl.SSLError) as error:
-                raise ValueError(f"--tls-client-ca {self.client_ca}: not PEM CA certificates ({error})") from None
-            root = self.client_ca.read_bytes()
+                raise ValueError(f"{client_ca_flag} {self.client_ca}: not PEM CA certificates ({error})") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+
+class ServerCertificates:
+    """The files of the gRPC port's TLS, read at start and again whenever one of them changes.
+
+    gRPC asks :meth:`fetch` at each new handshake. Files that cannot be read or do not fit
+    together raise ``ValueError`` at start; later, they are logged and the certificate being
+    served is kept (also while a file is being replaced).
+    """
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None = None) -> None:
+        self.files = CertificateFiles(cert, key, client_ca)
+        self._configuration = WatchedFiles(self.files.paths(), self._load, "the gRPC port's TLS files")
+        self._served = self._configuration.generation
+
+    @property
+    def reloads(self) -> int:
+        """How many times new files were loaded after the first."""
+        return self._configuration.generation
+
+    def _load(self) -> grpc.ServerCertificateConfiguration:
+        """The files as gRPC's configuration, once Python's own TLS has checked that they fit together."""
+        self.files.ssl_context()
+        files = self.files
+        root = files.client_ca.read_bytes() if files.client_ca is not None else None
         return grpc.ssl_server_certificate_configuration(
-            [(self.key.read_bytes(), self.cert.read_bytes())], root_certificates=root
+            [(files.key.read_bytes(), files.cert.read_bytes())], root_certificates=root
         )
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's callback at each new handshake: the new configuration when the files changed, else None."""
-        with self._lock:
-            try:
-                stamp = self._stamp_now()
-            except OSError:
-                return None  # a file is being replaced: keep serving the current one
-            if stamp == self._stamp or stamp == self._refused:
-                return None
-            try:
-                configuration = self._configuration()
-            except (OSError, ValueError) as error:
-                self._refused = stamp
-                log.warning("TLS files changed but cannot be used (%s); serving the previous certificate", error)
-                return None
-            self._stamp = stamp
-            self.reloads += 1
-            log.info("TLS certificate reloaded from %s", self.cert)
-            return configuration
+        configuration, generation = self._configuration.snapshot()
+        if generation == self._served:
+            return None
+        self._served = generation
+        return configuration
 
     def credentials(self) -> grpc.ServerCredentials:
         """Server credentials serving these files, reloaded as they change."""
         # gRPC documents None as "keep the current configuration"; its type stubs omit it.
         fetch = cast(Callable[[], grpc.ServerCertificateConfiguration], self.fetch)
         return grpc.dynamic_ssl_server_credentials(
-            self._initial, fetch, require_client_authentication=self.client_ca is not None
+            self._configuration.value, fetch, require_client_authentication=self.files.client_ca is not None
         )

@@ -8,6 +8,12 @@ value of its $model variable in MODEL_SELECTIONS), of the recording rules and of
 alerts through Prometheus' HTTP API. Each result is compared with the same figure
 computed in Python from the server's own registry.
 
+Prometheus scrapes /metrics as deploy/prometheus/prometheus-tls.yml says: over HTTPS,
+checking the server's certificate for the config's server_name against the test CA, with
+basic auth (a users file made by add_user), and, beyond the deploy file, presenting a
+client certificate to a server that asks for one (mTLS). Only the target, the files and
+the intervals are the test's own.
+
 How the comparison is made exact. Phase 1 of the traffic creates every series, then
 Prometheus scrapes the idle server: sample at t1, values S1. Phase 2 adds traffic,
 then Prometheus scrapes the idle server again: sample at t2, values S2. Every
@@ -41,10 +47,14 @@ from typing import IO, Any
 import grpc
 import numpy as np
 import pytest
+from cryptography import x509
+from pki import Pki, make_pki
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+#: The same, scraping a /metrics protected by TLS and basic auth.
+PROMETHEUS_TLS_CONFIG = DEPLOY / "prometheus" / "prometheus-tls.yml"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "costserve.json"
 GRAFANA_DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
@@ -707,14 +717,50 @@ def _load(client: Any, rng: np.random.Generator) -> None:
 # -------------------------------------------------------------------- static tests
 
 
-def test_prometheus_config_and_rules_pass_promtool() -> None:
-    output = _promtool("check", "config", str(PROMETHEUS_CONFIG))
+@pytest.mark.parametrize("config", [PROMETHEUS_CONFIG, PROMETHEUS_TLS_CONFIG], ids=lambda path: path.name)
+def test_prometheus_config_and_rules_pass_promtool(config: Path) -> None:
+    output = _promtool("check", "config", str(config))
     assert "is valid prometheus config file syntax" in output
-    assert "SUCCESS: 1 rule files found" in output, "prometheus.yml must load rules.yml"
+    assert "SUCCESS: 1 rule files found" in output, f"{config.name} must load rules.yml"
     empty = _an_empty_window()
     rules = len(_rule_expectations(empty)) + len(_alert_expectations(empty))
     assert _rule_count() == rules, "a rule was added: add its expectation"
     assert _ranges(_rules_text()) == {RULE_RANGE}, f"every range selector in rules.yml must be {RULE_RANGE}"
+
+
+def test_the_tls_config_is_the_plain_one_scraping_https_with_basic_auth() -> None:
+    yaml = _yaml()
+    plain, protected = (yaml.safe_load(path.read_text()) for path in (PROMETHEUS_CONFIG, PROMETHEUS_TLS_CONFIG))
+    assert {key: value for key, value in protected.items() if key != "scrape_configs"} == {
+        key: value for key, value in plain.items() if key != "scrape_configs"
+    }
+    (plain_job,), (job,) = plain["scrape_configs"], protected["scrape_configs"]
+    extra = {"scheme", "tls_config", "basic_auth"}
+    assert {key: value for key, value in job.items() if key not in extra} == plain_job
+    assert job["scheme"] == "https"
+    assert set(job["tls_config"]) == {"ca_file", "server_name"}, "mTLS files stay commented out: promtool needs them"
+    # The password from a file, never in the config itself.
+    assert set(job["basic_auth"]) == {"username", "password_file"}
+
+
+def _deploy_tls_job() -> dict[str, Any]:
+    """The scrape job of deploy/prometheus/prometheus-tls.yml."""
+    (job,) = _yaml().safe_load(PROMETHEUS_TLS_CONFIG.read_text())["scrape_configs"]
+    return job
+
+
+def _scrape_config(pki: Pki, metrics_port: int, password_file: Path) -> dict[str, Any]:
+    """The deploy file's job with the test's target, CA and password file, and a client certificate (mTLS).
+
+    Its scheme, path, server_name and username are the deploy file's.
+    """
+    job = _deploy_tls_job()
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    job["tls_config"]["ca_file"] = str(pki.ca.cert)
+    # What the deploy file's comment says to uncomment for mTLS.
+    job["tls_config"].update(cert_file=str(pki.client.cert), key_file=str(pki.client.key))
+    job["basic_auth"]["password_file"] = str(password_file)
+    return job
 
 
 def test_model_load_alert_fires_per_model_while_a_version_is_failed(tmp_path: Path) -> None:
@@ -960,11 +1006,30 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
     prometheus_binary: str, start_server: Callable[..., Any], model_dir: Path, tmp_path: Path
 ) -> None:
     from costserve import Client
+    from costserve.server.metrics_auth import add_user
 
     rule_count = _rule_count()
     repository = _repository(model_dir, tmp_path / "models")
+    # /metrics over TLS for the deploy config's server_name, asking for a client certificate and basic auth.
+    (tmp_path / "pki").mkdir()
+    pki = make_pki(tmp_path / "pki")
+    deploy_job = _deploy_tls_job()
+    # Only the deploy file's server_name (no IP address): the scrape works only if Prometheus checks that name.
+    served = pki.authority.issue("metrics", names=[x509.DNSName(deploy_job["tls_config"]["server_name"])])
+    users, password_file = tmp_path / "metrics-users", tmp_path / "metrics-password"
+    password_file.write_text(add_user(users, deploy_job["basic_auth"]["username"]))
     # poll_seconds=0: the repository is read at start-up and when the test says so.
-    server = start_server(prices=PRICES, budgets=BUDGETS, model_dir=None, model_repository=repository, poll_seconds=0)
+    server = start_server(
+        prices=PRICES,
+        budgets=BUDGETS,
+        model_dir=None,
+        model_repository=repository,
+        poll_seconds=0,
+        metrics_tls_cert=served.cert,
+        metrics_tls_key=served.key,
+        metrics_tls_client_ca=pki.ca.cert,
+        metrics_basic_auth=users,
+    )
     target = {"job": JOB, "instance": f"127.0.0.1:{server.server.metrics_port}"}
     config = tmp_path / "prometheus.yml"
     # JSON is YAML. The very rules file of deploy/, evaluated every second.
@@ -973,7 +1038,7 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
             {
                 "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(RULES)],
-                "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target["instance"]]}]}],
+                "scrape_configs": [_scrape_config(pki, server.server.metrics_port, password_file)],
             }
         )
     )
@@ -983,6 +1048,9 @@ def test_prometheus_evaluates_every_dashboard_and_rule_query_to_the_servers_figu
         prometheus.wait(
             lambda: prometheus.values(f'up{{job="{JOB}"}}') == {frozenset(target.items()): 1.0}, "the target to be up"
         )
+        (scraped,) = prometheus.api("targets", state="active")["activeTargets"]
+        assert scraped["scrapeUrl"] == f"https://{target['instance']}/metrics", scraped
+        assert scraped["health"] == "up" and not scraped["lastError"], scraped
         rng = np.random.default_rng(7)
         with Client(server.target, timeout=30) as client:
             _every_series(client, rng)  # phase 1
