@@ -45,6 +45,7 @@ from costserve.protocols import (
     tensorflow_serving_pb2_grpc,
 )
 from costserve.server import open_inference, tensorflow_serving
+from costserve.server.auth import Access, Authenticator
 from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
 from costserve.server.cost import CostMeter, load_prices
@@ -52,10 +53,10 @@ from costserve.server.domain import Protocol
 from costserve.server.errors import CostserveError
 from costserve.server.logs import quiet_client_errors
 from costserve.server.metrics import ServiceMetrics
-from costserve.server.metrics_http import MetricsHttpServer, start_metrics_server
+from costserve.server.metrics_http import MetricsHttpServer, MetricsTls, start_metrics_server
 from costserve.server.repository.manager import RepositoryManager
 from costserve.server.repository.store import LoadedModel, latest_version_dir, list_models, list_versions
-from costserve.server.rpc_gate import CallGate, MethodCollector, guard_services
+from costserve.server.rpc_gate import CallerCheck, CallGate, MethodCollector, guard_services
 from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
@@ -80,6 +81,24 @@ GATED = {
     tensorflow_serving.MODEL_SERVICE,
     *(f"{open_inference.SERVICE_NAME}/{method}" for method in ("ModelInfer", "ModelMetadata", "RepositoryIndex")),
 }
+
+#: The prediction methods of every protocol: their caller check decides the tenant charged.
+PREDICTION_METHODS = (
+    f"{SERVICE_NAME}/Predict",
+    f"{SERVICE_NAME}/PredictStream",
+    f"{open_inference.SERVICE_NAME}/ModelInfer",
+    f"{tensorflow_serving.PREDICTION_SERVICE}/Predict",
+)
+#: The methods that describe the served models, open to the callers ``--model-info`` admits. v2
+#: ServerLive, ServerReady, ServerMetadata and ModelReady stay open, like health.
+MODEL_INFO_METHODS = (
+    f"{SERVICE_NAME}/GetModelInfo",
+    f"{SERVICE_NAME}/ListModels",
+    f"{open_inference.SERVICE_NAME}/ModelMetadata",
+    f"{open_inference.SERVICE_NAME}/RepositoryIndex",
+    f"{tensorflow_serving.PREDICTION_SERVICE}/GetModelMetadata",
+    f"{tensorflow_serving.MODEL_SERVICE}/GetModelStatus",
+)
 
 #: The embedded default model's name: trained into the repository when it holds no model.
 DEFAULT_MODEL_NAME = "digits"
@@ -178,6 +197,8 @@ class CostserveServer:
         #: Admission of prediction calls: closed while the model loads, the in-flight bound, and the
         #: drain's refusal of new calls. The drain's call tracking is its count of calls in flight.
         self.gate = CallGate(self.settings.max_concurrent_rpcs, on_refused=self._count_refused, ready=False)
+        #: Who is calling, and the tenant each call is charged to (files are read now: unusable ones stop here).
+        self.authenticator = Authenticator.from_settings(self.settings)
         self.repository: RepositoryManager | None = None
         #: The gRPC port's TLS files, when it speaks TLS.
         self.certificates: ServerCertificates | None = None
@@ -203,23 +224,25 @@ class CostserveServer:
             self.health,
             services,  # type: ignore[arg-type]  # a stand-in Server: only its add_* methods are called
         )
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-            reflection.aio.ReflectionServicer(
-                (*PROTOCOL_OF_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=reflection_pool()
-            ),
-            services,
-        )
+        if self.settings.reflection != Access.OFF.value:
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+                reflection.aio.ReflectionServicer(
+                    (*PROTOCOL_OF_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), pool=reflection_pool()
+                ),
+                services,
+            )
         guard_services(
             self._grpc,
             services,
             self.gate,
             gated=GATED,
-            on_malformed=self._count_refused,
+            on_refused=self._count_refused,
             parsers={
                 **request_parsers(self.settings.max_images_per_request),
                 **open_inference.request_parsers(self.settings.max_images_per_request),
                 **tensorflow_serving.request_parsers(self.settings.max_images_per_request),
             },
+            checks=self._caller_checks(),
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
@@ -240,7 +263,21 @@ class CostserveServer:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._grpc.start()
         if self.settings.metrics_port >= 0:
-            self._metrics_http = start_metrics_server(self.registry, self.settings.host, self.settings.metrics_port)
+            metrics_tls = (
+                MetricsTls(
+                    self.settings.metrics_tls_cert, self.settings.metrics_tls_key, self.settings.metrics_tls_client_ca
+                )
+                if self.settings.metrics_tls_cert is not None and self.settings.metrics_tls_key is not None
+                else None
+            )
+            # Warns by itself when /metrics is exposed beyond loopback without TLS or basic auth.
+            self._metrics_http = start_metrics_server(
+                self.registry,
+                self.settings.host,
+                self.settings.metrics_port,
+                tls=metrics_tls,
+                basic_auth=self.settings.metrics_basic_auth,
+            )
             self.metrics_port = self._metrics_http.port
         self._write_ready_file(serving=False)
         log.info(
@@ -248,7 +285,9 @@ class CostserveServer:
             "" if self.certificates is None else " (mTLS)" if self.settings.tls_client_ca else " (TLS)",
             self.settings.host,
             self.port,
-            f", metrics on http://{self.settings.host}:{self.metrics_port}/metrics" if self._metrics_http else "",
+            f", metrics on {self._metrics_http.scheme}://{self.settings.host}:{self.metrics_port}/metrics"
+            if self._metrics_http
+            else "",
         )
         loop = asyncio.get_running_loop()
         if self.model is None:
@@ -270,6 +309,19 @@ class CostserveServer:
             ", ".join(f"{served.name} v{served.version}" for served in self.core.served_versions()),
             self.core.default_model_name(),
         )
+
+    def _caller_checks(self) -> dict[str, CallerCheck]:
+        """Each method's caller check: predictions decide their tenant; model information and reflection
+        admit the callers their setting allows. Health and v2 liveness and readiness stay open."""
+        authenticator = self.authenticator
+        checks: dict[str, CallerCheck] = dict.fromkeys(PREDICTION_METHODS, authenticator.admit_prediction)
+        model_info = authenticator.access_check(Access(self.settings.model_info), "model information (--model-info)")
+        if model_info is not None:
+            checks.update(dict.fromkeys(MODEL_INFO_METHODS, model_info))
+        reflection_check = authenticator.access_check(Access(self.settings.reflection), "reflection (--reflection)")
+        if reflection_check is not None:
+            checks[reflection.SERVICE_NAME] = reflection_check
+        return checks
 
     def _write_ready_file(self, serving: bool) -> None:
         """Announce the bound ports to a launcher (``--ready-file``): written whole, then renamed into place."""

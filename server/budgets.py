@@ -1,7 +1,8 @@
 """Tenants and their budgets: who spent what in the current hour or day (UTC).
 
-A tenant is named by the request metadata ``x-costserve-tenant``. Budgets come from
-a TOML file (``--budgets``, example ``deploy/budgets.toml``)::
+A call's tenant is its caller's (:mod:`~costserve.server.auth`), or with authentication
+off the one its ``x-costserve-tenant`` metadata names. Budgets come from a TOML file
+(``--budgets``, example ``deploy/budgets.toml``)::
 
     near_fraction = 0.8          # from this share of the budget on, AUTO degrades
 
@@ -14,7 +15,8 @@ a TOML file (``--budgets``, example ``deploy/budgets.toml``)::
 Spend is added when a response is priced (:meth:`TenantLedger.charge`), so the
 first request after a tenant crosses its budget is refused. Spend resets at the
 start of each UTC hour (``usd_per_hour``) or day (``usd_per_day``). Tenants not in
-the file have no budget and share the metric label ``other``.
+the file have no budget and share the metric label ``other``. Tenant names in the file are
+normalised like every tenant name (:func:`~costserve.server.auth.normalize_tenant`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from costserve.server.auth.identity import tenant_name
 from costserve.server.errors import CostserveError
 
 if sys.version_info >= (3, 11):
@@ -76,7 +79,13 @@ def load_budgets(path: Path | None) -> Budgets:
     if not isinstance(near, (int, float)) or isinstance(near, bool) or not 0 < near <= 1:
         raise BudgetFileError(f"{path}: near_fraction = {near!r} must lie in (0, 1]")
     tenants = {}
-    for name, section in document.get("tenants", {}).items():
+    for written, section in document.get("tenants", {}).items():
+        try:
+            name = tenant_name(written)
+        except ValueError as error:
+            raise BudgetFileError(f"{path}: {error}") from None
+        if name in tenants:
+            raise BudgetFileError(f"{path}: tenant {written!r} is {name!r}, named twice (names ignore case)")
         if name == OTHER_TENANT:
             raise BudgetFileError(f"{path}: tenant name {OTHER_TENANT!r} is reserved for tenants without a budget")
         periods = [period for period in PERIOD_SECONDS if f"usd_per_{period}" in section]

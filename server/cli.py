@@ -60,7 +60,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--log-level", default=os.environ.get(env_var("log_level"), "INFO"))
     _add_import_parser(commands)
+    _add_keys_parser(commands)
+    metrics_password = commands.add_parser(
+        "metrics-password",
+        help="make a password for /metrics' basic auth: prints it once, stores only its hash",
+        description="Make a random password for USER, print it once, and store USER's line (a salted scrypt hash, "
+        "never the password) in FILE, replacing USER's previous one. Serve FILE with --metrics-basic-auth; the "
+        "server re-reads it when it changes.",
+    )
+    metrics_password.add_argument("--user", required=True, help="the user name the scraper sends")
+    metrics_password.add_argument(
+        "--file",
+        type=Path,
+        default=Path(os.environ.get(env_var("metrics_basic_auth")) or "metrics-users"),
+        help=f"the users file (default: metrics-users) [env {env_var('metrics_basic_auth')}]",
+    )
     return parser
+
+
+def _add_keys_parser(commands: Any) -> None:  # argparse's subparsers action has no public type
+    from costserve.server.settings import env_var
+
+    keys = commands.add_parser(
+        "keys",
+        help="manage API keys: add (prints a new key once, stores its hash), list, revoke",
+        description="API keys of --auth-keys FILE. The file holds each key's SHA-256 hash with its tenant and "
+        "role, never the key; the server re-reads it when it changes, so a revoked key is refused from the next "
+        "call on.",
+    )
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    default_file = Path(os.environ.get(env_var("auth_keys")) or "keys.toml")
+    file_help = f"the API keys file (default: keys.toml) [env {env_var('auth_keys')}]"
+    add = actions.add_parser("add", help="make a key for a tenant; prints it once")
+    add.add_argument("--tenant", required=True, help="the tenant the key's calls are charged to")
+    add.add_argument(
+        "--role",
+        choices=("user", "gateway"),
+        default="user",
+        help="user: charges its own tenant only; gateway: may charge the tenant x-costserve-tenant names "
+        "(default: user)",
+    )
+    add.add_argument("--name", default="", help="a note to tell keys apart in `keys list` (e.g. ci-runner)")
+    add.add_argument("--file", type=Path, default=default_file, help=file_help)
+    listing = actions.add_parser("list", help="list the keys: id, tenant, role, name, created")
+    listing.add_argument("--file", type=Path, default=default_file, help=file_help)
+    revoke = actions.add_parser("revoke", help="remove a key by its id (from `keys list`)")
+    revoke.add_argument("key_id", help="the key's id: the first 12 hex digits of its hash")
+    revoke.add_argument("--file", type=Path, default=default_file, help=file_help)
 
 
 def _default_repository() -> Path:
@@ -240,6 +286,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "import":
         return _import(args)
+    if args.command == "keys":
+        from costserve.server.auth import keys_command
+
+        return keys_command(args)
+    if args.command == "metrics-password":
+        from costserve.server.metrics_auth import add_user
+
+        try:
+            password = add_user(args.file, args.user)
+        except (OSError, ValueError) as error:
+            print(f"costserve-server: {error}", file=sys.stderr)
+            return 2
+        print(password)
+        print(f"stored {args.user}'s hash in {args.file}; the password is not shown again", file=sys.stderr)
+        return 0
     if args.command == "train":
         _configure_logging(args.log_level)
         if args.data is not None and not args.data.is_file():

@@ -99,3 +99,17 @@ class InferenceFailed(CostserveError):
     """The runtime failed on a batch; every request in that batch gets this."""
 
     status = grpc.StatusCode.INTERNAL
+
+
+class Unauthenticated(CostserveError):
+    """The call carries no credentials, or ones that are not valid (unknown, revoked, expired, badly signed)."""
+
+    status = grpc.StatusCode.UNAUTHENTICATED
+    reason = "unauthenticated"
+
+
+class PermissionDenied(CostserveError):
+    """The caller is authenticated but may not do this: charge another tenant, or call a method turned off."""
+
+    status = grpc.StatusCode.PERMISSION_DENIED
+    reason = "permission_denied"

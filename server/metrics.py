@@ -45,6 +45,8 @@ REJECTION_REASONS = (
     "budget",
     "constraint",
     "not_found",
+    "unauthenticated",
+    "permission_denied",
 )
 #: Request latency buckets, in seconds (0.5 ms .. 10 s).
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0, 10.0)

@@ -39,6 +39,7 @@ from costserve import __version__
 from costserve.protocols import inference_pb2 as v2
 from costserve.protocols import inference_pb2_grpc as v2_grpc
 from costserve.protocols.wire import field_bytes, join_length_prefixed
+from costserve.server.auth import call_tenant
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
     PRECISION_OF_NAME,
@@ -53,7 +54,7 @@ from costserve.server.domain import (
 )
 from costserve.server.errors import InvalidInput, NotFound
 from costserve.server.rpc_gate import count_top_level_field, field_payloads, scanning_parser, top_level_field_counts
-from costserve.server.servicer import abort_on_error, tenant_of
+from costserve.server.servicer import abort_on_error
 from costserve.server.tensors import (
     encoded_images,
     images_from_tensor,
@@ -472,7 +473,7 @@ class OpenInferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             return answer, len(answer) + COST_PARAMETER_BYTES
 
         answer = await core.predict(
-            lambda: request_from_proto(core, request, context.time_remaining(), tenant_of(context)),
+            lambda: request_from_proto(core, request, context.time_remaining(), call_tenant()),
             WireCall("ModelInfer", request.ByteSize(), encode, asked_precision(request), Protocol.V2),
         )
         return answer.response + cost_bytes(answer.cost.usd)

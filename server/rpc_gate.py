@@ -10,6 +10,8 @@ instead, which wraps each method handler so that:
 * a request-specific parser can refuse a message from its wire bytes before it is
   parsed (see :func:`count_top_level_field`): a 16 MiB message of millions of empty
   images is refused in microseconds, not converted;
+* a caller check (:mod:`~costserve.server.auth`: credentials, the tenant charged, who
+  may read model information) runs first: its refusal ends the call, counted;
 * calls to the gated services (the prediction API) are counted in flight; past
   ``max_in_flight`` a call gets ``RESOURCE_EXHAUSTED`` at once, and once the drain
   closes the gate, ``UNAVAILABLE``. Health and reflection are never gated: probes keep
@@ -20,7 +22,7 @@ Example::
     gate = CallGate(max_in_flight=512, on_refused=count)
     collector = MethodCollector()
     classifier_pb2_grpc.add_ClassifierServicer_to_server(servicer, collector)
-    guard_services(server, collector, gate, gated={"costserve.v1.Classifier"}, on_malformed=count)
+    guard_services(server, collector, gate, gated={"costserve.v1.Classifier"}, on_refused=count)
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from costserve.server.errors import CostserveError, InvalidInput, Malformed, Ser
 
 #: Called with the service's full name, the method's short name (``Predict``) and the error a call was refused with.
 RefusalCounter = Callable[[str, str, CostserveError], None]
+#: Checks a call's caller from its context before its handler runs: raises the call's refusal
+#: (a :class:`CostserveError`) or returns.
+CallerCheck = Callable[[grpc.aio.ServicerContext], None]
 
 
 class Undecodable:
@@ -246,17 +251,21 @@ def guard_services(
     collector: MethodCollector,
     gate: CallGate,
     gated: Collection[str],
-    on_malformed: RefusalCounter,
+    on_refused: RefusalCounter,
     parsers: Mapping[str, Callable[[bytes], Any]] | None = None,
+    checks: Mapping[str, CallerCheck] | None = None,
 ) -> None:
     """Register every collected service on ``server`` behind the gate.
 
     ``gated`` names the services (``"<service>"``) or single methods (``"<service>/<method>"``)
     whose calls count against the in-flight bound and the drain; ``parsers`` maps
     ``"<service>/<method>"`` to a request parser of its own (one that may return
-    :class:`Undecodable` before parsing), used instead of the generated deserializer.
+    :class:`Undecodable` before parsing), used instead of the generated deserializer;
+    ``checks`` maps a service or ``"<service>/<method>"`` (which wins) to its caller check.
+    ``on_refused`` counts calls refused here: undecodable, or by a caller check.
     """
     parsers = parsers or {}
+    checks = checks or {}
     for service, handlers in collector.services.items():
         guarded = {
             method: _guard(
@@ -264,8 +273,9 @@ def guard_services(
                 service,
                 method,
                 gate if service in gated or f"{service}/{method}" in gated else None,
-                on_malformed,
+                on_refused,
                 parsers.get(f"{service}/{method}"),
+                checks.get(f"{service}/{method}") or checks.get(service),
             )
             for method, handler in handlers.items()
         }
@@ -278,8 +288,9 @@ def _guard(
     service: str,
     method: str,
     gate: CallGate | None,
-    on_malformed: RefusalCounter,
+    on_refused: RefusalCounter,
     parser: Callable[[bytes], Any] | None,
+    check: CallerCheck | None,
 ) -> grpc.RpcMethodHandler:
     generated = handler.request_deserializer
     if parser is None and generated is not None:
@@ -290,7 +301,7 @@ def _guard(
         behaviour = handler.unary_unary or handler.unary_stream
     if behaviour is None:  # a handler carries the behaviour of its own kind: never the case
         raise ValueError(f"{method}: the handler has no behaviour of its streaming kind")
-    wrapped = _wrap(behaviour, service, method, gate, on_malformed, handler.request_streaming)
+    wrapped = _wrap(behaviour, service, method, gate, on_refused, handler.request_streaming, check)
     make = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -311,17 +322,24 @@ def _wrap(
     service: str,
     method: str,
     gate: CallGate | None,
-    on_malformed: RefusalCounter,
+    on_refused: RefusalCounter,
     request_streaming: bool,
+    check: CallerCheck | None = None,
 ) -> Callable[..., Any]:
     """The handler behind the gate, of the same kind (coroutine or async generator) as ``behaviour``."""
 
-    def admit(request: Any) -> tuple[Any, CallGate | None]:
+    def admit(request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, CallGate | None]:
         """The request (a checked iterator for a stream) and the entered gate, or the call's refusal."""
+        if check is not None:
+            try:
+                check(context)
+            except CostserveError as error:
+                on_refused(service, method, error)
+                raise
         if request_streaming:
-            request = _checked(request, service, method, on_malformed)
+            request = _checked(request, service, method, on_refused)
         elif isinstance(request, Undecodable):
-            on_malformed(service, method, request.error)
+            on_refused(service, method, request.error)
             raise request.error
         return request, gate.admit(service, method) if gate is not None else None
 
@@ -330,7 +348,7 @@ def _wrap(
         @functools.wraps(behaviour)
         async def stream_handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                request, entered = admit(request)
+                request, entered = admit(request, context)
                 with entered or contextlib.nullcontext():
                     async for response in behaviour(request, context):
                         yield response
@@ -342,7 +360,7 @@ def _wrap(
     @functools.wraps(behaviour)
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            request, entered = admit(request)
+            request, entered = admit(request, context)
             with entered or contextlib.nullcontext():
                 return await behaviour(request, context)
         except CostserveError as error:
@@ -352,11 +370,11 @@ def _wrap(
 
 
 async def _checked(
-    requests: AsyncIterator[Any], service: str, method: str, on_malformed: RefusalCounter
+    requests: AsyncIterator[Any], service: str, method: str, on_refused: RefusalCounter
 ) -> AsyncIterator[Any]:
     """The messages of a request stream; an undecodable one raises its refusal, in order."""
     async for message in requests:
         if isinstance(message, Undecodable):
-            on_malformed(service, method, message.error)
+            on_refused(service, method, message.error)
             raise message.error
         yield message

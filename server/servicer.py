@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import grpc
 
+from costserve.server.auth import call_tenant, metadata_values
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
     CostBreakdown,
@@ -58,8 +59,6 @@ STATE_TO_PROTO = {
 }
 #: Responses a PredictStream computes ahead of the one it is sending.
 STREAM_WINDOW = 64
-#: Request metadata key naming the tenant the call is charged to.
-TENANT_METADATA_KEY = "x-costserve-tenant"
 #: Trailing metadata key holding the call's cost in USD (the sum over a stream's responses).
 COST_METADATA_KEY = "x-costserve-cost-usd"
 #: Bytes a filled Cost field adds to a response (seven doubles, a varint of a typical
@@ -227,15 +226,8 @@ def response_to_proto(result: PredictionResult) -> pb.PredictResponse:
 
 def metadata_value(context: grpc.aio.ServicerContext, wanted: str) -> str | None:
     """The first value of request metadata ``wanted`` (bytes decoded as UTF-8), or None when the call has none."""
-    for key, value in context.invocation_metadata() or ():
-        if key == wanted:
-            return value if isinstance(value, str) else value.decode("utf-8", "replace")
-    return None
-
-
-def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The tenant named by the call's metadata, or "" when it names none."""
-    return metadata_value(context, TENANT_METADATA_KEY) or ""
+    values = metadata_values(context, wanted)
+    return values[0] if values else None
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
@@ -262,7 +254,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             return response, response.ByteSize() + COST_FIELD_BYTES
 
         answer = await core.predict(
-            lambda: request_from_proto(message, context.time_remaining(), tenant_of(context), core.limits),
+            lambda: request_from_proto(message, context.time_remaining(), call_tenant(), core.limits),
             WireCall(method, message.ByteSize(), encode, PRECISION_FROM_PROTO.get(message.precision, Precision.AUTO)),
         )
         fill_cost(answer.response.cost, answer.cost)

@@ -29,8 +29,41 @@ ENV_PREFIX = "COSTSERVE_"
 
 # COSTSERVE_* variables that the client commands read: not typos when set beside the server's.
 CLIENT_ENV_VARS = frozenset(
-    {"COSTSERVE_TARGET", "COSTSERVE_TENANT", "COSTSERVE_METRICS_URL", "COSTSERVE_PROMETHEUS", "COSTSERVE_WINDOW"}
+    {
+        "COSTSERVE_TARGET",
+        "COSTSERVE_TENANT",
+        "COSTSERVE_TOKEN",
+        "COSTSERVE_TLS_CA",
+        "COSTSERVE_CLIENT_CERT",
+        "COSTSERVE_CLIENT_KEY",
+        "COSTSERVE_METRICS_URL",
+        "COSTSERVE_PROMETHEUS",
+        "COSTSERVE_WINDOW",
+    }
 )
+
+
+#: Settings that mean something only beside another: (field, the field it needs).
+COMPANIONS = (
+    ("tls_cert", "tls_key"),
+    ("tls_key", "tls_cert"),
+    ("tls_client_ca", "tls_cert"),
+    ("tls_client_tenant", "tls_client_ca"),
+    ("tls_client_tenant_pattern", "tls_client_tenant"),
+    ("tls_client_gateways", "tls_client_tenant"),
+    ("jwt_keys", "jwt_issuer"),
+    ("jwt_keys", "jwt_audience"),
+    ("jwt_issuer", "jwt_keys"),
+    ("jwt_audience", "jwt_keys"),
+    ("metrics_tls_cert", "metrics_tls_key"),
+    ("metrics_tls_key", "metrics_tls_cert"),
+    ("metrics_tls_client_ca", "metrics_tls_cert"),
+)
+
+
+def _is_set(value: object) -> bool:
+    """Whether a setting is given: not unset, empty or off."""
+    return value not in (None, "", "off")
 
 
 class Settings(BaseSettings):
@@ -55,6 +88,76 @@ class Settings(BaseSettings):
         None,
         description="PEM CA certificates: with them, every client must present a certificate one of them signed "
         "(mTLS); needs --tls-cert. Reloaded when the file changes.",
+    )
+    tls_client_tenant: Literal["off", "common-name", "dns-san", "uri-san", "email-san"] = Field(
+        "off",
+        description="Which name of a client certificate gives its caller's tenant: off (certificates identify no "
+        "tenant), common-name (the subject's CN), dns-san, uri-san or email-san (the first such subject "
+        "alternative name that fits --tls-client-tenant-pattern); needs --tls-client-ca. Turns authentication on.",
+    )
+    tls_client_tenant_pattern: str = Field(
+        "",
+        description="Regular expression a certificate's name must match whole to name a tenant; its first group "
+        "(or the whole name, without groups) is the tenant, e.g. 'spiffe://example.org/tenant/([^/]+)'. Empty: the "
+        "whole name.",
+    )
+    tls_client_gateways: str = Field(
+        "",
+        description="Comma-separated tenants whose client certificates have the gateway role: they may charge "
+        "calls to another tenant named by x-costserve-tenant.",
+    )
+    auth_keys: Path | None = Field(
+        None,
+        description="API keys file (TOML; made by `costserve-server keys add`): the SHA-256 hash of each key, never "
+        "the key, with its tenant and role. Callers send 'authorization: Bearer <key>'. Re-read when the file "
+        "changes: a removed key is refused from the next call on. Turns authentication on.",
+    )
+    jwt_keys: Path | None = Field(
+        None,
+        description="Public keys that sign JWT bearer tokens: a PEM public key or a JWKS document (JSON), re-read "
+        "when the file changes. Tokens are checked for signature, --jwt-issuer, --jwt-audience and expiry. Turns "
+        "authentication on.",
+    )
+    jwt_issuer: str = Field("", description="The issuer (iss claim) every JWT must name; needed with --jwt-keys.")
+    jwt_audience: str = Field(
+        "", description="The audience (aud claim) every JWT must include; needed with --jwt-keys."
+    )
+    jwt_tenant_claim: str = Field("tenant", description="The JWT claim that gives the caller's tenant.")
+    jwt_role_claim: str = Field(
+        "role", description="The JWT claim that gives the caller's role: gateway, or anything else (user)."
+    )
+    jwt_leeway_seconds: float = Field(
+        30.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Clock skew allowed when checking a JWT's expiry and not-before times, in seconds.",
+    )
+    reflection: Literal["on", "authenticated", "off"] = Field(
+        "authenticated",
+        description="gRPC server reflection: on (anyone), authenticated (callers with valid credentials, or anyone "
+        "when authentication is off) or off (not served).",
+    )
+    model_info: Literal["on", "authenticated", "off"] = Field(
+        "authenticated",
+        description="Model information (costserve.v1 GetModelInfo and ListModels, v2 ModelMetadata and "
+        "RepositoryIndex, TF Serving GetModelMetadata and GetModelStatus): on (anyone), authenticated (callers "
+        "with valid credentials, or anyone when authentication is off) or off (PERMISSION_DENIED).",
+    )
+    metrics_tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate chain of /metrics: with --metrics-tls-key, /metrics is served over HTTPS only. "
+        "Reloaded when the file changes.",
+    )
+    metrics_tls_key: Path | None = Field(None, description="PEM private key of --metrics-tls-cert.")
+    metrics_tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificates: with them, scrapers must present a certificate one of them signed; "
+        "needs --metrics-tls-cert.",
+    )
+    metrics_basic_auth: Path | None = Field(
+        None,
+        description="File of 'user:hash' lines (made by `costserve-server metrics-password`): /metrics then asks "
+        "for HTTP basic auth (401 without it). Re-read when the file changes.",
     )
     model_repository: Path = Field(
         Path("models"),
@@ -206,8 +309,8 @@ class Settings(BaseSettings):
     )
     budgets: Path | None = Field(
         None,
-        description="TOML budgets file: USD per hour or per day for each tenant named by the x-costserve-tenant "
-        "request metadata (see deploy/budgets.toml); unset means no budgets.",
+        description="TOML budgets file: USD per hour or per day for each tenant (the caller's, or with authentication "
+        "off the one x-costserve-tenant names; see deploy/budgets.toml); unset means no budgets.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level: DEBUG, INFO, WARNING or ERROR."
@@ -234,17 +337,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _tls_files_come_together(self) -> Settings:
-        for field, other, missing in (
-            ("tls_cert", "tls_key", self.tls_cert is not None and self.tls_key is None),
-            ("tls_key", "tls_cert", self.tls_key is not None and self.tls_cert is None),
-            ("tls_client_ca", "tls_cert", self.tls_client_ca is not None and self.tls_cert is None),
-        ):
-            if missing:
+    def _companions_are_set(self) -> Settings:
+        for field, other in COMPANIONS:
+            if _is_set(getattr(self, field)) and not _is_set(getattr(self, other)):
                 raise PydanticCustomError(
                     "needs_field", "{field} needs {other}", {"field": field, "other": other, "value": "set"}
                 )
         return self
+
+    @property
+    def authentication(self) -> bool:
+        """Whether callers must present credentials: an API keys file, JWT keys or certificate tenants."""
+        return self.auth_keys is not None or self.jwt_keys is not None or self.tls_client_tenant != "off"
 
     @model_validator(mode="after")
     def _images_per_request_fit_the_queue(self) -> Settings:

@@ -37,6 +37,7 @@ import numpy as np
 from costserve.protocols import tensorflow_pb2 as tf_pb
 from costserve.protocols import tensorflow_serving_pb2 as tfs
 from costserve.protocols import tensorflow_serving_pb2_grpc as tfs_grpc
+from costserve.server.auth import call_tenant
 from costserve.server.core import InferenceCore
 from costserve.server.domain import (
     PRECISION_OF_NAME,
@@ -53,7 +54,7 @@ from costserve.server.domain import (
 from costserve.server.errors import InvalidInput, NotFound
 from costserve.server.repository.store import LoadedModel
 from costserve.server.rpc_gate import count_top_level_field, field_payloads, scanning_parser, top_level_field_counts
-from costserve.server.servicer import abort_on_error, cost_metadata, metadata_value, tenant_of
+from costserve.server.servicer import abort_on_error, cost_metadata, metadata_value
 from costserve.server.tensors import encoded_images, images_from_tensor
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ class PredictionServicer(tfs_grpc.PredictionServiceServicer):
         def convert() -> PredictionRequest:
             nonlocal output_key
             converted, output_key = request_from_proto(
-                core, request, context.time_remaining(), tenant_of(context), precision_of(context)
+                core, request, context.time_remaining(), call_tenant(), precision_of(context)
             )
             return converted
 

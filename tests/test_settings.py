@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from costserve.server.cli import main
 from costserve.server.settings import (
+    COMPANIONS,
     Settings,
     add_settings_arguments,
     describe_problems,
@@ -62,22 +63,64 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "tls_cert": ("/etc/costserve/tls/server.pem", Path("/etc/costserve/tls/server.pem")),
     "tls_key": ("/etc/costserve/tls/server.key", Path("/etc/costserve/tls/server.key")),
     "tls_client_ca": ("/etc/costserve/tls/clients-ca.pem", Path("/etc/costserve/tls/clients-ca.pem")),
+    "tls_client_tenant": ("uri-san", "uri-san"),
+    "tls_client_tenant_pattern": ("spiffe://example.org/tenant/([^/]+)", "spiffe://example.org/tenant/([^/]+)"),
+    "tls_client_gateways": ("batch,edge", "batch,edge"),
+    "auth_keys": ("/etc/costserve/keys.toml", Path("/etc/costserve/keys.toml")),
+    "jwt_keys": ("/etc/costserve/jwks.json", Path("/etc/costserve/jwks.json")),
+    "jwt_issuer": ("https://login.example.com/", "https://login.example.com/"),
+    "jwt_audience": ("costserve", "costserve"),
+    "jwt_tenant_claim": ("org", "org"),
+    "jwt_role_claim": ("costserve_role", "costserve_role"),
+    "jwt_leeway_seconds": ("5", 5.0),
+    "reflection": ("off", "off"),
+    "model_info": ("on", "on"),
+    "metrics_tls_cert": ("/etc/costserve/tls/metrics.pem", Path("/etc/costserve/tls/metrics.pem")),
+    "metrics_tls_key": ("/etc/costserve/tls/metrics.key", Path("/etc/costserve/tls/metrics.key")),
+    "metrics_tls_client_ca": ("/etc/costserve/tls/scrapers-ca.pem", Path("/etc/costserve/tls/scrapers-ca.pem")),
+    "metrics_basic_auth": ("/etc/costserve/metrics-users", Path("/etc/costserve/metrics-users")),
 }
 
 
 #: Fields valid only beside others (TLS's certificate and key): the companions each needs.
-COMPANIONS = {"tls_cert": ("tls_key",), "tls_key": ("tls_cert",), "tls_client_ca": ("tls_cert", "tls_key")}
+#: What each field needs beside it to be valid (TLS's certificate and key, JWT's issuer and audience, ...):
+#: every companion, transitively, with a value that is valid for it.
+COMPANION_VALUES = {
+    "tls_cert": "/elsewhere/companion",
+    "tls_key": "/elsewhere/companion",
+    "tls_client_ca": "/elsewhere/companion",
+    "tls_client_tenant": "common-name",
+    "jwt_keys": "/elsewhere/companion",
+    "jwt_issuer": "issuer",
+    "jwt_audience": "audience",
+    "metrics_tls_cert": "/elsewhere/companion",
+    "metrics_tls_key": "/elsewhere/companion",
+}
+
+
+def _needed_by(name: str) -> set[str]:
+    needed: set[str] = set()
+    pending = [name]
+    while pending:
+        field = pending.pop()
+        for dependent, other in COMPANIONS:
+            if dependent == field and other not in needed and other != name:
+                needed.add(other)
+                pending.append(other)
+    return needed
 
 
 def _companions(name: str) -> dict[str, str]:
     """Environment variables setting the companions ``name`` needs (none for most fields)."""
-    return {env_var(other): "/elsewhere/companion" for other in COMPANIONS.get(name, ())}
+    return {env_var(other): COMPANION_VALUES[other] for other in _needed_by(name)}
 
 
 def _default_text(name: str) -> str:
     """A valid flag/env text for the field other than its sample: its default, or a path for unset ones."""
     default = Settings.model_fields[name].default
-    return "/elsewhere/file" if default is None else str(default)
+    if default is None:
+        return "/elsewhere/file"
+    return "another" if default == "" else str(default)  # an empty text would leave a companion unset
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +235,7 @@ def test_every_field_has_a_flag(name: str, make_settings: Callable[..., Settings
     others = {
         other: Settings.model_fields[other].default
         for other in FIELD_NAMES
-        if other != name and other not in COMPANIONS.get(name, ())
+        if other != name and other not in _needed_by(name)
     }
     assert {other: getattr(settings, other) for other in others} == others
 

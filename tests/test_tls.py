@@ -5,101 +5,28 @@ The server's certificate names 127.0.0.1; clients check it against the test CA.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import os
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import EXAMPLES, RunningServer
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from pki import HOST, Issued, Pki, make_pki
 
 from costserve import Client, TlsFiles
 from costserve.cli import main as costserve_main
 from costserve.server.tls import is_loopback
 
-HOST = "127.0.0.1"
-
-
-@dataclass
-class Issued:
-    """A certificate and its key, as PEM files."""
-
-    cert: Path
-    key: Path
-    serial: int
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(
-    directory: Path,
-    name: str,
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
-    server: bool = False,
-) -> tuple[Issued, x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A CA (no issuer) or a certificate the issuer signs; PEM files named after ``name`` in ``directory``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(issuer[0].subject if issuer else _name(name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False
-        )
-    certificate = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return Issued(cert_path, key_path, certificate.serial_number), certificate, key
-
-
-@dataclass
-class Pki:
-    ca: Issued
-    server: Issued
-    client: Issued
-    stranger: Issued  # a client certificate another CA signed
-    issue_server: Callable[[str], Issued]
-
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
-    ca, ca_cert, ca_key = _issue(tmp_path, "ca")
-    _, other_cert, other_key = _issue(tmp_path, "other-ca")
-
-    def issue_server(name: str) -> Issued:
-        return _issue(tmp_path, name, (ca_cert, ca_key), server=True)[0]
-
-    return Pki(
-        ca=ca,
-        server=issue_server("server"),
-        client=_issue(tmp_path, "client", (ca_cert, ca_key))[0],
-        stranger=_issue(tmp_path, "stranger", (other_cert, other_key))[0],
-        issue_server=issue_server,
-    )
+    return make_pki(tmp_path)
 
 
 def _health(server: RunningServer, tls: TlsFiles | None) -> str:
@@ -185,8 +112,8 @@ def test_the_cli_and_the_load_generator_speak_tls(
     assert costserve_main(["--target", server.target, *client_flags, "health"]) == 0
     assert capsys.readouterr().out.strip() == "SERVING"
     monkeypatch.setenv("COSTSERVE_TLS_CA", str(pki.ca.cert))
-    monkeypatch.setenv("COSTSERVE_TLS_CERT", str(pki.client.cert))
-    monkeypatch.setenv("COSTSERVE_TLS_KEY", str(pki.client.key))
+    monkeypatch.setenv("COSTSERVE_CLIENT_CERT", str(pki.client.cert))
+    monkeypatch.setenv("COSTSERVE_CLIENT_KEY", str(pki.client.key))
     report = pki.ca.cert.with_name("loadtest.json")
     loadtest = ["loadtest", "--target", server.target, "--requests", "20", "--warmup", "0", "--protocol", "v2"]
     assert costserve_main([*loadtest, "--json", str(report)]) == 0
