@@ -327,6 +327,25 @@ def test_the_same_identity_reaches_every_protocol(
     triton_client.close()
 
 
+def test_a_stream_is_charged_to_its_callers_tenant(
+    bearer_server: RunningServer, channel: grpc.Channel, credentials: Credentials
+) -> None:
+    image = np.asarray(Image.open(EXAMPLES[2]))
+    requests = [predict_request([image], precision="fp32", skip_cache=True) for _ in range(3)]
+    stub = pb_grpc.ClassifierStub(channel)
+
+    def stream(metadata: list[tuple[str, str]]) -> list[pb.PredictResponse]:
+        return list(stub.PredictStream(iter(requests), timeout=30, metadata=metadata))
+
+    assert _status(stream, []) == UNAUTHENTICATED
+    assert _status(stream, _bearer(credentials.api_keys["globex"]) + _tenant("acme")) == PERMISSION_DENIED
+    answers = stream(_bearer(credentials.api_keys["globex"]))
+    assert len(answers) == 3
+    spent = _spend(bearer_server)
+    assert spent["globex"] == pytest.approx(sum(answer.cost.usd for answer in answers))
+    assert spent["acme"] == spent["other"] == 0
+
+
 # --- client certificates --------------------------------------------------------------------
 
 
