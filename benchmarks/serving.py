@@ -69,7 +69,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ from benchmarks.launch import (
 )
 from benchmarks.loadclient import LoadResult, LoadShape, run_python_load
 from benchmarks.payloads import MODEL_INFER, PREDICT, call_raw, digit_pixels, request_bytes, v2_request_bytes
-from benchmarks.procstats import CpuSampler, thread_cpu_seconds
+from benchmarks.procstats import CpuSampler, PidSource
 from benchmarks.report import (
     NOTES_MARKER,
     code_version,
@@ -107,9 +108,14 @@ from costserve.client import PRECISION_NAMES
 from costserve.loadtest.protocols import infer_outputs
 from costserve.loadtest.samples import percentile
 from costserve.protocols import inference_pb2 as v2
+from costserve.server.cost import CostMeter, load_prices
 from costserve.v1 import classifier_pb2 as pb
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
+#: Where the default model is trained when ``--model-dir`` holds a version without the float LiteRT model.
+LITERT_MODEL_DIR = REPO_ROOT / "benchmarks" / "out" / "models" / "digits"
+#: The price file the projection prices with (the built-in defaults, with their source).
+PRICE_FILE = REPO_ROOT / "deploy" / "prices.toml"
 #: Where a run of one part (``--only``) writes by default: beside the profiles, not over the whole report.
 PARTIAL_OUTPUT = str(REPO_ROOT / "benchmarks" / "out" / "RESULTS-{part}.md")
 
@@ -120,6 +126,22 @@ TARGET_HITS = 0.85
 TARGET_BATCHING_GAIN = 3.0
 #: The v2 adapter's throughput against costserve.v1's, same request, same run.
 TARGET_V2_VS_V1 = 0.90
+#: Event-loop CPU per request against the ceiling's: an fp32 miss, a cache hit.
+TARGET_LOOP_CPU_MISS = 1.35
+TARGET_LOOP_CPU_HIT = 1.2
+#: Resident memory of an idle worker (fp32 on LiteRT), in MiB.
+TARGET_WORKER_RSS_MIB = 250
+#: Process start to SERVING, in seconds.
+TARGET_STARTUP_S = 3.0
+#: Throughput of --workers 2 against --workers 1 ...
+TARGET_WORKERS_SCALING = 1.6
+#: ... on a host with at least these cores: two workers each use more than a core at saturation (the loop, plus
+#: inference and gRPC's threads) and the load client needs its own.
+WORKERS_TARGET_MIN_CORES = 4
+#: Connections the workers' runs spread their streams over: SO_REUSEPORT balances connections, not calls.
+WORKERS_CONNECTIONS = 16
+#: Core counts the projection is made for.
+PROJECTION_CORES = (8, 16, 64)
 LATENCY_ALLOWANCE_MS = 0.5
 DEFAULT_CACHE_ENTRIES = 100_000
 SMALL_CACHE_ENTRIES = 1_000
@@ -162,6 +184,9 @@ class Plan:
     #: Random held-out images the realistic model is imported with (they also calibrate int8).
     realistic_holdout: int = 100
     realistic_alpha: float = realistic.ALPHA
+    #: Rounds of the --workers 1 / --workers 2 runs and of the start-up measurement.
+    workers_rounds: int = 3
+    startup_rounds: int = 3
 
     @property
     def shape(self) -> LoadShape:
@@ -226,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-dir",
         type=Path,
         default=DEFAULT_MODEL_DIR,
-        help=f"model base directory (default {DEFAULT_MODEL_DIR}; trained first when empty)",
+        help=f"model base directory (default {DEFAULT_MODEL_DIR}; trained first when empty). When its latest version "
+        "has no float LiteRT model (made before costserve wrote one, so fp32 would run on TensorFlow), the default "
+        f"model is trained into {LITERT_MODEL_DIR.relative_to(REPO_ROOT)} and that is served instead",
     )
     parser.add_argument(
         "--fill-images",
@@ -273,6 +300,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         realistic_duration_s=args.duration or (2.0 if quick else 5.0),
         realistic_warmup_s=1.0 if quick else 2.0,
         realistic_holdout=16 if quick else 100,
+        workers_rounds=args.rounds or (1 if quick else 3),
+        startup_rounds=1 if quick else 3,
     )
 
 
@@ -285,9 +314,13 @@ class Scenario:
     title: str
     precision: int
     skip_cache: bool
-    server: str  # "default" or "nobatch"; the realistic model's "realistic" or "realistic-nobatch"
+    server: str  # "default", "nobatch" or "workers-2"; the realistic model's "realistic" or "realistic-nobatch"
     #: "v1" (costserve.v1 Predict) or "v2" (the Open Inference Protocol's ModelInfer).
     protocol: str = "v1"
+    #: The ceiling it is measured against: "ceiling" (one process) or "ceiling-2" (two on one port).
+    ceiling: str = "ceiling"
+    #: Connections the load tool spreads its streams over (more than one needs h2load).
+    connections: int = 1
 
     @property
     def batching_off(self) -> bool:
@@ -314,6 +347,19 @@ SCENARIOS = (
     Scenario("hits", "cache hits (fp32)", pb.PRECISION_FP32, False, "default"),
     Scenario("fp32_nobatch", "fp32, cache bypassed, batching off", pb.PRECISION_FP32, True, "nobatch"),
 )
+#: --workers 1 (the default server) and --workers 2 (a supervisor), each against the ceiling with as many
+#: processes on one port, over :data:`WORKERS_CONNECTIONS` connections: an fp32 miss and a cache hit.
+WORKER_SCENARIOS = tuple(
+    Scenario(
+        f"{key}_w{count}", f"{title}, --workers {count}", precision, skip_cache,
+        "default" if count == 1 else f"workers-{count}", ceiling="ceiling" if count == 1 else f"ceiling-{count}",
+        connections=WORKERS_CONNECTIONS,
+    )
+    for key, title, precision, skip_cache in (
+        ("fp32", "fp32, cache bypassed", pb.PRECISION_FP32, True), ("hits", "cache hits (fp32)", pb.PRECISION_FP32, False)
+    )
+    for count in (1, 2)
+)  # fmt: skip
 #: The realistic model's runs: fp32 and int8, batching on (up to 32) and off, cache bypassed.
 REALISTIC_SCENARIOS = (
     Scenario("mobilenet_fp32", "MobileNetV2 96x96x3 fp32, batching on", pb.PRECISION_FP32, True, "realistic"),
@@ -336,9 +382,23 @@ class Measured:
     ceiling: list[LoadResult] = field(default_factory=list)
     mean_batch: list[float] = field(default_factory=list)
     cache_hit_share: list[float] = field(default_factory=list)
+    #: Per run, the cores each group of processes used (all their threads): see :func:`process_groups`.
+    costserve_cores: list[dict[str, float]] = field(default_factory=list)
+    ceiling_cores: list[dict[str, float]] = field(default_factory=list)
+    #: Per costserve run with several workers, each worker's share of the answers.
+    worker_shares: list[list[float]] = field(default_factory=list)
 
     def ratios(self) -> list[float]:
         return [mine.rps / ceiling.rps for mine, ceiling in zip(self.costserve, self.ceiling) if ceiling.rps > 0]
+
+    def cpu_ratios(self, which: str) -> list[float]:
+        """costserve's CPU per request over the ceiling's, per round: ``which`` is "loop" or "process"."""
+        ratios = []
+        for mine, ceiling in zip(self.costserve, self.ceiling):
+            mine_us, ceiling_us = getattr(mine, f"{which}_cpu_us"), getattr(ceiling, f"{which}_cpu_us")
+            if ceiling_us > 0:  # NaN (not measured) compares False
+                ratios.append(mine_us / ceiling_us)
+        return ratios
 
     def summary(self) -> dict[str, Any]:
         def pooled(results: list[LoadResult]) -> list[float]:
@@ -363,7 +423,19 @@ class Measured:
             "errors": sum(result.errors for result in self.costserve) + sum(result.errors for result in self.ceiling),
             "mean_batch": statistics.mean(self.mean_batch) if self.mean_batch else float("nan"),
             "cache_hit_share": statistics.mean(self.cache_hit_share) if self.cache_hit_share else float("nan"),
+            "loop_cpu_ratio": nan_median(self.cpu_ratios("loop")),
+            "loop_cpu_ratios": self.cpu_ratios("loop"),
+            "process_cpu_ratio": nan_median(self.cpu_ratios("process")),
+            "connections": self.scenario.connections,
+            "costserve_cores": median_cores(self.costserve_cores),
+            "ceiling_cores": median_cores(self.ceiling_cores),
+            "worker_shares": self.worker_shares,
         }
+
+
+def median_cores(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Per group, the median over runs of the cores it used."""
+    return {name: nan_median(run.get(name, float("nan")) for run in runs) for name in (runs[0] if runs else {})}
 
 
 def nan_median(values: Iterable[float]) -> float:
@@ -405,6 +477,12 @@ class Verifier:
         return mean_batch, hit_share
 
 
+#: Groups of processes whose CPU a saturation run reads (:func:`process_groups`): the processes that answer
+#: (their CPU per request is the server's), the load tool, and a supervisor (or the ceiling's parent) with its
+#: other children; each worker of several is also a group of its own, ``worker <index>``.
+SERVING, CLIENT, SUPERVISOR = "serving", "client", "supervisor"
+
+
 def saturate(
     target: str,
     body: bytes,
@@ -417,24 +495,125 @@ def saturate(
 ) -> LoadResult:
     """One saturation run of ``method`` with ``tool`` (h2load or python); with ``pid``, also the server's CPU per
     request."""
+    groups: dict[str, PidSource] = {SERVING: [pid]} if pid is not None else {}
+    return saturate_processes(target, body, body_file, shape, tool, log_path, groups, method)[0]
+
+
+def saturate_processes(
+    target: str,
+    body: bytes,
+    body_file: Path,
+    shape: LoadShape,
+    tool: str,
+    log_path: Path,
+    groups: Mapping[str, PidSource],
+    method: str = PREDICT,
+    connections: int = 1,
+) -> tuple[LoadResult, dict[str, float]]:
+    """One saturation run over ``connections`` connections, and the cores each of ``groups`` used meanwhile.
+
+    The result's CPU per request is that of the :data:`SERVING` group, when there is one: its main
+    (event-loop) threads and all its threads, summed over its processes. The cores per group (all
+    threads) are read in the steady middle of a timed run; with a request count only SERVING's CPU
+    is read, over the whole run, and no cores are returned.
+    """
     sampler = None
-    if pid is not None and not shape.requests:  # inside the measured window, away from its edges
+    if groups and not shape.requests:  # inside the measured window, away from its edges
         margin = min(0.2, shape.duration_s / 5)
-        sampler = CpuSampler(pid, shape.warmup_s + margin, shape.warmup_s + shape.duration_s - margin)
-    before = thread_cpu_seconds(pid) if pid is not None and shape.requests else None
+        sampler = CpuSampler(groups, shape.warmup_s + margin, shape.warmup_s + shape.duration_s - margin)
+    serving = groups.get(SERVING)
+    serving_pids = (serving() if callable(serving) else list(serving)) if serving is not None else []
+    before = procstats.cpu_seconds(serving_pids) if serving_pids and shape.requests else None
     with sampler or contextlib.nullcontext():
+        result = run_load(target, body, body_file, shape, tool, log_path, method, connections)
+    cores: dict[str, float] = {}
+    if sampler is not None and sampler.usage is not None:
+        cores = {name: used[1] for name, used in sampler.usage.items()}
+        if SERVING in sampler.usage and result.rps > 0:
+            result.loop_cpu_us = sampler.usage[SERVING][0] / result.rps * 1e6
+            result.process_cpu_us = sampler.usage[SERVING][1] / result.rps * 1e6
+    elif before is not None and result.succeeded > 0:  # a request count: the whole run
+        after = procstats.cpu_seconds(serving_pids)
+        spent = [sum(after[pid][index] - before[pid][index] for pid in before if pid in after) for index in (0, 1)]
+        result.loop_cpu_us = spent[0] / result.succeeded * 1e6
+        result.process_cpu_us = spent[1] / result.succeeded * 1e6
+    return result, cores
+
+
+def run_load(
+    target: str, body: bytes, body_file: Path, shape: LoadShape, tool: str, log_path: Path, method: str, connections: int
+) -> LoadResult:
+    """One load run as ``shape`` says, its streams spread over ``connections`` connections.
+
+    Several connections are as many h2load processes of one connection each, started together,
+    their counts and rates added up (the Python client's channels may share one connection).
+    """
+    if connections == 1:
         if tool == "h2load":
-            result = run_h2load(target, body_file, shape, log_path, method)
-        else:
-            result = run_python_load(target, body, shape, method)
-    if sampler is not None and sampler.usage is not None and result.rps > 0:
-        result.loop_cpu_us = sampler.usage[0] / result.rps * 1e6
-        result.process_cpu_us = sampler.usage[1] / result.rps * 1e6
-    elif before is not None and pid is not None and result.succeeded > 0:  # a request count: the whole run
-        after = thread_cpu_seconds(pid)
-        result.loop_cpu_us = (after[0] - before[0]) / result.succeeded * 1e6
-        result.process_cpu_us = (after[1] - before[1]) / result.succeeded * 1e6
-    return result
+            return run_h2load(target, body_file, shape, log_path, method)
+        return run_python_load(target, body, shape, method)
+    if tool != "h2load":
+        raise ValueError("a load over several connections needs h2load")
+    each = dataclasses.replace(
+        shape,
+        streams=max(1, shape.streams // connections),
+        requests=-(-shape.requests // connections) if shape.requests else None,
+    )
+    with ThreadPoolExecutor(connections) as pool:
+        runs = list(
+            pool.map(
+                lambda index: run_h2load(
+                    target, body_file, each, log_path.with_name(f"{log_path.stem}-c{index}{log_path.suffix}"), method
+                ),
+                range(connections),
+            )
+        )
+    seconds = max(run.seconds for run in runs)
+    return LoadResult(
+        "h2load",
+        sum(run.succeeded for run in runs),
+        sum(run.errors for run in runs),
+        seconds,
+        sum(run.rps for run in runs) if not shape.requests else sum(run.succeeded for run in runs) / seconds,
+        [latency for run in runs for latency in run.latencies_ms],
+    )
+
+
+def load_tool_pids(tool: str) -> list[int]:
+    """The load tool's processes now: the h2load processes this one started, or this process (the Python client)."""
+    if tool != "h2load":
+        return [os.getpid()]
+    return [pid for pid in procstats.descendants(os.getpid()) if procstats.command_name(pid) == "h2load"]
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    """The processes answering on ``server``'s port: its workers (a supervisor's, or the ceiling's with
+    ``--processes``), or the server itself."""
+    workers = (server.ready() or {}).get("workers", [])
+    return [int(worker["pid"]) for worker in workers] or [server.pid]
+
+
+def process_groups(server: ServerProcess, tool: str) -> dict[str, PidSource]:
+    """The groups of processes whose CPU a run against ``server`` reads (see :data:`SERVING`)."""
+    workers = worker_pids(server)
+    groups: dict[str, PidSource] = {SERVING: workers, CLIENT: lambda: load_tool_pids(tool)}
+    if workers != [server.pid]:
+        groups[SUPERVISOR] = [server.pid, *(pid for pid in procstats.descendants(server.pid) if pid not in workers)]
+        groups.update({f"worker {index}": [pid] for index, pid in enumerate(workers)})
+    return groups
+
+
+def worker_answers(server: ServerProcess) -> list[float]:
+    """The OK answers each worker of a supervisor has given so far, from its own loopback /metrics ([] for one
+    process)."""
+    return [
+        metrics_text.total(
+            metrics_text.scrape(f"http://127.0.0.1:{worker['metrics_port']}/metrics"), "costserve_requests_total",
+            code="OK",
+        )
+        for worker in (server.ready() or {}).get("workers", [])
+        if worker.get("metrics_port")
+    ]  # fmt: skip
 
 
 def sanity_check(
@@ -445,7 +624,7 @@ def sanity_check(
     for scenario in scenarios:
         body = bodies[scenario.key]
         reply = check_answer(servers[scenario.server], scenario, body)
-        ceiling_reply = call_raw(servers["ceiling"].target, body, method=scenario.method)
+        ceiling_reply = call_raw(servers[scenario.ceiling].target, body, method=scenario.method)
         facts[scenario.key] = {
             "request_bytes": len(body),
             "costserve_response_bytes": reply.ByteSize(),
@@ -547,35 +726,50 @@ def measure_saturation(
     measured = {scenario.key: Measured(scenario) for scenario in scenarios}
     for round_index in range(rounds):
         for scenario in scenarios:
-            server = servers[scenario.server]
             precision = "int8" if scenario.precision == pb.PRECISION_INT8 else "fp32"
             order = ("ceiling", "costserve") if round_index % 2 == 0 else ("costserve", "ceiling")
             body, body_file = bodies[scenario.key], body_files[scenario.key]
+            runs = measured[scenario.key]
             for who in order:
+                server = servers[scenario.ceiling if who == "ceiling" else scenario.server]
                 log_path = workdir / f"h2load-{scenario.key}-{who}-{round_index}.log"
-                if who == "ceiling":
-                    ceiling = servers["ceiling"]
-                    result = saturate(
-                        ceiling.target, body, body_file, shape, plan.tool, log_path, ceiling.pid, scenario.method
-                    )
-                    measured[scenario.key].ceiling.append(result)
+                verifier = Verifier(server) if who == "costserve" else None
+                answered_before = worker_answers(server) if who == "costserve" else []
+                result, cores = saturate_processes(
+                    server.target, body, body_file, shape, plan.tool, log_path,
+                    process_groups(server, plan.tool), scenario.method, scenario.connections,
+                )  # fmt: skip
+                if verifier is None:
+                    runs.ceiling.append(result)
+                    runs.ceiling_cores.append(cores)
                 else:
-                    verifier = Verifier(server)
-                    result = saturate(
-                        server.target, body, body_file, shape, plan.tool, log_path, server.pid, scenario.method
-                    )
                     mean_batch, hit_share = verifier.check(result, precision, scenario.protocol)
-                    measured[scenario.key].costserve.append(result)
-                    measured[scenario.key].mean_batch.append(mean_batch)
-                    measured[scenario.key].cache_hit_share.append(hit_share)
+                    runs.costserve.append(result)
+                    runs.costserve_cores.append(cores)
+                    runs.mean_batch.append(mean_batch)
+                    runs.cache_hit_share.append(hit_share)
+                    answered = [after - before for after, before in zip(worker_answers(server), answered_before)]
+                    if answered and sum(answered) > 0:
+                        runs.worker_shares.append([count / sum(answered) for count in answered])
                 print(
                     f"  round {round_index + 1}/{rounds} {scenario.key:<13} {who:<9} "
                     f"{result.rps:8.1f} req/s  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
                     f"CPU/req loop {result.loop_cpu_us:5.0f} us, process {result.process_cpu_us:5.0f} us  "
-                    f"({result.succeeded} ok, {result.errors} errors)",
+                    f"({result.succeeded} ok, {result.errors} errors)"
+                    + (f"  cores: {cores_text(cores)}" if scenario.connections > 1 else ""),
                     flush=True,
                 )
     return measured
+
+
+def cores_text(cores: Mapping[str, float]) -> str:
+    """``client 0.61, serving 1.32 (worker 0 0.66, worker 1 0.66), supervisor 0.00``: cores per group of processes."""
+    workers = [f"{name} {used:.2f}" for name, used in cores.items() if name.startswith("worker ")]
+    parts = []
+    for name in (CLIENT, SERVING, SUPERVISOR):
+        if name in cores:
+            parts.append(f"{name} {cores[name]:.2f}" + (f" ({', '.join(workers)})" if name == SERVING and workers else ""))
+    return ", ".join(parts)
 
 
 def one_stream_latency(
@@ -612,11 +806,10 @@ def runtime_batch1_ms(model_dir: Path, calls: int) -> float:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from costserve.server.domain import Precision
     from costserve.server.repository.store import latest_version_dir, load_model
-    from costserve.server.runtimes import configure_tensorflow_threads
 
     version_dir = latest_version_dir(model_dir)
     assert version_dir is not None
-    configure_tensorflow_threads(1)  # the server's default --inference-threads, set before any TensorFlow op
+    # A SavedModel runtime sizes TensorFlow's pool from these threads before its first op, as in the server.
     runtime = load_model(version_dir, max_batch_size=32, threads=1).runtimes[Precision.FP32]
     batch = (digit_pixels().astype(np.float32) / 255.0).reshape(1, *runtime.input_shape)
     for _ in range(20):
@@ -686,10 +879,7 @@ def measure_realistic(
             scenario.key: realistic.request_bytes(scenario.precision, scenario.skip_cache)
             for scenario in REALISTIC_SCENARIOS
         }
-        body_files = {}
-        for key, body in bodies.items():
-            body_files[key] = workdir / f"{key}.grpc"
-            body_files[key].write_bytes(grpc_frame(body))
+        body_files = write_body_files(bodies, workdir)
         sizes = sanity_check(servers, bodies, REALISTIC_SCENARIOS)
         print(
             f"realistic model saturation: {plan.realistic_rounds} round(s), {plan.streams} streams, "
@@ -725,9 +915,11 @@ def measure_realistic(
     }
 
 
-def round_ratios(numerator: Measured, denominator: Measured) -> list[float]:
-    """costserve's req/s in one scenario over its req/s in another, per round (both ran in each round)."""
-    return [mine.rps / other.rps for mine, other in zip(numerator.costserve, denominator.costserve) if other.rps > 0]
+def round_ratios(numerator: Measured, denominator: Measured, side: str = "costserve") -> list[float]:
+    """costserve's (or with ``side`` "ceiling", the ceiling's) req/s in one scenario over its req/s in another, per
+    round (both ran in each round)."""
+    pairs = zip(getattr(numerator, side), getattr(denominator, side))
+    return [mine.rps / other.rps for mine, other in pairs if other.rps > 0]
 
 
 def realistic_gains(measured: dict[str, Measured]) -> dict[str, dict[str, Any]]:
@@ -872,7 +1064,12 @@ async def _send_distinct(target: str, images: int, time_limit_s: float, seed: in
 
 
 def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]:
-    """Peak memory with a default (full) cache, and a 1,000-entry cache under 5,000 distinct inputs."""
+    """Memory of an idle server, then with its default cache full, and a 1,000-entry cache under 5,000 distinct
+    inputs.
+
+    Idle is once it has answered one fp32 and one int8 request (cache bypassed) and settled; it is
+    also checked for TensorFlow's libraries in its address space (none when fp32 runs on LiteRT).
+    """
     with contextlib.ExitStack() as stack:
         full = stack.enter_context(start_benchmark_server(model_dir, name="memory-default-cache", workdir=workdir))
         small = stack.enter_context(
@@ -884,10 +1081,15 @@ def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]
         small.wait_serving()
         bounded = fill_cache(small, SMALL_CACHE_DISTINCT, plan.fill_time_limit_s, seed=2)
         small.stop()
+        for precision in (pb.PRECISION_FP32, pb.PRECISION_INT8):
+            call_raw(full.target, request_bytes(precision, True))
+        time.sleep(IDLE_SETTLE_S)
         before = procstats.memory(full.pid)
+        tensorflow = procstats.maps_file_containing(full.pid, "tensorflow")
         filled = fill_cache(full, plan.fill_images, plan.fill_time_limit_s, seed=1)
         after = procstats.memory(full.pid)
     return {
+        "idle": {"vmrss_bytes": before["VmRSS"], "vmhwm_bytes": before["VmHWM"], "tensorflow_loaded": tensorflow},
         "default_cache": {
             "capacity": DEFAULT_CACHE_ENTRIES,
             "vmhwm_before_bytes": before["VmHWM"],
@@ -898,6 +1100,51 @@ def measure_memory(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]
             **filled,
         },
         "small_cache": {"capacity": SMALL_CACHE_ENTRIES, **bounded},
+    }
+
+
+def measure_startup(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Process start to SERVING, and each process's resident memory then, for --workers 1 and --workers 2.
+
+    Start is just before the process is spawned; SERVING is when its ready file says so (polled
+    every :data:`~benchmarks.launch.POLL_S`; a supervisor writes it within 0.1 s of its last worker).
+    The two alternate over ``plan.startup_rounds`` rounds; medians are kept.
+    """
+    runs: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+    for round_index in range(plan.startup_rounds):
+        for count in (1, 2) if round_index % 2 == 0 else (2, 1):
+            started = time.monotonic()
+            with start_benchmark_server(
+                model_dir, "--workers", str(count), name=f"startup-{count}-{round_index}", workdir=workdir
+            ) as server:
+                server.wait_serving()
+                seconds = time.monotonic() - started
+                runs[count].append({"seconds": seconds, **process_memory(server)})
+            print(f"  --workers {count}: SERVING after {seconds:.2f} s", flush=True)
+    figures = {}
+    for count, rounds in runs.items():
+        figures[str(count)] = {
+            "seconds": statistics.median(run["seconds"] for run in rounds),
+            "rounds_s": [run["seconds"] for run in rounds],
+            "supervisor_rss_bytes": statistics.median(run["supervisor_rss_bytes"] for run in rounds),
+            "others_rss_bytes": statistics.median(run["others_rss_bytes"] for run in rounds),
+            "worker_rss_bytes": [statistics.median(values) for values in zip(*(run["worker_rss_bytes"] for run in rounds))],
+            "tensorflow_loaded": any(run["tensorflow_loaded"] for run in rounds),
+        }
+    return figures
+
+
+def process_memory(server: ServerProcess) -> dict[str, Any]:
+    """Resident memory (VmRSS, bytes) of a server's processes: its workers, and with several, the supervisor and
+    its other children (multiprocessing's resource tracker); whether a worker has TensorFlow loaded."""
+    workers = worker_pids(server)
+    supervised = workers != [server.pid]
+    others = [pid for pid in procstats.descendants(server.pid) if pid not in workers] if supervised else []
+    return {
+        "worker_rss_bytes": [procstats.vm_rss(pid) for pid in workers],
+        "supervisor_rss_bytes": procstats.vm_rss(server.pid) if supervised else 0,
+        "others_rss_bytes": sum(procstats.vm_rss(pid) for pid in others),
+        "tensorflow_loaded": any(procstats.maps_file_containing(pid, "tensorflow") for pid in workers),
     }
 
 
@@ -1435,10 +1682,7 @@ def measure_digits(
     servers = {"default": default, "nobatch": nobatch, "ceiling": ceiling}
 
     bodies = {scenario.key: scenario.body() for scenario in SCENARIOS}
-    body_files = {}
-    for key, body in bodies.items():
-        body_files[key] = workdir / f"{key}.grpc"
-        body_files[key].write_bytes(grpc_frame(body))
+    body_files = write_body_files(bodies, workdir)
     results["sizes"] = sanity_check(servers, bodies)
 
     print(f"saturation: {plan.rounds} round(s), {plan.streams} streams", flush=True)
@@ -1456,9 +1700,80 @@ def measure_digits(
     if profile:
         print("profiling costserve under load (py-spy) ...", flush=True)
         results["profile"] = profile_under_load(servers, bodies, body_files, plan, REPO_ROOT / "benchmarks" / "out")
-    for server in (nobatch, default):
-        server.stop()
+    nobatch.stop()
+    if plan.tool == "h2load":  # several connections need h2load
+        with contextlib.ExitStack() as workers_stack:
+            results["workers"] = measure_workers(plan, model_dir, workdir, workers_stack, servers, (answer, v2_answer))
+    default.stop()
     return ceiling, latencies
+
+
+def write_body_files(bodies: Mapping[str, bytes], workdir: Path) -> dict[str, Path]:
+    """Each request as one gRPC frame in a file of ``workdir`` (what h2load posts): key -> path."""
+    files = {}
+    for key, body in bodies.items():
+        files[key] = workdir / f"{key}.grpc"
+        files[key].write_bytes(grpc_frame(body))
+    return files
+
+
+def measure_workers(
+    plan: Plan,
+    model_dir: Path,
+    workdir: Path,
+    stack: contextlib.ExitStack[Any],
+    servers: dict[str, ServerProcess],
+    answers: tuple[Path, Path],
+) -> dict[str, Any]:
+    """--workers 1 and 2 at saturation, each against the ceiling with as many processes, in alternating rounds.
+
+    ``servers`` holds the default server (--workers 1) and the one-process ceiling; a supervisor with
+    two workers and a two-process ceiling are started here (in ``stack``), answering as ``answers``
+    (the v1 and v2 answer files) say.
+    """
+    print("starting costserve --workers 2 and the ceiling with --processes 2 ...", flush=True)
+    supervisor = stack.enter_context(
+        start_benchmark_server(model_dir, "--workers", "2", name="costserve-workers-2", workdir=workdir)
+    )
+    ceiling = stack.enter_context(
+        ServerProcess(
+            "ceiling-2",
+            [sys.executable, "-m", "benchmarks.ceiling", "--port", "0", "--processes", "2",
+             "--response-file", str(answers[0]), "--v2-response-file", str(answers[1])],
+            workdir,
+        )
+    )  # fmt: skip
+    ceiling.wait_bound(60)
+    supervisor.wait_serving()
+    servers = {**servers, "workers-2": supervisor, "ceiling-2": ceiling}
+    bodies = {scenario.key: scenario.body() for scenario in WORKER_SCENARIOS}
+    body_files = write_body_files(bodies, workdir)
+    # Each sanity call is a connection of its own, so two may reach different workers: a hit is not checked
+    # here (its request is the hits row's), its share is read from the counters after each run.
+    sanity_check(servers, bodies, [scenario for scenario in WORKER_SCENARIOS if scenario.skip_cache])
+    print(
+        f"workers: {plan.workers_rounds} round(s), {plan.streams} streams over {WORKERS_CONNECTIONS} connections",
+        flush=True,
+    )
+    measured = measure_saturation(
+        servers, bodies, body_files, plan, workdir, WORKER_SCENARIOS, rounds=plan.workers_rounds
+    )
+    scaling = {}
+    for key in ("fp32", "hits"):
+        one, two = measured[f"{key}_w1"], measured[f"{key}_w2"]
+        costserve, ceiling_ratios = round_ratios(two, one), round_ratios(two, one, side="ceiling")
+        scaling[key] = {
+            "costserve": nan_median(costserve),
+            "costserve_rounds": costserve,
+            "ceiling": nan_median(ceiling_ratios),
+            "ceiling_rounds": ceiling_ratios,
+        }
+    return {
+        "connections": WORKERS_CONNECTIONS,
+        "rounds": plan.workers_rounds,
+        "saturation": {key: value.summary() for key, value in measured.items()},
+        "scaling": scaling,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -1466,14 +1781,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
     digits = "digits" in plan.parts
     model_dir = args.model_dir.resolve()
-    if digits:
-        ensure_model(model_dir)
     results: dict[str, Any] = {
         "plan": dataclasses.asdict(plan),
         "machine": machine(),
         "command": args.command,
         "code": code_version(),
     }
+    if digits:
+        ensure_model(model_dir)
+        given, model_dir = model_dir, model_with_litert_fp32(model_dir)
+        results["model"] = {"dir": str(model_dir), "given": str(given)}
     results["tool_version"] = h2load_version() if plan.tool == "h2load" else "python grpc.aio"
     print(
         f"load tool: {results['tool_version']}; parts: {', '.join(plan.parts)}"
@@ -1521,7 +1838,89 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"idle CPU of a SERVING server over {plan.idle_s:g} s ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp:
         results["idle"] = measure_idle_cpu(model_dir, plan, Path(temp))
+    print(f"start to SERVING, --workers 1 and 2, {plan.startup_rounds} round(s) ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="costserve-bench-") as temp:
+        results["startup"] = measure_startup(model_dir, plan, Path(temp))
+    results["projection"] = projection(results)
     return results
+
+
+def projection(results: dict[str, Any]) -> dict[str, Any]:
+    """Throughput and cost per 1M predictions on :data:`PROJECTION_CORES` cores, from the CPU per request measured.
+
+    One worker per core (``--workers auto``), each spending the process CPU per answered
+    request measured with ``--workers 2`` (with one process when the workers were not
+    measured), the load on other machines and spread evenly. Costs are the cost model's
+    (``server/cost.py``) with the prices of :data:`PRICE_FILE` at full utilization (R = 1;
+    at utilization R the CPU and memory part is divided by R): memory is provisioned beside
+    each vCPU, ``memory_gb / vcpus`` of it, and network is the request and answer bytes.
+    """
+    prices = load_prices(PRICE_FILE)
+    meter = CostMeter(dataclasses.replace(prices, min_utilization=1.0))  # R clamped to 1
+    workers = results.get("workers")
+    scenarios = {}
+    for key in ("fp32", "hits"):
+        figures = workers["saturation"][f"{key}_w2"] if workers else results["saturation"][key]
+        cpu_s = figures["process_cpu_us"] / 1e6
+        sizes = results["sizes"][key]
+        cost = meter.charge(cpu_s, sizes["request_bytes"] + sizes["costserve_response_bytes"])
+        scenarios[key] = {
+            "title": results["saturation"][key]["title"],
+            "process_cpu_us": figures["process_cpu_us"],
+            "loop_cpu_us": figures["loop_cpu_us"],
+            "usd_per_million": cost.usd * 1e6,
+            "compute_usd_per_million": (cost.cpu_usd + cost.memory_usd) * 1e6,
+            "network_usd_per_million": cost.network_usd * 1e6,
+            "rps": {str(cores): cores / cpu_s for cores in PROJECTION_CORES},
+        }
+    worker_bytes = results["memory"]["default_cache"]["vmrss_bytes"]
+    two = results["startup"]["2"]
+    supervisor_bytes = two["supervisor_rss_bytes"] + two["others_rss_bytes"]
+    return {
+        "source": "--workers 2" if workers else "one process",
+        "prices": {"vcpu_hour_usd": prices.vcpu_hour_usd, "memory_gb_hour_usd": prices.memory_gb_hour_usd,
+                   "network_gb_usd": prices.network_gb_usd, "memory_gb_per_vcpu": prices.memory_gb / prices.vcpus,
+                   "source": prices.source},
+        "scenarios": scenarios,
+        "worker_rss_bytes": worker_bytes,
+        "cache_full": results["memory"]["default_cache"]["full"],
+        "supervisor_rss_bytes": supervisor_bytes,
+        "memory": {
+            str(cores): {
+                "needed_bytes": supervisor_bytes + cores * worker_bytes,
+                "provisioned_bytes": cores * prices.memory_gb / prices.vcpus * 2**30,
+            }
+            for cores in PROJECTION_CORES
+        },
+    }  # fmt: skip
+
+
+def fp32_on_litert(model_dir: Path) -> bool:
+    """Whether the latest version in ``model_dir`` has its float LiteRT model, so that fp32 is served on LiteRT."""
+    from costserve.server.domain import Precision
+    from costserve.server.repository.store import latest_version_dir, read_metadata
+
+    version_dir = latest_version_dir(model_dir)
+    if version_dir is None:
+        return False
+    path = read_metadata(version_dir).variant(Precision.FP32).litert_path
+    return path is not None and (version_dir / path).is_file()
+
+
+def model_with_litert_fp32(model_dir: Path) -> Path:
+    """``model_dir`` when fp32 is served from it on LiteRT (the default), else :data:`LITERT_MODEL_DIR`, where the
+    default model is trained when it holds none: what the benchmark serves. Raises SystemExit when neither has it."""
+    if fp32_on_litert(model_dir):
+        return model_dir
+    print(
+        f"{model_dir}: its latest version has no float LiteRT model (made before costserve wrote one), so fp32 would "
+        f"run on TensorFlow; serving {LITERT_MODEL_DIR} instead",
+        flush=True,
+    )
+    ensure_model(LITERT_MODEL_DIR)
+    if not fp32_on_litert(LITERT_MODEL_DIR):
+        raise SystemExit(f"{LITERT_MODEL_DIR}: its latest version has no float LiteRT model either (see its log)")
+    return LITERT_MODEL_DIR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

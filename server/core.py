@@ -88,7 +88,7 @@ class ServedVersion:
 
 def _model_info_labels(model: LoadedModel, precision: Precision) -> tuple[str, str, str, str, str]:
     """The ``costserve_model_info`` labels of one variant: name, version, precision, format, accuracy."""
-    variant = model.metadata.variant(precision)
+    variant = model.variant(precision)
     accuracy = "unknown" if variant.accuracy is None else f"{variant.accuracy:.4f}"
     return model.name, model.version, precision.value, variant.format, accuracy
 

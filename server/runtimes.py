@@ -5,13 +5,14 @@ and applies the model version's :class:`~costserve.server.preprocessing.Preproce
 to the whole batch on its inference thread: scaling, channel order, and softmax for
 a model that outputs logits.
 
+* :class:`LiteRTRuntime` runs a ``.tflite`` on LiteRT (``ai_edge_litert``): the int8
+  model (full-integer quantized) and the float one (``model_fp32.tflite``), which serves
+  fp32 by default. It keeps one interpreter per allowed batch size, so no tensor is
+  reallocated while serving; batches are zero-padded up to the next allowed size.
 * :class:`SavedModelRuntime` (fp32) runs the SavedModel's ``serving_default``
   signature through one session callable (never ``Model.predict``, which costs
-  ~100 ms a call).
-* :class:`LiteRTRuntime` (int8) runs the full-integer quantized ``.tflite`` on
-  LiteRT (``ai_edge_litert``). It keeps one interpreter per allowed batch size, so
-  no tensor is reallocated while serving; batches are zero-padded up to the next
-  allowed size.
+  ~100 ms a call): for versions without a float ``.tflite``, and with
+  ``--fp32-runtime tensorflow``. It is the only part of serving that imports TensorFlow.
 
 A runtime is not thread-safe: the batcher calls each from its own single inference
 thread.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +55,8 @@ class Runtime(abc.ABC):
     """A loaded model variant that maps a batch of images to class probabilities."""
 
     precision: Precision
+    #: What runs the model: "litert" or "tensorflow" (the values of ``--fp32-runtime``).
+    engine: str = ""
     #: (height, width, channels), read from the model file.
     input_shape: tuple[int, int, int]
     num_classes: int
@@ -123,7 +127,8 @@ def configure_tensorflow_threads(threads: int) -> None:
     """Limit TensorFlow's intra-op threads (0 = its default); call before the first TF op.
 
     The pool is process-wide: the fp32 runtime's session uses it too, and with one
-    thread its ops run on the calling thread.
+    thread its ops run on the calling thread. Raises RuntimeError when TensorFlow already
+    started with another size.
     """
     if threads <= 0:
         return
@@ -131,6 +136,26 @@ def configure_tensorflow_threads(threads: int) -> None:
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+_tensorflow_configured = False
+_tensorflow_lock = threading.Lock()
+
+
+def _configure_tensorflow_once(threads: int) -> None:
+    """Size TensorFlow's pool for the first SavedModel runtime of the process, before its first TF op.
+
+    Here rather than at start-up, so that a process serving only LiteRT never imports TensorFlow.
+    """
+    global _tensorflow_configured
+    with _tensorflow_lock:
+        if _tensorflow_configured:
+            return
+        _tensorflow_configured = True
+        try:
+            configure_tensorflow_threads(threads)
+        except RuntimeError:  # TensorFlow already started in this process (training, an import): it keeps its pool
+            pass
 
 
 class SavedModelRuntime(PreprocessedRuntime):
@@ -144,9 +169,11 @@ class SavedModelRuntime(PreprocessedRuntime):
     """
 
     precision = Precision.FP32
+    engine = "tensorflow"
 
     def __init__(self, saved_model_dir: Path, threads: int = 1, preprocessing: Preprocessing | None = None) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        _configure_tensorflow_once(threads)
         import tensorflow as tf
 
         graph = tf.Graph()
@@ -175,9 +202,9 @@ class SavedModelRuntime(PreprocessedRuntime):
         self.num_classes = int(output_tensor.shape[-1])
         self.preprocessing = preprocessing or Preprocessing.from_dict(None, self.input_shape[2])
         # The session's ops use TensorFlow's process-wide pool, sized by the first TensorFlow use
-        # in the process (see configure_tensorflow_threads): with one thread, ops run inline.
-        # The eager setting is what this reads; the server and the tests set it before any other
-        # TensorFlow use, so the pool is the one it names.
+        # in the process (see _configure_tensorflow_once): with one thread, ops run inline.
+        # The eager setting is what this reads; the first SavedModel runtime and the tests set it
+        # before any other TensorFlow use, so the pool is the one it names.
         self.runs_on_calling_thread = threads == 1 and tf.config.threading.get_intra_op_parallelism_threads() == 1
         self._call = self._session.make_callable(output_tensor, [input_tensor])
 
@@ -189,15 +216,26 @@ class SavedModelRuntime(PreprocessedRuntime):
 
 
 class LiteRTRuntime(PreprocessedRuntime):
-    """int8: a full-integer quantized model on LiteRT, one interpreter per batch size."""
+    """A ``.tflite`` on LiteRT, one interpreter per batch size: int8 (full-integer quantized) or fp32 (float).
 
-    precision = Precision.INT8
+    ``precision`` is the variant it serves. A quantized model's input is quantized and its
+    output dequantized by the scale and zero point the file holds; a float model (no
+    quantization parameters) takes and gives float32 as it is.
+    """
+
+    engine = "litert"
 
     def __init__(
-        self, tflite_path: Path, max_batch_size: int = 32, threads: int = 0, preprocessing: Preprocessing | None = None
+        self,
+        tflite_path: Path,
+        max_batch_size: int = 32,
+        threads: int = 0,
+        preprocessing: Preprocessing | None = None,
+        precision: Precision = Precision.INT8,
     ) -> None:
         from ai_edge_litert.interpreter import Interpreter
 
+        self.precision = precision
         self._model = Path(tflite_path).read_bytes()
         self._threads = threads if threads > 0 else None
         self.runs_on_calling_thread = threads == 1
@@ -211,9 +249,17 @@ class LiteRTRuntime(PreprocessedRuntime):
         self.input_shape = input_shape
         self.num_classes = int(output_detail["shape"][-1])
         self.preprocessing = preprocessing or Preprocessing.from_dict(None, self.input_shape[2])
+        # A model converted from a SavedModel keeps its signature's names (TF Serving's clients send them).
+        signature = probe.get_signature_list().get("serving_default", {})
+        if len(signature.get("inputs", ())) == 1 and len(signature.get("outputs", ())) == 1:
+            self.signature_keys = (signature["inputs"][0], signature["outputs"][0])
         self._input_dtype = np.dtype(input_detail["dtype"])
         self._input_scale, self._input_zero = input_detail["quantization"]
         self._output_scale, self._output_zero = output_detail["quantization"]
+        quantized = bool(self._input_scale)
+        if quantized != (precision is Precision.INT8):
+            kind = "quantized" if quantized else "float"
+            raise ValueError(f"{tflite_path}: a {kind} model cannot serve {precision.value}")
         self._interpreters: dict[int, tuple[Interpreter, int, int]] = {}
         for size in self._batch_sizes:
             interpreter = Interpreter(model_content=self._model, num_threads=self._threads)

@@ -363,7 +363,7 @@ def model_info_to_proto(model: LoadedModel, max_images_per_request: int) -> pb.M
     if metadata.int8_agreement is not None and len(model.runtimes) > 1:
         info.int8_agreement = metadata.int8_agreement
     for precision in model.runtimes:
-        variant = metadata.variant(precision)
+        variant = model.variant(precision)
         entry = info.variants.add(
             precision=PRECISION_TO_PROTO[precision],
             size_bytes=variant.size_bytes,

@@ -4,7 +4,8 @@ The seed's CNN (Conv2D 32 3x3 relu -> MaxPool 2 -> Conv2D 64 3x3 relu -> MaxPool
 -> Flatten -> Dense 128 relu -> Dense 10 softmax, Adam) is trained on
 scikit-learn's bundled handwritten digits (8x8, resized to 28x28) or on a local
 Keras-layout ``mnist.npz``. A stratified held-out split is never trained on; both
-exported variants are scored on it through the same runtimes that serve them.
+exported variants are scored on it through the same runtimes that serve them, and the
+float LiteRT model that serves fp32 is checked against the SavedModel on it.
 Nothing is downloaded.
 """
 
@@ -29,6 +30,7 @@ from costserve.server.repository.importer import (
     quantize_int8,
     source_digest,
     utc_now,
+    write_fp32_litert,
 )
 from costserve.server.repository.store import INT8_FILE, METADATA_FILE, SAVED_MODEL_DIR, ModelMetadata, publish_version
 from costserve.server.runtimes import Runtime
@@ -138,7 +140,11 @@ def train_and_export(
     seed: int = SEED,
     name: str = "digits",
 ) -> Path:
-    """Train, export fp32 and int8 as the next version under ``model_dir``, return its directory."""
+    """Train, export fp32 and int8 as the next version under ``model_dir``, return its directory.
+
+    fp32 is exported as a SavedModel and as a float LiteRT model (``model_fp32.tflite``, left
+    out with a warning in the log when its conversion or its check against the SavedModel fails).
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -164,9 +170,11 @@ def train_and_export(
     with publish_version(model_dir) as (staging, version):
         saved_model = staging / SAVED_MODEL_DIR
         model.export(str(saved_model), verbose=False)
+        notes = write_fp32_litert(staging)
         # Calibrated on training images: the held-out split stays unseen until it is measured.
         (staging / INT8_FILE).write_bytes(quantize_int8(saved_model, dataset.train_images, preprocessing, seed))
         measured = measure_variants(staging, preprocessing, holdout, max_batch_size=MEASURE_BATCH_SIZE)
+        notes.extend(measured.notes)
         metadata = ModelMetadata(
             name=name,
             version=version,
@@ -197,5 +205,14 @@ def train_and_export(
         )
         (staging / METADATA_FILE).write_text(metadata.to_json())
     for precision, info in measured.variants.items():
-        log.info("version %s %s: held-out accuracy %.4f, %d bytes", version, precision, info.accuracy, info.size_bytes)
+        log.info(
+            "version %s %s: held-out accuracy %.4f, %d bytes, measured on %s",
+            version,
+            precision,
+            info.accuracy,
+            info.size_bytes,
+            info.measured_runtime,
+        )
+    for note in notes:
+        log.warning("version %s: %s", version, note)
     return model_dir / version

@@ -22,8 +22,22 @@ from costserve.server.cli import main
 from costserve.server.domain import ImageInput, Precision
 from costserve.server.inputs import decode
 from costserve.server.preprocessing import Preprocessing
-from costserve.server.repository.importer import ImportReport, import_model, source_digest
-from costserve.server.repository.store import INT8_FILE, METADATA_FILE, SAVED_MODEL_DIR, load_model, read_metadata
+from costserve.server.repository.importer import (
+    FP32_LITERT_TOLERANCE,
+    ImportReport,
+    check_fp32_litert,
+    import_model,
+    source_digest,
+)
+from costserve.server.repository.store import (
+    FP32_LITERT_FILE,
+    INT8_FILE,
+    METADATA_FILE,
+    SAVED_MODEL_DIR,
+    load_model,
+    read_metadata,
+)
+from costserve.server.runtimes import LiteRTRuntime, SavedModelRuntime
 
 #: Class folders of the gray model, in class order (sorted): the brightness of the image.
 GRAY_CLASSES = ["a_dark", "b_grey", "c_light"]
@@ -181,6 +195,13 @@ def test_keras_import_publishes_both_variants_measured(gray_import: ImportReport
     for info in metadata.variants.values():
         assert info.accuracy is not None and info.accuracy >= 0.9
         assert info.latency_ms_batch_1 > 0 and info.latency_ms_per_image_max_batch > 0
+        assert info.measured_runtime == "litert"  # fp32 too: through its float LiteRT model, which serves it
+    fp32, int8 = metadata.variants["fp32"], metadata.variants["int8"]
+    assert (version_dir / FP32_LITERT_FILE).is_file() and fp32.litert_path == FP32_LITERT_FILE
+    assert fp32.litert_max_abs_diff is not None and 0 <= fp32.litert_max_abs_diff <= FP32_LITERT_TOLERANCE
+    assert int8.litert_path is None and int8.litert_max_abs_diff is None
+    on_disk = json.loads((version_dir / METADATA_FILE).read_text())["variants"]["fp32"]
+    assert on_disk["litert_path"] == FP32_LITERT_FILE and on_disk["measured_runtime"] == "litert"
     assert metadata.int8_agreement is not None and metadata.int8_agreement >= 0.9
     assert metadata.holdout_examples == 45 and "gray_holdout" in metadata.provenance["holdout"]
     assert metadata.preprocessing == Preprocessing().to_dict()
@@ -206,12 +227,14 @@ def test_held_out_accuracy_is_the_models_on_the_decoded_files(
     expected = float((gray_model[0](x).numpy().argmax(axis=1) == labels).mean())
     assert gray_import.metadata.variants["fp32"].accuracy == pytest.approx(expected, abs=1e-9)
 
-    loaded = load_model(gray_import.version_dir, max_batch_size=32)
-    try:
-        np.testing.assert_allclose(loaded.runtimes[Precision.FP32].predict(x), gray_model[0](x).numpy(), atol=1e-4)
-        assert loaded.accuracy()[Precision.INT8] == gray_import.metadata.variants["int8"].accuracy
-    finally:
-        loaded.close()
+    for fp32_runtime in ("litert", "tensorflow"):
+        loaded = load_model(gray_import.version_dir, max_batch_size=32, fp32_runtime=fp32_runtime)
+        try:
+            assert loaded.runtimes[Precision.FP32].engine == fp32_runtime
+            np.testing.assert_allclose(loaded.runtimes[Precision.FP32].predict(x), gray_model[0](x).numpy(), atol=1e-4)
+            assert loaded.accuracy()[Precision.INT8] == gray_import.metadata.variants["int8"].accuracy
+        finally:
+            loaded.close()
 
 
 # --- a SavedModel with an .npz -----------------------------------------------------------------------------------
@@ -284,10 +307,13 @@ def test_served_fp32_applies_each_preprocessing(
     assert main(["import", str(source), "--name", kind, "--repository", str(repository), *flags]) == 0
     out = capsys.readouterr().out
     assert "accuracy  unknown" in out and "no calibration data" in out
+    assert f"fp32 is served by LiteRT from {FP32_LITERT_FILE}" in out
 
     version_dir = repository / kind / "1"
     metadata = read_metadata(version_dir)
     assert set(metadata.variants) == {"fp32"} and metadata.variants["fp32"].accuracy is None
+    # Without held-out images, checked against the SavedModel on random ones.
+    assert metadata.variants["fp32"].litert_path == FP32_LITERT_FILE
     assert metadata.int8_agreement is None and metadata.holdout_examples == 0
     images = gray_images(6, seed=5)[0][..., None] if kind == "gray" else rgb_images(6, seed=5)[0]
     pixels = images.astype(np.float32) / np.float32(255.0)
@@ -296,6 +322,7 @@ def test_served_fp32_applies_each_preprocessing(
         expected = softmax(expected)
     loaded = load_model(version_dir, max_batch_size=8)
     try:
+        assert isinstance(loaded.runtimes[Precision.FP32], LiteRTRuntime)
         assert loaded.preprocessing == metadata.preprocessing_spec()
         np.testing.assert_allclose(loaded.runtimes[Precision.FP32].predict(pixels), expected, atol=1e-4)
         np.testing.assert_allclose(loaded.runtimes[Precision.FP32].predict_levels(images), expected, atol=1e-4)
@@ -423,6 +450,71 @@ def test_calibration_without_holdout_keeps_int8_of_unknown_accuracy(
     assert metadata.variants["fp32"].accuracy is None and metadata.variants["int8"].accuracy is None
     assert metadata.int8_agreement is None and metadata.holdout_examples == 0
     assert (tmp_path / "gray" / "1" / INT8_FILE).is_file()
+
+
+# --- the float LiteRT model: kept only when it matches the SavedModel ---------------------------------------------
+
+
+def test_a_model_the_converter_refuses_is_served_from_the_saved_model(tf: Any, work: Path, tmp_path: Path) -> None:
+    """An op LiteRT's built-in kernels lack (Erf): no model_fp32.tflite, no int8, notes saying why; fp32 serves."""
+    module = tf.Module()
+    module.dense = tf.Variable(tf.random.stateless_normal((1, 3), seed=(1, 2)))
+    module.serve = tf.function(
+        lambda image: {"scores": tf.nn.softmax(tf.reduce_mean(tf.math.erf(image), axis=[1, 2]) @ module.dense)},
+        input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32, name="image")],
+    )
+    source = work / "erf_saved_model"
+    tf.saved_model.save(module, str(source), signatures={"serving_default": module.serve})
+    images, labels = gray_images(12, seed=11)
+    holdout = tmp_path / "holdout.npz"
+    np.savez(holdout, x=images, y=labels)
+
+    report = import_model(source, "erf", tmp_path / "repository", holdout=holdout)
+
+    notes = "\n".join(report.notes)
+    assert "fp32 is served from the SavedModel (TensorFlow): the LiteRT conversion failed (ConverterError" in notes
+    assert "TF Select ops: Erf" in notes and "no int8 variant: the int8 conversion failed" in notes
+    assert sorted(path.name for path in report.version_dir.iterdir()) == [METADATA_FILE, SAVED_MODEL_DIR]
+    fp32 = report.metadata.variants["fp32"]
+    assert set(report.metadata.variants) == {"fp32"} and fp32.measured_runtime == "tensorflow"
+    assert fp32.litert_path is None and fp32.litert_max_abs_diff is None and fp32.accuracy is not None
+    loaded = load_model(report.version_dir, max_batch_size=4)
+    try:
+        assert isinstance(loaded.runtimes[Precision.FP32], SavedModelRuntime)
+        x = (images[:4].astype(np.float32) / 255.0)[..., None]
+        expected = module.serve(tf.constant(x))["scores"].numpy()
+        np.testing.assert_allclose(loaded.runtimes[Precision.FP32].predict(x), expected, atol=1e-5)
+    finally:
+        loaded.close()
+
+
+def test_litert_check_passes_equal_classes_within_the_tolerance() -> None:
+    saved_model = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
+    check = check_fp32_litert(saved_model, saved_model + np.float32(4e-6))
+    assert check.problem is None and check.images == 2 and check.label_mismatches == 0
+    assert check.max_abs_diff == pytest.approx(4e-6, rel=1e-3)
+
+
+def test_litert_check_fails_on_a_different_class() -> None:
+    saved_model = np.array([[0.5, 0.49, 0.01], [0.1, 0.3, 0.6], [0.2, 0.7, 0.1]], dtype=np.float32)
+    litert = saved_model.copy()
+    litert[0] = [0.49, 0.5, 0.01]
+    check = check_fp32_litert(saved_model, litert)
+    assert check.label_mismatches == 1
+    assert check.problem == "its top-1 class differs from the SavedModel's on 1 of 3 images"
+
+
+def test_litert_check_fails_beyond_the_tolerance_and_on_nan() -> None:
+    saved_model = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]], dtype=np.float32)
+    litert = saved_model.copy()
+    litert[1, 0] += 3e-5
+    check = check_fp32_litert(saved_model, litert)
+    assert check.label_mismatches == 0 and check.problem is not None
+    assert "differ from the SavedModel's by up to 3e-05 (at most 1e-05 allowed)" in check.problem
+    litert[1, 0] = np.nan
+    assert check_fp32_litert(saved_model, litert).problem is not None
+    with pytest.raises(ValueError, match="shapes"):
+        check_fp32_litert(saved_model, saved_model[:1])
 
 
 def test_a_second_import_is_the_next_version(

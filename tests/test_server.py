@@ -154,7 +154,9 @@ def test_model_info_describes_both_variants(client: Client, loaded_model: Loaded
     assert list(info.labels) == [str(label) for label in range(10)]
     variants = {variant.precision: variant for variant in info.variants}
     assert set(variants) == {pb.PRECISION_FP32, pb.PRECISION_INT8}
-    assert variants[pb.PRECISION_FP32].format == "saved_model"
+    # fp32 as served: by LiteRT from the float model beside the SavedModel.
+    assert (variants[pb.PRECISION_FP32].format, variants[pb.PRECISION_FP32].path) == ("tflite", "model_fp32.tflite")
+    assert variants[pb.PRECISION_FP32].size_bytes == (loaded_model.version_dir / "model_fp32.tflite").stat().st_size
     assert variants[pb.PRECISION_INT8].format == "tflite"
     assert variants[pb.PRECISION_FP32].accuracy == pytest.approx(loaded_model.metadata.variants["fp32"].accuracy)
     assert variants[pb.PRECISION_INT8].size_bytes == loaded_model.metadata.variants["int8"].size_bytes > 0

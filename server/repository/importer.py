@@ -11,12 +11,16 @@ One import writes ``<repository>/<name>/<next version>/`` (see :mod:`.store`):
 
 * ``saved_model/``: the fp32 model with one input and one output in ``serving_default``,
   at a fixed height x width x channels;
+* ``model_fp32.tflite``: the same model converted for LiteRT with no optimizations, which
+  serves fp32 by default; kept only when it gives the SavedModel's top-1 class on every
+  held-out image (without held-out data: on random images) and probabilities within
+  :data:`FP32_LITERT_TOLERANCE` (:func:`check_fp32_litert`);
 * ``model_int8.tflite``: post-training full-integer quantization (uint8 in and out),
   calibrated on images fed exactly as the server feeds them; dropped when its held-out
   accuracy falls more than ``max_int8_drop`` points below fp32's;
 * ``metadata.json``: input shape, preprocessing, labels, each variant's held-out accuracy,
-  size and latency (measured through the runtimes that serve it), fp32/int8 agreement and
-  provenance.
+  size and latency (measured through the runtimes that serve it by default), fp32/int8
+  agreement and provenance.
 
 Held-out and calibration data are an image folder (one sub-folder per class, classes in
 sorted name order, PNG/JPEG files) or an ``.npz`` with ``x`` (uint8 0..255 or floats in
@@ -26,8 +30,8 @@ sorted name order, PNG/JPEG files) or an ``.npz`` with ``x`` (uint8 0..255 or fl
 Everything that can be refused is checked before anything is written, and the version
 appears atomically (:func:`~costserve.server.repository.store.publish_version`): a refused
 or failed import leaves the repository as it was. The model building and measuring
-helpers here (:func:`quantize_int8`, :func:`measure_variants`, :func:`provenance`) are
-shared with :mod:`costserve.server.training`.
+helpers here (:func:`write_fp32_litert`, :func:`quantize_int8`, :func:`measure_variants`,
+:func:`provenance`) are shared with :mod:`costserve.server.training`.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from costserve.server.inputs import ImageLimits, decode
 from costserve.server.preprocessing import Preprocessing
 from costserve.server.repository.store import (
     ARTIFACTS,
+    FP32_LITERT_FILE,
     INT8_FILE,
     METADATA_FILE,
     SAVED_MODEL_DIR,
@@ -75,6 +80,10 @@ CALIBRATION_EXAMPLES = 500
 SEED = 1234
 #: Timed runs per latency figure (their median is kept), after one warm-up run.
 LATENCY_RUNS = 5
+#: Most any probability of the float LiteRT model may differ from the SavedModel's (absolute).
+FP32_LITERT_TOLERANCE = 1e-5
+#: Random images the float LiteRT model is checked on when no held-out images are given.
+FP32_CHECK_EXAMPLES = 64
 #: Files of an image folder that are read as images (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 KERAS_SUFFIXES = (".keras", ".h5")
@@ -125,6 +134,29 @@ class VariantMeasurements:
     #: Share of held-out images where fp32 and int8 agree on the top class; None without both.
     int8_agreement: float | None
     notes: list[str]
+
+
+@dataclass(frozen=True)
+class LiteRTCheck:
+    """How the float LiteRT model's probabilities compare with the SavedModel's on the same images."""
+
+    images: int
+    #: Largest absolute difference of any probability.
+    max_abs_diff: float
+    #: Images on which the two give different top-1 classes.
+    label_mismatches: int
+
+    @property
+    def problem(self) -> str | None:
+        """Why the LiteRT model cannot stand in for the SavedModel; None when it can."""
+        if self.label_mismatches:
+            return f"its top-1 class differs from the SavedModel's on {self.label_mismatches} of {self.images} images"
+        if not self.max_abs_diff <= FP32_LITERT_TOLERANCE:  # written so that NaN fails too
+            return (
+                f"its probabilities differ from the SavedModel's by up to {self.max_abs_diff:.3g} "
+                f"(at most {FP32_LITERT_TOLERANCE:g} allowed)"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -211,6 +243,7 @@ def import_model(
     with publish_version(model_dir) as (staging, version_name):
         log.info("writing %s version %s from %s", name, version_name, source)
         model.export(staging / SAVED_MODEL_DIR)
+        notes.extend(write_fp32_litert(staging))
         if calibrating is None:
             notes.append("no int8 variant: no calibration data (give --holdout or --calibration)")
         else:
@@ -219,7 +252,7 @@ def import_model(
             except Exception as error:
                 # A model the converter cannot quantize is still worth serving in fp32.
                 log.debug("int8 conversion failed", exc_info=True)
-                notes.append(f"no int8 variant: the int8 conversion failed ({type(error).__name__}: {error})")
+                notes.append(f"no int8 variant: the int8 conversion failed ({conversion_error(error)})")
             else:
                 (staging / INT8_FILE).write_bytes(int8)
         measured = measure_variants(
@@ -259,6 +292,54 @@ def import_model(
 def default_color_mode(channels: int) -> str:
     """The colour mode a model of ``channels`` input channels gets unless told: grayscale (1) or rgb (3)."""
     return "grayscale" if channels == 1 else "rgb"
+
+
+def write_fp32_litert(version_dir: Path) -> list[str]:
+    """Convert ``saved_model/`` of a version being built into ``model_fp32.tflite`` beside it.
+
+    Returns notes for a person: when the converter refuses the model, no file is written
+    and a note says why (fp32 is then served from the SavedModel). :func:`measure_variants`
+    checks the file against the SavedModel before it is kept.
+    """
+    import tensorflow as tf
+
+    try:
+        # No optimizations: the float model as it is, float32 in and out.
+        converted = tf.lite.TFLiteConverter.from_saved_model(str(version_dir / SAVED_MODEL_DIR)).convert()
+    except Exception as error:
+        log.debug("fp32 LiteRT conversion failed", exc_info=True)
+        return [
+            f"fp32 is served from the SavedModel (TensorFlow): the LiteRT conversion failed ({conversion_error(error)})"
+        ]
+    (version_dir / FP32_LITERT_FILE).write_bytes(bytes(converted))
+    return []
+
+
+def check_fp32_litert(saved_model: np.ndarray, litert: np.ndarray) -> LiteRTCheck:
+    """Compare the probabilities of the SavedModel and of the float LiteRT model, ``(images, classes)`` each.
+
+    The LiteRT model may serve fp32 when :attr:`LiteRTCheck.problem` is None: the same top-1
+    class on every image, and every probability within :data:`FP32_LITERT_TOLERANCE`.
+    """
+    if saved_model.shape != litert.shape:
+        raise ValueError(f"cannot compare probabilities of shapes {saved_model.shape} and {litert.shape}")
+    difference = np.abs(saved_model.astype(np.float64) - litert.astype(np.float64))
+    return LiteRTCheck(
+        images=len(saved_model),
+        max_abs_diff=float(difference.max()) if difference.size else 0.0,
+        label_mismatches=int((saved_model.argmax(axis=1) != litert.argmax(axis=1)).sum()),
+    )
+
+
+def conversion_error(error: Exception) -> str:
+    """A converter's error in one line: its type, and the ops it could not convert (else its first line)."""
+    text = str(error)
+    # The TFLite converter's message runs to pages of MLIR; these lines name the ops it lacks.
+    ops = re.findall(r"^\s*((?:TF Select|Custom) ops: .*\S)", text, flags=re.MULTILINE)
+    summary = "; ".join(ops) if ops else next(iter(text.splitlines()), "")
+    if len(summary) > 300:
+        summary = summary[:297] + "..."
+    return f"{type(error).__name__}: {summary}"
 
 
 def quantize_int8(saved_model: Path, images: np.ndarray, preprocessing: Preprocessing, seed: int = SEED) -> bytes:
@@ -312,35 +393,65 @@ def measure_variants(
     max_batch_size: int = 32,
     max_int8_drop: float | None = None,
 ) -> VariantMeasurements:
-    """Measure ``saved_model/`` and, when present, ``model_int8.tflite`` of a version being built.
+    """Measure ``saved_model/``, and ``model_fp32.tflite`` and ``model_int8.tflite`` when present, of a new version.
 
-    Each variant runs in the runtime that serves it, built with ``preprocessing`` and one
-    thread (the server's default): held-out accuracy (None without ``holdout``), size, and
-    milliseconds per image at batch 1 and at ``max_batch_size``. When int8's accuracy is
-    more than ``max_int8_drop`` percentage points below fp32's (None: no limit), the int8
-    file is deleted, the variant left out, and a note says why.
+    ``model_fp32.tflite`` is first checked against the SavedModel (:func:`check_fp32_litert`)
+    on the held-out images, or without them on :data:`FP32_CHECK_EXAMPLES` random images;
+    when the check fails, or LiteRT cannot run the file, it is deleted and a note says why.
+    Each variant then runs in the runtime that serves it by default (fp32: LiteRT when the
+    float file is kept, else TensorFlow), built with ``preprocessing`` and one thread (the
+    server's default): held-out accuracy (None without ``holdout``), size, and milliseconds
+    per image at batch 1 and at ``max_batch_size``. When int8's accuracy is more than
+    ``max_int8_drop`` percentage points below fp32's (None: no limit), the int8 file is
+    deleted, the variant left out, and a note says why.
     """
     notes: list[str] = []
     int8_file = version_dir / INT8_FILE
-    runtimes: dict[Precision, Runtime] = {}
+    litert_file = version_dir / FP32_LITERT_FILE
+    opened: list[Runtime] = []
+
+    def open_artifact(precision: Precision, artifact: Path) -> Runtime:
+        runtime = open_runtime(precision, artifact, preprocessing, max_batch_size, 1)
+        opened.append(runtime)
+        return runtime
+
     try:
-        for precision, (file_name, _) in ARTIFACTS.items():
-            if (version_dir / file_name).exists():
-                runtimes[precision] = open_runtime(precision, version_dir / file_name, preprocessing, max_batch_size, 1)
-        input_shape = runtimes[Precision.FP32].input_shape
-        sample = (
-            holdout.pixels(0, max_batch_size)
-            if holdout is not None and len(holdout)
-            else np.random.default_rng(SEED).random((max_batch_size, *input_shape), dtype=np.float32)
+        saved_model = open_artifact(Precision.FP32, version_dir / SAVED_MODEL_DIR)
+        runtimes: dict[Precision, Runtime] = {Precision.FP32: saved_model}
+        held_out = holdout if holdout is not None and len(holdout) else None
+        random_images = np.random.default_rng(SEED).random(
+            (max(max_batch_size, FP32_CHECK_EXAMPLES), *saved_model.input_shape), dtype=np.float32
         )
+        sample = held_out.pixels(0, max_batch_size) if held_out is not None else random_images[:max_batch_size]
+        check: LiteRTCheck | None = None
+        if litert_file.exists():
+            images = held_out.images if held_out is not None else random_images[:FP32_CHECK_EXAMPLES]
+            try:
+                litert = open_artifact(Precision.FP32, litert_file)
+                check = check_fp32_litert(
+                    predict_all(saved_model, images, max_batch_size), predict_all(litert, images, max_batch_size)
+                )
+                problem = check.problem
+            except Exception as error:  # whatever LiteRT raises, the file cannot serve
+                log.debug("the fp32 LiteRT model does not run", exc_info=True)
+                problem = f"LiteRT cannot run it ({type(error).__name__}: {error})"
+            if problem is None:
+                runtimes[Precision.FP32] = litert
+            else:
+                notes.append(f"fp32 is served from the SavedModel (TensorFlow): {FP32_LITERT_FILE} left out, {problem}")
+                litert_file.unlink()
+                check = None
+        if int8_file.exists():
+            runtimes[Precision.INT8] = open_artifact(Precision.INT8, int8_file)
         predicted: dict[Precision, np.ndarray] = {}
         variants: dict[str, VariantInfo] = {}
         for precision, runtime in runtimes.items():
             accuracy = None
-            if holdout is not None and len(holdout):
-                predicted[precision] = predict_all(runtime, holdout.images, max_batch_size).argmax(axis=1)
-                accuracy = float((predicted[precision] == holdout.labels).mean())
+            if held_out is not None:
+                predicted[precision] = predict_all(runtime, held_out.images, max_batch_size).argmax(axis=1)
+                accuracy = float((predicted[precision] == held_out.labels).mean())
             file_name, artifact_format = ARTIFACTS[precision]
+            litert_check = check if precision is Precision.FP32 else None
             variants[precision.value] = VariantInfo(
                 path=file_name,
                 format=artifact_format,
@@ -348,9 +459,12 @@ def measure_variants(
                 size_bytes=directory_bytes(version_dir / file_name),
                 latency_ms_batch_1=measure_latency(runtime, sample, 1),
                 latency_ms_per_image_max_batch=measure_latency(runtime, sample, max_batch_size),
+                measured_runtime=runtime.engine,
+                litert_path=FP32_LITERT_FILE if litert_check is not None else None,
+                litert_max_abs_diff=litert_check.max_abs_diff if litert_check is not None else None,
             )
     finally:
-        for runtime in runtimes.values():
+        for runtime in opened:
             runtime.close()
 
     agreement = None

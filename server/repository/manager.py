@@ -27,6 +27,7 @@ from costserve.server.core import InferenceCore
 from costserve.server.domain import ModelStatus, VersionState, VersionStatus
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import (
+    Fp32Runtime,
     LoadedModel,
     ModelConfig,
     list_models,
@@ -76,7 +77,7 @@ class RepositoryManager:
         settings: Settings,
         metrics: ServiceMetrics,
         preloaded: list[LoadedModel] | None = None,
-        load: Callable[[Path, int, int], LoadedModel] = load_model,
+        load: Callable[[Path, int, int, Fp32Runtime], LoadedModel] = load_model,
     ) -> None:
         self.core = core
         self.settings = settings
@@ -196,6 +197,7 @@ class RepositoryManager:
                     version_dir,
                     self.settings.max_batch_size,
                     self.settings.inference_threads,
+                    self.settings.fp32_runtime,
                 )
             await self.core.add_version(model)
         except Exception as error:  # noqa: BLE001 - any failure to load is the version's, reported as such
@@ -215,7 +217,8 @@ class RepositoryManager:
             version,
             self.load_seconds[(name, version)],
             ", ".join(
-                f"{precision.value} accuracy " + ("unknown" if accuracy is None else f"{accuracy:.4f}")
+                f"{precision.value} from {model.variant(precision).path}, accuracy "
+                + ("unknown" if accuracy is None else f"{accuracy:.4f}")
                 for precision, accuracy in model.accuracy().items()
             ),
         )

@@ -7,6 +7,7 @@
         model.toml             optional: the version policy (see ModelConfig)
         1/
           saved_model/         fp32 SavedModel (serving_default signature)
+          model_fp32.tflite    fp32 converted for LiteRT, checked against the SavedModel (absent: fp32 on TensorFlow)
           model_int8.tflite    int8, post-training full-integer quantization (absent: fp32 only)
           metadata.json        input shape, preprocessing, labels, variants, provenance
         2/ ...
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import sys
@@ -29,7 +31,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from costserve.server.domain import Precision
 from costserve.server.preprocessing import Preprocessing
@@ -40,12 +42,18 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
+log = logging.getLogger(__name__)
+
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
+#: The fp32 model converted for LiteRT (float, no optimizations), beside the SavedModel it was made from.
+FP32_LITERT_FILE = "model_fp32.tflite"
 INT8_FILE = "model_int8.tflite"
 #: A model's optional version policy file.
 CONFIG_FILE = "model.toml"
 VERSION_POLICIES = ("latest", "specific", "all")
+#: What serves fp32 when a version has its float LiteRT model (``--fp32-runtime``).
+Fp32Runtime = Literal["litert", "tensorflow"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,15 @@ class VariantInfo:
     #: Measured at import, milliseconds per image: one image alone, and in a batch of the largest size.
     latency_ms_batch_1: float = 0.0
     latency_ms_per_image_max_batch: float = 0.0
+    #: The runtime ``accuracy`` and the latencies were measured through, the one that serves the variant by
+    #: default: "litert" or "tensorflow" ("" in versions made before it was recorded: fp32 on TensorFlow).
+    measured_runtime: str = ""
+    #: fp32 only: the float LiteRT model (relative to the version directory) that serves the variant by default;
+    #: None when the version has none (made before costserve wrote one, or its conversion or check failed).
+    litert_path: str | None = None
+    #: fp32 only: the largest absolute difference between the LiteRT model's probabilities and the SavedModel's
+    #: over the images it was checked on (at most 1e-5, with the same top-1 class on every image).
+    litert_max_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +284,9 @@ class LoadedModel:
     metadata: ModelMetadata
     version_dir: Path
     runtimes: dict[Precision, Runtime]
+    #: Variants served from another artifact than their own ``path`` (fp32 on LiteRT): that artifact's
+    #: path, format and size.
+    served: dict[Precision, VariantInfo] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -290,9 +310,13 @@ class LoadedModel:
 
     @property
     def signature_keys(self) -> tuple[str, str]:
-        """The names of the model's input and output: the fp32 SavedModel signature's, when it is served."""
+        """The names of the model's input and output: its SavedModel signature's (kept by the LiteRT models)."""
         runtime = self.runtimes.get(Precision.FP32) or next(iter(self.runtimes.values()))
         return runtime.signature_keys
+
+    def variant(self, precision: Precision) -> VariantInfo:
+        """The variant as served: its metadata, with the path, format and size of the artifact that serves it."""
+        return self.served.get(precision) or self.metadata.variant(precision)
 
     def accuracy(self) -> dict[Precision, float | None]:
         """Held-out accuracy of each loaded variant (None: unknown)."""
@@ -311,17 +335,57 @@ ARTIFACTS = {Precision.FP32: (SAVED_MODEL_DIR, "saved_model"), Precision.INT8: (
 def open_runtime(
     precision: Precision, artifact: Path, preprocessing: Preprocessing, max_batch_size: int, threads: int
 ) -> Runtime:
-    """The runtime that serves ``precision`` from its artifact: a SavedModel for fp32, LiteRT for int8."""
-    if precision is Precision.FP32:
-        return SavedModelRuntime(artifact, threads=threads, preprocessing=preprocessing)
-    return LiteRTRuntime(artifact, max_batch_size=max_batch_size, threads=threads, preprocessing=preprocessing)
+    """The runtime serving ``precision`` from ``artifact``: LiteRT for a ``.tflite``, TensorFlow for a SavedModel."""
+    if artifact.suffix == ".tflite":
+        return LiteRTRuntime(
+            artifact, max_batch_size=max_batch_size, threads=threads, preprocessing=preprocessing, precision=precision
+        )
+    if precision is not Precision.FP32:
+        raise ValueError(f"{artifact}: a SavedModel serves fp32, not {precision.value}")
+    return SavedModelRuntime(artifact, threads=threads, preprocessing=preprocessing)
 
 
-def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> LoadedModel:
+#: Version directories whose fp32 fallback to TensorFlow was logged: once each per process.
+_fallbacks_logged: set[Path] = set()
+
+
+def serving_artifact(
+    version_dir: Path, metadata: ModelMetadata, precision: Precision, fp32_runtime: Fp32Runtime
+) -> Path:
+    """The artifact ``precision`` is served from: fp32's float LiteRT model when the version has it and
+    ``fp32_runtime`` is "litert", else the variant's own (the SavedModel for fp32; the fallback is logged once)."""
+    info = metadata.variant(precision)
+    if precision is Precision.FP32 and fp32_runtime == "litert":
+        if info.litert_path is not None and (version_dir / info.litert_path).is_file():
+            return version_dir / info.litert_path
+        if version_dir not in _fallbacks_logged:
+            _fallbacks_logged.add(version_dir)
+            if info.litert_path is not None:
+                log.warning(
+                    "%s: fp32 is served by TensorFlow from its SavedModel: %s names %s, which is missing",
+                    version_dir,
+                    METADATA_FILE,
+                    info.litert_path,
+                )
+            else:
+                log.info(
+                    "%s: fp32 is served by TensorFlow from its SavedModel: the version has no %s (made before "
+                    "costserve wrote one, or its conversion or check failed)",
+                    version_dir,
+                    FP32_LITERT_FILE,
+                )
+    return version_dir / info.path
+
+
+def load_model(
+    version_dir: Path, max_batch_size: int, threads: int = 1, fp32_runtime: Fp32Runtime = "litert"
+) -> LoadedModel:
     """Load every variant of ``version_dir`` and check them against its metadata; ValueError says what is wrong.
 
     ``threads`` is what each runtime may use within one call: 1 (the server's default
     ``--inference-threads``) keeps all of a call on its calling thread; 0 lets each choose.
+    ``fp32_runtime`` (``--fp32-runtime``): "litert" serves fp32 from the version's float
+    LiteRT model when it has one (see :func:`serving_artifact`), "tensorflow" from its SavedModel.
     """
     metadata = read_metadata(version_dir)
     if metadata.version != version_dir.name:
@@ -329,12 +393,18 @@ def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> Load
     preprocessing = metadata.preprocessing_spec()
     preprocessing.check_channels(metadata.input_shape[2])
     runtimes: dict[Precision, Runtime] = {}
+    served: dict[Precision, VariantInfo] = {}
     try:
         for precision in metadata.precisions:
-            artifact = version_dir / metadata.variant(precision).path
+            info = metadata.variant(precision)
+            artifact = serving_artifact(version_dir, metadata, precision, fp32_runtime)
             if not artifact.exists():
                 raise ValueError(f"{version_dir}: the {precision.value} artifact {artifact.name} is missing")
             runtimes[precision] = open_runtime(precision, artifact, preprocessing, max_batch_size, threads)
+            if artifact.name != info.path:
+                served[precision] = dataclasses.replace(
+                    info, path=artifact.name, format="tflite", size_bytes=directory_bytes(artifact)
+                )
         for precision, runtime in runtimes.items():
             if runtime.input_shape != metadata.input_shape:
                 raise ValueError(
@@ -350,4 +420,4 @@ def load_model(version_dir: Path, max_batch_size: int, threads: int = 1) -> Load
         for runtime in runtimes.values():
             runtime.close()
         raise
-    return LoadedModel(metadata=metadata, version_dir=version_dir, runtimes=runtimes)
+    return LoadedModel(metadata=metadata, version_dir=version_dir, runtimes=runtimes, served=served)
