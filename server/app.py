@@ -30,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2
@@ -57,12 +57,14 @@ from costserve.server.metrics_http import MetricsHttpServer, MetricsTls, start_m
 from costserve.server.repository.manager import RepositoryManager
 from costserve.server.repository.store import LoadedModel, latest_version_dir, list_models, list_versions
 from costserve.server.rpc_gate import CallerCheck, CallGate, MethodCollector, guard_services
-from costserve.server.runtimes import configure_tensorflow_threads
 from costserve.server.servicer import SERVICE_NAME, ClassifierServicer, request_parsers
 from costserve.server.settings import Settings
 from costserve.server.tls import ServerCertificates, is_loopback
 from costserve.server.transport import TransportCalls, server_ids
 from costserve.v1 import classifier_pb2, classifier_pb2_grpc
+
+if TYPE_CHECKING:
+    from costserve.server.machine import MachineState
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,11 @@ MODEL_INFO_METHODS = (
     f"{tensorflow_serving.MODEL_SERVICE}/GetModelStatus",
 )
 
+#: How often a worker's health follows the machine's (every worker SERVING or not), in seconds.
+HEALTH_SYNC_S = 0.1
+#: Where a worker's own /metrics listens: its supervisor merges them into the machine's.
+LOOPBACK = "127.0.0.1"
+
 #: The embedded default model's name: trained into the repository when it holds no model.
 DEFAULT_MODEL_NAME = "digits"
 
@@ -108,12 +115,15 @@ DEFAULT_MODEL_NAME = "digits"
 TRANSPORT_CLOSE_S = 0.5
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message size limits, stream limits and keepalive policy."""
+def grpc_options(settings: Settings, share_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message size limits, stream limits and keepalive policy.
+
+    ``share_port``: bind with ``SO_REUSEPORT``, beside the other workers of ``--workers``.
+    """
     return [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if share_port else 0),
         ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         # Count streams as HTTP/2 does, so a client at the limit waits for a stream rather than
         # having new ones refused (RST_STREAM REFUSED_STREAM, UNAVAILABLE and uncounted) while
@@ -130,6 +140,19 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def start_metrics_endpoint(settings: Settings, registry: CollectorRegistry, host: str) -> MetricsHttpServer:
+    """Serve ``registry`` on ``host`` and ``--metrics-port``, with the TLS and basic auth the settings give.
+
+    Warns by itself when /metrics is exposed beyond loopback without TLS or basic auth.
+    """
+    tls = (
+        MetricsTls(settings.metrics_tls_cert, settings.metrics_tls_key, settings.metrics_tls_client_ca)
+        if settings.metrics_tls_cert is not None and settings.metrics_tls_key is not None
+        else None
+    )
+    return start_metrics_server(registry, host, settings.metrics_port, tls=tls, basic_auth=settings.metrics_basic_auth)
 
 
 def ensure_model(model_dir: Path) -> Path:
@@ -151,14 +174,15 @@ def ensure_model(model_dir: Path) -> Path:
 
 
 def prepare_models(settings: Settings) -> None:
-    """Configure TensorFlow, and train the default model when there is no model to serve.
+    """Train the default model when there is no model to serve.
 
     With ``--model-dir``, into that directory when it has no version; otherwise into
     ``<repository>/digits`` when no model of the repository has a version. Run off the
-    event loop: importing TensorFlow alone takes seconds, during which the loop must go on
-    answering health checks.
+    event loop: training waits for a process of its own for most of a minute, during which
+    the loop must go on answering health checks. TensorFlow is not imported here: the first
+    SavedModel runtime imports and sizes it (see :mod:`costserve.server.runtimes`), and a
+    process serving only LiteRT never does.
     """
-    configure_tensorflow_threads(settings.inference_threads)
     if settings.model_dir is not None:
         ensure_model(settings.model_dir)
     elif not any(list_versions(model) for model in list_models(settings.model_repository)):
@@ -184,10 +208,13 @@ class CostserveServer:
     port: int = 0
     metrics_port: int = 0
     core: InferenceCore | None = None
+    #: The machine's shared state when this server is one worker of ``--workers``: its port is shared,
+    #: its utilization and budgets are the machine's, its health says SERVING when every worker is.
+    machine: MachineState | None = None
 
     def __post_init__(self) -> None:
-        self.meter = CostMeter(load_prices(self.settings.prices))
-        self.ledger = TenantLedger(load_budgets(self.settings.budgets))
+        self.meter = CostMeter(load_prices(self.settings.prices), machine=self.machine)
+        self.ledger = TenantLedger(load_budgets(self.settings.budgets), machine=self.machine)
         self.metrics = ServiceMetrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.servicer = ClassifierServicer()
@@ -206,12 +233,13 @@ class CostserveServer:
         self._metrics_http: MetricsHttpServer | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._health_sync: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Bind gRPC and metrics, load (or train) and warm the model, then report SERVING."""
         quiet_client_errors(asyncio.get_running_loop())
         servers_before = server_ids()
-        self._grpc = grpc.aio.server(options=grpc_options(self.settings))
+        self._grpc = grpc.aio.server(options=grpc_options(self.settings, share_port=self.machine is not None))
         transport = TransportCalls.of_new_server(servers_before)
         if transport is not None:
             self.metrics.track_transport(transport.read)
@@ -263,21 +291,9 @@ class CostserveServer:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._grpc.start()
         if self.settings.metrics_port >= 0:
-            metrics_tls = (
-                MetricsTls(
-                    self.settings.metrics_tls_cert, self.settings.metrics_tls_key, self.settings.metrics_tls_client_ca
-                )
-                if self.settings.metrics_tls_cert is not None and self.settings.metrics_tls_key is not None
-                else None
-            )
-            # Warns by itself when /metrics is exposed beyond loopback without TLS or basic auth.
-            self._metrics_http = start_metrics_server(
-                self.registry,
-                self.settings.host,
-                self.settings.metrics_port,
-                tls=metrics_tls,
-                basic_auth=self.settings.metrics_basic_auth,
-            )
+            # A worker's /metrics is read by its supervisor only: on this machine's loopback.
+            host = LOOPBACK if self.machine is not None else self.settings.host
+            self._metrics_http = start_metrics_endpoint(self.settings, self.registry, host)
             self.metrics_port = self._metrics_http.port
         self._write_ready_file(serving=False)
         log.info(
@@ -302,13 +318,31 @@ class CostserveServer:
             front_end.core = self.core
         self.gate.ready = True
         if not self._stopping:
-            await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+            if self.machine is not None:
+                self.machine.set_serving(True)
+                self._health_sync = asyncio.ensure_future(self._follow_machine_health())
+            else:
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING)
             self._write_ready_file(serving=True)
         log.info(
             "SERVING %s (default %s)",
             ", ".join(f"{served.name} v{served.version}" for served in self.core.served_versions()),
             self.core.default_model_name(),
         )
+
+    async def _follow_machine_health(self) -> None:
+        """A worker's health: SERVING while every worker of the machine is, NOT_SERVING otherwise."""
+        assert self.machine is not None
+        serving: bool | None = None
+        while not self._stopping:
+            every_worker = self.machine.all_serving()
+            if every_worker != serving:
+                serving = every_worker
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                await self._set_health(status)
+            await asyncio.sleep(HEALTH_SYNC_S)
 
     def _caller_checks(self) -> dict[str, CallerCheck]:
         """Each method's caller check: predictions decide their tenant; model information and reflection
@@ -369,6 +403,10 @@ class CostserveServer:
             self.settings.drain_grace_seconds,
             grace_s,
         )
+        if self._health_sync is not None:
+            self._health_sync.cancel()
+        if self.machine is not None:
+            self.machine.set_serving(False)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.ready_file is not None:
             self.settings.ready_file.unlink(missing_ok=True)
@@ -417,9 +455,12 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def serve(settings: Settings) -> NoReturn:
-    """Run a server until SIGTERM or SIGINT, drain, and exit the process with status 0."""
-    server = CostserveServer(settings)
+async def serve(settings: Settings, machine: MachineState | None = None) -> NoReturn:
+    """Run a server until SIGTERM or SIGINT, drain, and exit the process with status 0.
+
+    ``machine``: this server is a worker of ``--workers``, sharing the port and that state.
+    """
+    server = CostserveServer(settings, machine=machine)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -17,6 +17,9 @@ first request after a tenant crosses its budget is refused. Spend resets at the
 start of each UTC hour (``usd_per_hour``) or day (``usd_per_day``). Tenants not in
 the file have no budget and share the metric label ``other``. Tenant names in the file are
 normalised like every tenant name (:func:`~costserve.server.auth.normalize_tenant`).
+With several worker processes on one machine (``--workers``), spend is counted once
+across them (:mod:`~costserve.server.machine`): one worker refuses a tenant the others
+together brought to its budget.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 
 from costserve.server.auth.identity import tenant_name
 from costserve.server.errors import CostserveError
+from costserve.server.machine import MachineState, MachineStateError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -135,34 +139,53 @@ def period_start(now: float, period: str) -> float:
     return now - now % PERIOD_SECONDS[period]
 
 
-class TenantLedger:
-    """Spend per tenant in the current period; ``clock`` is Unix time (tests pass their own)."""
+class _LocalSpend:
+    """One process's spend per tenant index in its current period: the ledger's store without a machine."""
 
-    def __init__(self, budgets: Budgets, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[float, float]] = {}  # tenant index -> (period start, USD)
+
+    def add_spend(self, tenant_index: int, period_start: float, usd: float) -> None:
+        self._rows[tenant_index] = (period_start, self.spend(tenant_index, period_start) + usd)
+
+    def spend(self, tenant_index: int, period_start: float) -> float:
+        period, spent = self._rows.get(tenant_index, (period_start, 0.0))
+        return spent if period == period_start else 0.0
+
+
+class TenantLedger:
+    """Spend per tenant in the current period; ``clock`` is Unix time (tests pass their own).
+
+    With a ``machine`` (this worker's slot of :class:`~costserve.server.machine.MachineState`),
+    :meth:`state` reads the spend of every worker and :meth:`charge` adds to this worker's;
+    the machine must hold the same budget tenants.
+    """
+
+    def __init__(
+        self, budgets: Budgets, clock: Callable[[], float] = time.time, machine: MachineState | None = None
+    ) -> None:
         self.budgets = budgets
         self.clock = clock
-        self._spent: dict[str, float] = {}
-        self._period: dict[str, float] = {}
+        tenants = tuple(sorted(budgets.tenants))
+        if machine is not None and machine.tenants != tenants:
+            raise MachineStateError(
+                f"the machine's shared state has budgets for {list(machine.tenants)}, this worker for "
+                f"{list(tenants)}: supervisor and workers must read the same budgets file"
+            )
+        self._index = {tenant: index for index, tenant in enumerate(tenants)}
+        self._spend: _LocalSpend | MachineState = _LocalSpend() if machine is None else machine
 
     def label(self, tenant: str) -> str:
         """The metric label of ``tenant``: its name when it has a budget, else ``other``."""
         return tenant if tenant in self.budgets.tenants else OTHER_TENANT
-
-    def _roll(self, budget: Budget, now: float) -> float:
-        start = period_start(now, budget.period)
-        if self._period.get(budget.tenant) != start:
-            self._period[budget.tenant] = start
-            self._spent[budget.tenant] = 0.0
-        return start
 
     def state(self, tenant: str) -> BudgetState:
         """Where ``tenant`` stands now."""
         budget = self.budgets.tenants.get(tenant)
         if budget is None:
             return _NO_BUDGET
-        now = self.clock()
-        start = self._roll(budget, now)
-        spent = self._spent[tenant]
+        start = period_start(self.clock(), budget.period)
+        spent = self._spend.spend(self._index[tenant], start)
         if spent >= budget.usd:
             status = BudgetStatus.OVER
         elif spent >= budget.usd * self.budgets.near_fraction:
@@ -176,5 +199,4 @@ class TenantLedger:
         budget = self.budgets.tenants.get(tenant)
         if budget is None:
             return
-        self._roll(budget, self.clock())
-        self._spent[tenant] += usd
+        self._spend.add_spend(self._index[tenant], period_start(self.clock(), budget.period), usd)

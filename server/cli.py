@@ -23,9 +23,11 @@ from typing import Any
 from costserve import __version__
 
 
-def _configure_logging(level: str) -> None:
+def configure_logging(level: str, process: str = "") -> None:
+    """Log at ``level`` to stderr; ``process`` (``worker 1``) is written in every line of a worker's log."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    where = f" [{process}]" if process else ""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s" + where + " %(name)s: %(message)s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,7 +217,7 @@ def _positive_int(text: str) -> int:
 
 def _import(args: argparse.Namespace) -> int:
     """``costserve-server import``: 0 once the version is published, 2 when the import is refused."""
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     with _needs_server_extra():
         from costserve.server.preprocessing import Preprocessing
 
@@ -266,6 +268,12 @@ def _import(args: argparse.Namespace) -> int:
             f"{info.latency_ms_batch_1:.3f} ms/image alone, {info.latency_ms_per_image_max_batch:.3f} ms/image "
             f"in batches of {args.max_batch_size}"
         )
+    fp32 = metadata.variants.get("fp32")
+    if fp32 is not None and fp32.litert_path is not None:
+        print(
+            f"  fp32 is served by LiteRT from {fp32.litert_path}: the SavedModel's top-1 class on every image checked, "
+            f"probabilities within {fp32.litert_max_abs_diff:.1e}"
+        )
     agreement = "unknown" if metadata.int8_agreement is None else f"{metadata.int8_agreement:.2%}"
     print(f"  fp32/int8 top-1 agreement: {agreement}")
     for note in report.notes:
@@ -302,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"stored {args.user}'s hash in {args.file}; the password is not shown again", file=sys.stderr)
         return 0
     if args.command == "train":
-        _configure_logging(args.log_level)
+        configure_logging(args.log_level)
         if args.data is not None and not args.data.is_file():
             print(f"costserve-server: --data {args.data} does not exist", file=sys.stderr)
             return 2
@@ -324,10 +332,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_prices(settings.prices)
     except PriceFileError as error:
         raise SystemExit(f"costserve-server: {error}") from None
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     with _needs_server_extra():
         from costserve.server.app import serve
+        from costserve.server.supervisor import supervise, worker_count
 
+    workers = worker_count(settings.workers)
+    if workers > 1:
+        return supervise(settings, workers)
     return asyncio.run(serve(settings))
 
 

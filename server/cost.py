@@ -20,7 +20,10 @@
   per-request costs add up to what the provisioned CPU and memory cost over that
   window. Below the clamp that no longer holds: idle capacity under
   ``min_utilization`` is not charged to anyone and shows as the gap between
-  ``costserve_provisioned_cost_usd_total`` and the charged cost.
+  ``costserve_provisioned_cost_usd_total`` and the charged cost. With several
+  worker processes on one machine (``--workers``), the CPU every worker
+  attributed counts (:mod:`~costserve.server.machine`), and ``vcpus`` is the
+  machine's.
 * ``T_net``: GB moved (request plus response bytes). Network is paid per GB
   moved, not provisioned, so it is not divided by ``R``.
 """
@@ -35,10 +38,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from costserve.server.domain import CostBreakdown
 from costserve.server.errors import CostserveError
+
+if TYPE_CHECKING:
+    from costserve.server.machine import MachineState
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -115,15 +121,31 @@ def load_prices(path: Path | None) -> Prices:
 
 
 class UtilizationWindow:
-    """CPU-seconds attributed to requests over a trailing window, in small time buckets."""
+    """CPU-seconds attributed to requests over a trailing window, in small time buckets.
 
-    def __init__(self, window_s: float, vcpus: float, clock: Callable[[], float] = time.monotonic) -> None:
+    With a ``machine``, the other workers' CPU counts too: this window publishes its own
+    total there and reads theirs, each at most once per :data:`BUCKET_S` (so a figure
+    seen from another worker is at most that much older than its own), and the window
+    spans the time since the machine started rather than since this worker did.
+    ``clock`` and ``machine.started`` are monotonic seconds on the same clock.
+    """
+
+    def __init__(
+        self,
+        window_s: float,
+        vcpus: float,
+        clock: Callable[[], float] = time.monotonic,
+        machine: MachineState | None = None,
+    ) -> None:
         self.window_s = window_s
         self.vcpus = vcpus
         self._clock = clock
         self._buckets: collections.deque[list[float]] = collections.deque()  # [bucket start, cpu seconds]
         self._total = 0.0
-        self._started = clock()
+        self._machine = machine
+        self._others = 0.0  # the other workers' CPU-seconds, as last read from the machine
+        self._next_share = -math.inf
+        self._started = clock() if machine is None else machine.started
         self._lock = threading.Lock()
 
     def add(self, cpu_seconds: float) -> float:
@@ -151,20 +173,29 @@ class UtilizationWindow:
             return self._utilization(now)
 
     def _utilization(self, now: float) -> float:
+        own = max(self._total, 0.0)
+        if self._machine is not None and now >= self._next_share:
+            self._machine.publish_cpu(own, now)
+            self._others = self._machine.others_cpu(now, self.window_s)
+            self._next_share = now + BUCKET_S
         span = min(self.window_s, max(now - self._started, BUCKET_S))
-        return max(self._total, 0.0) / (span * self.vcpus)
+        return (own + self._others) / (span * self.vcpus)
 
 
 class CostMeter:
     """Prices requests from their measured resources and the current utilization.
 
-    ``clock`` is monotonic seconds (tests pass a fake one).
+    ``clock`` is monotonic seconds (tests pass a fake one). With a ``machine``, this is
+    one worker's meter and the utilization counts every worker's CPU (see
+    :class:`UtilizationWindow`).
     """
 
-    def __init__(self, prices: Prices, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, prices: Prices, clock: Callable[[], float] = time.monotonic, machine: MachineState | None = None
+    ) -> None:
         self.prices = prices
         self.clock = clock
-        self.window = UtilizationWindow(prices.window_seconds, prices.vcpus, clock)
+        self.window = UtilizationWindow(prices.window_seconds, prices.vcpus, clock, machine)
         self.started = clock()
 
     def utilization(self) -> float:

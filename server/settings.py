@@ -269,6 +269,19 @@ class Settings(BaseSettings):
         "keeps a small model's call on one core and the others free for the event loop; raise it for large "
         "models.",
     )
+    fp32_runtime: Literal["litert", "tensorflow"] = Field(
+        "litert",
+        description="What serves fp32: litert runs the version's float LiteRT model (model_fp32.tflite, checked "
+        "against the SavedModel when the version was made), so a process that serves no SavedModel never imports "
+        "TensorFlow; tensorflow runs the SavedModel. A version without the float file is served by TensorFlow "
+        "either way.",
+    )
+    workers: str = Field(
+        "1",
+        description="Serving processes on the one gRPC port (SO_REUSEPORT), each with its own event loop, under a "
+        "supervisor that restarts a worker that exits and serves the machine's one /metrics; auto: one per core. "
+        "Cost (utilization) and budgets are counted machine-wide.",
+    )
     drain_grace_seconds: float = Field(
         2.0,
         ge=0,
@@ -322,6 +335,14 @@ class Settings(BaseSettings):
         '"serving"} with the ports actually bound (useful with port 0; metrics_port is 0 when /metrics is off). '
         "It is removed when the drain starts.",
     )
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_is_a_count_or_auto(cls, value: str) -> str:
+        text = value.strip().lower()
+        if text != "auto" and not (text.isdigit() and int(text) >= 1):
+            raise ValueError("must be a whole number, at least 1, or auto")
+        return text
 
     @field_validator("log_level", mode="before")
     @classmethod

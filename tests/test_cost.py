@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -13,6 +15,7 @@ from helpers import FakeClock
 from costserve import Client, image_message
 from costserve.server.cost import GB, CostMeter, PriceFileError, Prices, UtilizationWindow, load_prices
 from costserve.server.domain import CostBreakdown
+from costserve.server.machine import MachineState
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -154,25 +157,32 @@ def test_metric_counts_equal_what_the_client_sent(server: RunningServer, client:
     assert server.metric("costserve_cache_misses_total") == sum(sent.values())
 
 
+@pytest.mark.parametrize("shares", [(1,), (1, 1), (3, 1)], ids=["one-process", "two-workers", "two-workers-uneven"])
 @pytest.mark.parametrize("requests_per_s, cpu_per_request_s", [(250.0, 0.004), (40.0, 0.01)])
-def test_costs_add_up_to_the_provisioned_bill(requests_per_s: float, cpu_per_request_s: float) -> None:
+def test_costs_add_up_to_the_provisioned_bill(
+    requests_per_s: float, cpu_per_request_s: float, shares: tuple[int, ...]
+) -> None:
     """Over a window of steady traffic, per-request costs sum to the provisioned cost plus network.
 
     Steady means a constant arrival rate and work per request. The meter runs on a fake
     clock, so the property is checked exactly however busy the host; the server tests
-    check that what it charges reaches the responses and the metrics.
+    check that what it charges reaches the responses and the metrics. With ``shares``
+    of more than one worker, each worker process has its own meter on one machine's
+    shared state, and requests go to them in those proportions.
     """
     prices = Prices(
         vcpu_hour_usd=0.04, memory_gb_hour_usd=0.005, network_gb_usd=0.01, vcpus=2, memory_gb=4,
         window_seconds=3.0, min_utilization=0.01,
     )  # fmt: skip
     clock = FakeClock()
-    meter = CostMeter(prices, clock)
     warm_s, measure_s = 4.0, 8.0
     charged: list[tuple[float, CostBreakdown]] = []
-    for sequence in range(int(requests_per_s * (warm_s + measure_s))):
-        clock.now = 1000.0 + sequence / requests_per_s
-        charged.append((clock.now, meter.charge(cpu_per_request_s, network_bytes=2_000 + sequence % 7)))
+    with _meters(prices, clock, workers=len(shares)) as meters:
+        route = [meters[worker] for worker, share in enumerate(shares) for _ in range(share)]
+        for sequence in range(int(requests_per_s * (warm_s + measure_s))):
+            clock.now = 1000.0 + sequence / requests_per_s
+            meter = route[sequence % len(route)]
+            charged.append((clock.now, meter.charge(cpu_per_request_s, network_bytes=2_000 + sequence % 7)))
     begin, end = 1000.0 + warm_s, 1000.0 + warm_s + measure_s
     window = [cost for at, cost in charged if begin <= at < end]
     assert all(cost.utilization > prices.min_utilization for cost in window), "utilization fell to the clamp"
@@ -181,4 +191,20 @@ def test_costs_add_up_to_the_provisioned_bill(requests_per_s: float, cpu_per_req
     network = sum(cost.network_usd for cost in window)
     assert network == pytest.approx(sum(cost.network_bytes for cost in window) * prices.network_gb_usd / GB)
     assert sum(cost.usd for cost in window) == pytest.approx(provisioned + network, rel=0.02)
-    assert meter.provisioned_usd() == pytest.approx(prices.provisioned_usd_per_second * (clock.now - 1000.0))
+    assert meters[0].provisioned_usd() == pytest.approx(prices.provisioned_usd_per_second * (clock.now - 1000.0))
+
+
+@contextlib.contextmanager
+def _meters(prices: Prices, clock: FakeClock, workers: int) -> Iterator[list[CostMeter]]:
+    """``workers`` meters on ``clock``: one on its own, or one per worker slot of a machine's shared state."""
+    if workers == 1:
+        yield [CostMeter(prices, clock)]
+        return
+    machine = MachineState.create(workers, [], started=clock())
+    attached = [MachineState.attach(machine.name, worker) for worker in range(workers)]
+    try:
+        yield [CostMeter(prices, clock, worker) for worker in attached]
+    finally:
+        for state in (*attached, machine):
+            state.close()
+        machine.unlink()
