@@ -13,13 +13,21 @@ same client on the same machine, through either protocol.
 ::
 
     python -m benchmarks.ceiling [--port 0] [--response-file answer.bin] [--v2-response-file answer-v2.bin]
-                                 [--ready-file ready.json]
+                                 [--ready-file ready.json] [--processes N]
     # prints "ceiling listening on 127.0.0.1:PORT"
 
 It listens on 127.0.0.1 only and exits on SIGTERM or SIGINT. Like costserve's server,
 ``--ready-file`` announces the bound port to a launcher as JSON (``pid``, ``host``,
 ``port``, ``metrics_port`` 0, ``serving`` true), written whole then renamed into place,
 and removed on the way out.
+
+``--processes N`` (N > 1) is the ceiling of ``costserve-server serve --workers N``: this
+process reserves the port as costserve's supervisor does (a bound, never listening
+``SO_REUSEPORT`` socket), starts N ceilings on it, each its own process binding it with
+``grpc.so_reuseport=1``, serves nothing itself, and passes SIGTERM or SIGINT on to them.
+Its ready file is written once all N listen and lists them as the supervisor's does:
+``workers``, each with its ``index``, ``pid`` and ``metrics_port`` 0. The kernel spreads
+connections, not calls, over the N processes, so a client needs several connections.
 """
 
 from __future__ import annotations
@@ -28,9 +36,14 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -39,7 +52,8 @@ from google.protobuf.message import Message
 from costserve.protocols import inference_pb2 as v2
 from costserve.v1 import classifier_pb2 as pb
 
-#: Channel arguments: the same as costserve's server (see costserve.server.app.grpc_options).
+#: Channel arguments: the same as costserve's server (see costserve.server.app.grpc_options); with
+#: ``--processes`` each process binds with ``grpc.so_reuseport`` 1 instead, as costserve's workers do.
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -128,9 +142,15 @@ def add_fixed_answer(
     server.add_registered_method_handlers(service, handlers)
 
 
-def write_ready_file(path: Path, port: int) -> None:
-    """Announce the bound port as costserve's server does (``--ready-file``): written whole, then renamed."""
-    ready = {"pid": os.getpid(), "host": "127.0.0.1", "port": port, "metrics_port": 0, "serving": True}
+def write_ready_file(path: Path, port: int, workers: list[int] | None = None) -> None:
+    """Announce the bound port as costserve's server does (``--ready-file``): written whole, then renamed.
+
+    ``workers``: the pids of the processes serving the port for this one (``--processes``), listed as
+    costserve's supervisor lists its workers.
+    """
+    ready: dict[str, Any] = {"pid": os.getpid(), "host": "127.0.0.1", "port": port, "metrics_port": 0, "serving": True}
+    if workers is not None:
+        ready["workers"] = [{"index": index, "pid": pid, "metrics_port": 0} for index, pid in enumerate(workers)]
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(ready) + "\n")
     os.replace(partial, path)
@@ -141,12 +161,15 @@ async def serve(
     response: pb.PredictResponse | None = None,
     ready_file: Path | None = None,
     infer_response: v2.ModelInferResponse | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve on 127.0.0.1:``port`` (0 = any free port) until SIGTERM or SIGINT; announce it in ``ready_file``.
 
     ``Predict`` answers ``response`` and ``ModelInfer`` ``infer_response`` (default: the built-in ones).
+    ``reuse_port`` binds with ``SO_REUSEPORT``, beside the other processes of ``--processes``.
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    options = [(name, int(reuse_port) if name == "grpc.so_reuseport" else value) for name, value in GRPC_OPTIONS]
+    server = grpc.aio.server(options=options)
     answers = (response or fixed_response(), infer_response or fixed_infer_response())
     for (service, method, request_type), answer in zip(METHODS, answers):
         add_fixed_answer(server, service, method, request_type, answer)
@@ -165,6 +188,60 @@ async def serve(
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
     await server.stop(0)
+
+
+def serve_processes(processes: int, port: int, ready_file: Path | None, answer_args: list[str]) -> int:
+    """Run ``processes`` ceilings on one 127.0.0.1 port until SIGTERM or SIGINT; the exit status.
+
+    ``answer_args`` (``--response-file``, ``--v2-response-file``) are passed on to each. Returns 1
+    when one of them exits on its own or does not listen within 60 s, 0 after a clean stop.
+    """
+    from costserve.server.supervisor import reserve_port
+
+    stop = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    reserved = reserve_port("127.0.0.1", port)
+    bound = reserved.getsockname()[1]
+    scratch = Path(tempfile.mkdtemp(prefix="ceiling-processes-"))
+    ready_files = [scratch / f"ceiling-{index}.json" for index in range(processes)]
+    command = [sys.executable, "-m", "benchmarks.ceiling", "--port", str(bound), "--reuse-port", *answer_args]
+    children = [subprocess.Popen([*command, "--ready-file", str(child_ready)]) for child_ready in ready_files]
+    status = 0
+    try:
+        listening_by = time.monotonic() + 60
+        while not all(path.exists() for path in ready_files):
+            if stop or time.monotonic() > listening_by or any(child.poll() is not None for child in children):
+                return 1
+            time.sleep(0.02)
+        print(f"ceiling: {processes} processes listening on 127.0.0.1:{bound}", flush=True)
+        if ready_file is not None:
+            write_ready_file(ready_file, bound, [child.pid for child in children])
+        while not stop:
+            if any(child.poll() is not None for child in children):
+                status = 1
+                break
+            time.sleep(0.1)
+        return status
+    finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        reserved.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,12 +263,29 @@ def main(argv: list[str] | None = None) -> int:
         help="a serialized ModelInferResponse to answer ModelInfer with (default: built in)",
     )
     parser.add_argument("--ready-file", type=Path, help="write the bound port here as JSON once listening")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="serving processes on the one port, with SO_REUSEPORT, as costserve-server serve --workers N (default 1: "
+        "this process serves)",
+    )
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="bind with SO_REUSEPORT (what each process of --processes does)"
+    )
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.processes > 1:
+        answer_args = []
+        for flag, path in (("--response-file", args.response_file), ("--v2-response-file", args.v2_response_file)):
+            answer_args += [flag, str(path)] if path is not None else []
+        return serve_processes(args.processes, args.port, args.ready_file, answer_args)
     response = pb.PredictResponse.FromString(args.response_file.read_bytes()) if args.response_file else None
     infer_response = (
         v2.ModelInferResponse.FromString(args.v2_response_file.read_bytes()) if args.v2_response_file else None
     )
-    asyncio.run(serve(args.port, response, args.ready_file, infer_response))
+    asyncio.run(serve(args.port, response, args.ready_file, infer_response, args.reuse_port))
     return 0
 
 

@@ -2,6 +2,9 @@
 
 ``make bench`` runs ``python -m benchmarks.serving`` from the repository root. It
 
+0. serves the digits model with fp32 on LiteRT, the default: when the latest version of
+   ``--model-dir`` has no float LiteRT model (made before costserve wrote one), the default
+   model is trained into ``benchmarks/out/models/digits`` (once) and served instead;
 1. starts, each as its own subprocess on 127.0.0.1 and port 0: costserve with the
    default settings, costserve with ``--max-batch-size 1`` (batching off), and the
    ceiling (:mod:`benchmarks.ceiling`: a minimal ``grpc.aio`` server answering the
@@ -15,22 +18,33 @@
    cache bypassed, cache hits, and fp32 with batching off; and the same fp32 request
    through the Open Inference Protocol v2 (``ModelInfer``, the digit as one raw UINT8
    tensor) against the ceiling's own ``ModelInfer``, with its throughput divided by
-   costserve.v1's in each round (the v2 adapter's overhead, measured);
-3. measures one-stream latency (sequential calls with the sync Python client)
+   costserve.v1's in each round (the v2 adapter's overhead, measured). Each run also reads
+   the server's CPU per answered request (event-loop thread and whole process, from
+   ``/proc``), set against the ceiling's;
+3. runs ``--workers 1`` (the default server) and ``--workers 2`` (a supervisor) at
+   saturation, fp32 misses and cache hits, each against the ceiling with as many processes
+   on one port (``benchmarks.ceiling --processes 2``), alternating in rounds, over 16
+   connections (16 h2load processes: ``SO_REUSEPORT`` spreads connections, not calls), and
+   reads the cores used by the client, the supervisor and each worker, and each worker's
+   share of the answers; skipped with the Python client;
+4. measures one-stream latency (sequential calls with the sync Python client)
    against the ceiling and costserve (fp32, cache bypassed), and the runtime's own
    batch-of-1 fp32 inference time, loaded in this process;
-4. fills the cache of a fresh server (default size) with distinct images and reads
-   its peak memory (``VmHWM``), and checks that a 1,000-entry cache stays at 1,000
-   under 5,000 distinct inputs;
-5. the realistic model (:mod:`benchmarks.realistic`): a MobileNetV2 at 96x96x3 with random
+5. reads the resident memory (``VmRSS``) of a fresh, idle server, fills its cache (default
+   size) with distinct images and reads it again, with its peak (``VmHWM``), and checks that
+   a 1,000-entry cache stays at 1,000 under 5,000 distinct inputs; then measures idle CPU,
+   and process start to SERVING with ``--workers 1`` and ``--workers 2`` (and each process's
+   RSS then); and projects, from the workers' CPU per request and the price file, the
+   throughput and cost per 1M predictions of 8, 16 and 64 cores;
+6. the realistic model (:mod:`benchmarks.realistic`): a MobileNetV2 at 96x96x3 with random
    weights, built and imported with ``costserve-server import`` into a temporary
    repository before anything is measured, then served by two more costserve processes
    (``--model-repository``, ``--max-batch-size 32`` and ``1``) and saturated like the
    digits, fp32 and int8, alternating with the same ceiling, on one 96x96x3 raw-pixel
    image: what batching and int8 buy where inference, not request handling, dominates;
-6. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
+7. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
 
-``--only digits`` (steps 1-4) or ``--only realistic`` (step 5, with a ceiling of its own)
+``--only digits`` (steps 0-5) or ``--only realistic`` (step 6, with a ceiling of its own)
 measures one part, written to ``benchmarks/out/RESULTS-<part>.md`` unless ``--output``
 says otherwise; ``--quick`` alone measures the digits only.
 
@@ -356,7 +370,8 @@ WORKER_SCENARIOS = tuple(
         connections=WORKERS_CONNECTIONS,
     )
     for key, title, precision, skip_cache in (
-        ("fp32", "fp32, cache bypassed", pb.PRECISION_FP32, True), ("hits", "cache hits (fp32)", pb.PRECISION_FP32, False)
+        ("fp32", "fp32, cache bypassed", pb.PRECISION_FP32, True),
+        ("hits", "cache hits (fp32)", pb.PRECISION_FP32, False),
     )
     for count in (1, 2)
 )  # fmt: skip
@@ -479,8 +494,9 @@ class Verifier:
 
 #: Groups of processes whose CPU a saturation run reads (:func:`process_groups`): the processes that answer
 #: (their CPU per request is the server's), the load tool, and a supervisor (or the ceiling's parent) with its
-#: other children; each worker of several is also a group of its own, ``worker <index>``.
-SERVING, CLIENT, SUPERVISOR = "serving", "client", "supervisor"
+#: other children; each worker of several is also a group of its own, ``worker <index>``. HOST is not a group:
+#: it is the cores the whole host kept busy meanwhile.
+SERVING, CLIENT, SUPERVISOR, HOST = "serving", "client", "supervisor", "host"
 
 
 def saturate(
@@ -514,8 +530,9 @@ def saturate_processes(
 
     The result's CPU per request is that of the :data:`SERVING` group, when there is one: its main
     (event-loop) threads and all its threads, summed over its processes. The cores per group (all
-    threads) are read in the steady middle of a timed run; with a request count only SERVING's CPU
-    is read, over the whole run, and no cores are returned.
+    threads), and the host's busy cores under :data:`HOST`, are read in the steady middle of a
+    timed run; with a request count only SERVING's CPU is read, over the whole run, and no cores
+    are returned.
     """
     sampler = None
     if groups and not shape.requests:  # inside the measured window, away from its edges
@@ -529,6 +546,8 @@ def saturate_processes(
     cores: dict[str, float] = {}
     if sampler is not None and sampler.usage is not None:
         cores = {name: used[1] for name, used in sampler.usage.items()}
+        if sampler.host_busy is not None:
+            cores[HOST] = sampler.host_busy
         if SERVING in sampler.usage and result.rps > 0:
             result.loop_cpu_us = sampler.usage[SERVING][0] / result.rps * 1e6
             result.process_cpu_us = sampler.usage[SERVING][1] / result.rps * 1e6
@@ -541,7 +560,14 @@ def saturate_processes(
 
 
 def run_load(
-    target: str, body: bytes, body_file: Path, shape: LoadShape, tool: str, log_path: Path, method: str, connections: int
+    target: str,
+    body: bytes,
+    body_file: Path,
+    shape: LoadShape,
+    tool: str,
+    log_path: Path,
+    method: str,
+    connections: int,
 ) -> LoadResult:
     """One load run as ``shape`` says, its streams spread over ``connections`` connections.
 
@@ -763,13 +789,16 @@ def measure_saturation(
 
 
 def cores_text(cores: Mapping[str, float]) -> str:
-    """``client 0.61, serving 1.32 (worker 0 0.66, worker 1 0.66), supervisor 0.00``: cores per group of processes."""
+    """``client 0.61, serving 1.32 (worker 0 0.66, worker 1 0.66), supervisor 0.00; host busy 1.98``: cores per
+    group of processes, and the host's busy cores (the rest of them went to other processes and the kernel)."""
     workers = [f"{name} {used:.2f}" for name, used in cores.items() if name.startswith("worker ")]
     parts = []
     for name in (CLIENT, SERVING, SUPERVISOR):
         if name in cores:
-            parts.append(f"{name} {cores[name]:.2f}" + (f" ({', '.join(workers)})" if name == SERVING and workers else ""))
-    return ", ".join(parts)
+            parts.append(
+                f"{name} {cores[name]:.2f}" + (f" ({', '.join(workers)})" if name == SERVING and workers else "")
+            )
+    return ", ".join(parts) + (f"; host busy {cores[HOST]:.2f}" if HOST in cores else "")
 
 
 def one_stream_latency(
@@ -1128,7 +1157,9 @@ def measure_startup(model_dir: Path, plan: Plan, workdir: Path) -> dict[str, Any
             "rounds_s": [run["seconds"] for run in rounds],
             "supervisor_rss_bytes": statistics.median(run["supervisor_rss_bytes"] for run in rounds),
             "others_rss_bytes": statistics.median(run["others_rss_bytes"] for run in rounds),
-            "worker_rss_bytes": [statistics.median(values) for values in zip(*(run["worker_rss_bytes"] for run in rounds))],
+            "worker_rss_bytes": [
+                statistics.median(values) for values in zip(*(run["worker_rss_bytes"] for run in rounds))
+            ],
             "tensorflow_loaded": any(run["tensorflow_loaded"] for run in rounds),
         }
     return figures
@@ -1347,6 +1378,27 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
         v2_ratio >= TARGET_V2_VS_V1,
         ("v2_fp32", "fp32"),
     )
+    for key, which, target in (
+        ("fp32", "loop", TARGET_LOOP_CPU_MISS),
+        ("hits", "loop", TARGET_LOOP_CPU_HIT),
+        ("fp32", "process", None),
+        ("hits", "process", None),
+    ):
+        figures = saturation[key]
+        ratio = figures[f"{which}_cpu_ratio"]
+        rows.append(
+            {
+                "row": f"{'event-loop' if which == 'loop' else 'process'} CPU per request, "
+                + ("fp32 miss" if key == "fp32" else "cache hit"),
+                "measured": f"{fmt(ratio, '.2f')}x the ceiling's",
+                "target": f"<= {target:.2f}x" if target else "stated",
+                "result": verdict(ratio <= target) if target else "-",
+                "costserve": f"{fmt(figures[f'{which}_cpu_us'], '.0f')} us",
+                "ceiling": f"{fmt(figures[f'ceiling_{which}_cpu_us'], '.0f')} us",
+                "p50": "-",
+                "p99": "-",
+            }
+        )
     latency = results["one_stream"]
     rows.append(
         {
@@ -1360,20 +1412,26 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "p99": f"{latency['costserve_p99_ms']:.3f}",
         }
     )
-    memory = results["memory"]
-    full = memory["default_cache"]
-    rows.append(
-        {
-            "row": "server peak memory (VmHWM), default cache filled",
-            "measured": f"{full['vmhwm_bytes'] / 2**20:.0f} MiB",
-            "target": "stated",
-            "result": "-" if full["full"] else "partial fill",
-            "costserve": f"{full['entries']} entries",
-            "ceiling": "-",
-            "p50": "-",
-            "p99": "-",
-        }
-    )
+    rows += memory_rows(results)
+    for key, scaling in results.get("workers", {}).get("scaling", {}).items():
+        workers = results["workers"]["saturation"]
+        one, two = workers[f"{key}_w1"], workers[f"{key}_w2"]
+        applies = int(results["machine"]["cores"]) >= WORKERS_TARGET_MIN_CORES
+        rows.append(
+            {
+                "row": f"--workers 2 / --workers 1 throughput, {'fp32 miss' if key == 'fp32' else 'cache hit'} "
+                f"({results['workers']['connections']} connections)",
+                "measured": f"{scaling['costserve']:.2f}x",
+                "target": f">= {TARGET_WORKERS_SCALING}x on >= {WORKERS_TARGET_MIN_CORES} cores "
+                f"(here {results['machine']['cores']})",
+                "result": verdict(scaling["costserve"] >= TARGET_WORKERS_SCALING) if applies else "-",
+                "costserve": f"{two['costserve_rps']:.0f} vs {one['costserve_rps']:.0f} req/s",
+                "ceiling": f"2 / 1 processes {scaling['ceiling']:.2f}x "
+                f"({two['ceiling_rps']:.0f} vs {one['ceiling_rps']:.0f} req/s)",
+                "p50": f"{two['p50_ms']:.2f}",
+                "p99": f"{two['p99_ms']:.2f}",
+            }
+        )
     idle = results["idle"]
     rows.append(
         {
@@ -1387,7 +1445,8 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
             "p99": "-",
         }
     )
-    small = memory["small_cache"]
+    memory = results["memory"]
+    full, small = memory["default_cache"], memory["small_cache"]
     bound_holds = small["most_entries_seen"] <= small["capacity"] and full["most_entries_seen"] <= full["capacity"]
     rows.append(
         {
@@ -1402,6 +1461,59 @@ def digits_rows(results: dict[str, Any]) -> list[dict[str, str]]:
         }
     )
     return rows
+
+
+def memory_rows(results: dict[str, Any]) -> list[dict[str, str]]:
+    """The rows of start-up and resident memory: an idle worker, a full cache, start to SERVING, --workers 2."""
+    memory, startup = results["memory"], results["startup"]
+    idle, full = memory["idle"], memory["default_cache"]
+    one, two = startup["1"], startup["2"]
+    target_bytes = TARGET_WORKER_RSS_MIB * 2**20
+
+    def row(title: str, measured: str, target: str, result: str, costserve: str) -> dict[str, str]:
+        return {"row": title, "measured": measured, "target": target, "result": result, "costserve": costserve,
+                "ceiling": "-", "p50": "-", "p99": "-"}  # fmt: skip
+
+    def tensorflow(loaded: bool) -> str:
+        return "TensorFlow loaded" if loaded else "no TensorFlow loaded"
+
+    two_workers = two["worker_rss_bytes"]
+    return [
+        row(
+            "idle worker RSS (VmRSS), SERVING, after one fp32 and one int8 request",
+            mib(idle["vmrss_bytes"]),
+            f"<= {TARGET_WORKER_RSS_MIB} MiB",
+            verdict(idle["vmrss_bytes"] <= target_bytes),
+            tensorflow(idle["tensorflow_loaded"]),
+        ),
+        row(
+            f"worker RSS, default cache full ({full['capacity']:,} entries)",
+            f"{mib(full['vmrss_bytes'])} (peak {mib(full['vmhwm_bytes'])})",
+            "stated",
+            "-" if full["full"] else "partial fill",
+            f"{full['entries']} entries",
+        ),
+        row(
+            "start to SERVING, --workers 1",
+            f"{one['seconds']:.2f} s",
+            f"<= {TARGET_STARTUP_S:g} s",
+            verdict(one["seconds"] <= TARGET_STARTUP_S),
+            f"RSS {mib(one['worker_rss_bytes'][0])}",
+        ),
+        row(
+            "start to SERVING, --workers 2",
+            f"{two['seconds']:.2f} s",
+            f"<= {TARGET_STARTUP_S:g} s",
+            verdict(two["seconds"] <= TARGET_STARTUP_S),
+            f"RSS supervisor {mib(two['supervisor_rss_bytes'])}, workers "
+            + " / ".join(mib(value) for value in two_workers),
+        ),
+    ]
+
+
+def mib(value: float) -> str:
+    """Bytes as ``123 MiB``."""
+    return f"{value / 2**20:.0f} MiB"
 
 
 def render_table(rows: list[dict[str, str]]) -> str:
@@ -1540,9 +1652,17 @@ def digits_sections(results: dict[str, Any]) -> list[str]:
     full, small = memory["default_cache"], memory["small_cache"]
     sizes = results["sizes"]["fp32"]
     v2_sizes = results["sizes"].get("v2_fp32")
+    model = results["model"]
     lines = [
         "### The digits model",
         "",
+        f"- Model: `{model_label(model['dir'])}`, fp32 served on LiteRT from its float model (the default"
+        + (
+            f"; `--model-dir {model_label(model['given'])}` holds a version made before costserve wrote that model, "
+            "so the default model was trained here for the benchmark)."
+            if model["dir"] != model["given"]
+            else ")."
+        ),
         "- Ceiling: `benchmarks/ceiling.py`, a minimal `grpc.aio` server (same channel options as costserve) answering "
         "`Predict` with a fixed response: costserve's own answer for this image "
         f"({sizes['ceiling_response_bytes']} bytes; costserve's answer {sizes['costserve_response_bytes']} bytes; "
@@ -1595,16 +1715,183 @@ def digits_sections(results: dict[str, Any]) -> list[str]:
         f"distinct random 28x28 images (int8, {IMAGES_PER_FILL_REQUEST} per request, 4 requests in flight) in "
         f"{full['seconds']:.0f} s: {full['entries']:,} entries at the end, at most {full['most_entries_seen']:,} seen "
         f"(polled every 0.25 s), {full['evictions']:,} evictions.",
-        f"- Peak memory (VmHWM) {full['vmhwm_bytes'] / 2**20:.0f} MiB with the cache "
-        f"{'full' if full['full'] else 'partly filled (quick run)'}; "
-        f"it was {full['vmhwm_before_bytes'] / 2**20:.0f} MiB when the server was warm with an empty cache "
-        f"(RSS {full['vmrss_before_bytes'] / 2**20:.0f} MiB before, "
-        f"{full['vmrss_bytes'] / 2**20:.0f} MiB after).",
+        f"- Idle (SERVING, one fp32 and one int8 request answered, {IDLE_SETTLE_S:g} s later): RSS "
+        f"{mib(memory['idle']['vmrss_bytes'])}, peak {mib(memory['idle']['vmhwm_bytes'])}; TensorFlow's libraries "
+        f"{'are' if memory['idle']['tensorflow_loaded'] else 'are not'} mapped into the process "
+        "(`/proc/PID/maps`).",
+        f"- With the cache {'full' if full['full'] else 'partly filled (quick run)'}: RSS {mib(full['vmrss_bytes'])}, "
+        f"peak (VmHWM) {mib(full['vmhwm_bytes'])}: the cache added "
+        f"{mib(full['vmrss_bytes'] - full['vmrss_before_bytes'])}.",
         f"- `--cache-size {small['capacity']}` under {small['images_sent']:,} distinct inputs: "
         f"{small['entries']:,} entries, at most {small['most_entries_seen']:,} seen, {small['evictions']:,} evictions.",
         "",
+        *startup_section(results["startup"], results["plan"]["startup_rounds"]),
     ]
+    if "workers" in results:
+        lines += workers_section(results["workers"], results["machine"])
+    else:
+        lines += [
+            "#### Workers",
+            "",
+            "Not measured: several connections need h2load, and this run used the Python client.",
+            "",
+        ]
+    lines += projection_section(results["projection"], results.get("workers"))
     return lines
+
+
+def model_label(path: str) -> str:
+    """A model directory as the report names it: relative to the repository when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(Path(path).relative_to(REPO_ROOT))
+    return path
+
+
+def startup_section(startup: dict[str, Any], rounds: int) -> list[str]:
+    """Start to SERVING and each process's memory then, --workers 1 and 2."""
+    one, two = startup["1"], startup["2"]
+
+    def seconds(figures: dict[str, Any]) -> str:
+        return f"**{figures['seconds']:.2f} s** (" + ", ".join(f"{value:.2f}" for value in figures["rounds_s"]) + ")"
+
+    return [
+        "#### Start-up",
+        "",
+        "`costserve-server serve --workers N` with the model in place, from just before the process is spawned to its "
+        "ready file saying `serving` (polled every 50 ms; a supervisor writes it within 0.1 s of its last worker), "
+        f"median of {rounds} round(s), the two alternating; RSS is each process's `VmRSS` then:",
+        "",
+        f"- `--workers 1`: {seconds(one)}; the process {mib(one['worker_rss_bytes'][0])}.",
+        f"- `--workers 2`: {seconds(two)}; supervisor {mib(two['supervisor_rss_bytes'])}, its other children "
+        f"(multiprocessing's resource tracker) {mib(two['others_rss_bytes'])}, workers "
+        + ", ".join(mib(value) for value in two["worker_rss_bytes"])
+        + f"; TensorFlow loaded in a worker: {'yes' if two['tensorflow_loaded'] else 'no'}.",
+        "",
+    ]
+
+
+def workers_section(workers: dict[str, Any], machine_info: dict[str, str]) -> list[str]:
+    """--workers 1 and 2 against the ceiling with 1 and 2 processes: throughput, CPU per request, where CPU went."""
+    saturation = workers["saturation"]
+
+    def shares(figures: dict[str, Any]) -> str:
+        return "; ".join("/".join(f"{100 * share:.0f}" for share in run) for run in figures["worker_shares"]) or "-"
+
+    table = markdown_table(
+        ["run", "costserve req/s", "ceiling req/s", "% of ceiling per round", "loop / process CPU per request, "
+         "costserve", "the same, ceiling", "cores used, costserve", "cores used, ceiling", "answers per worker, %"],
+        [
+            [
+                figures["title"], f"{figures['costserve_rps']:.0f}", f"{figures['ceiling_rps']:.0f}",
+                ", ".join(f"{100 * ratio:.1f}" for ratio in figures["ratios"]),
+                f"{fmt(figures['loop_cpu_us'], '.0f')} / {fmt(figures['process_cpu_us'], '.0f')} us",
+                f"{fmt(figures['ceiling_loop_cpu_us'], '.0f')} / {fmt(figures['ceiling_process_cpu_us'], '.0f')} us",
+                cores_text(figures["costserve_cores"]), cores_text(figures["ceiling_cores"]), shares(figures),
+            ]
+            for figures in saturation.values()
+        ],
+    )  # fmt: skip
+    scaling = "; ".join(
+        f"{'fp32 miss' if key == 'fp32' else 'cache hit'}: costserve {ratios['costserve']:.2f}x ("
+        + ", ".join(f"{ratio:.2f}" for ratio in ratios["costserve_rounds"])
+        + f"), ceiling {ratios['ceiling']:.2f}x ("
+        + ", ".join(f"{ratio:.2f}" for ratio in ratios["ceiling_rounds"])
+        + ")"
+        for key, ratios in workers["scaling"].items()
+    )
+    return [
+        "#### Workers",
+        "",
+        f"`--workers 1` (the default server above) and `--workers 2` (a supervisor and two workers on one port), each "
+        "against the ceiling with as many processes on one port (`benchmarks/ceiling.py --processes 2`: two ceilings "
+        f"binding it with `SO_REUSEPORT`), alternating in {workers['rounds']} round(s). The kernel spreads "
+        f"connections, not calls, so each run's {workers['connections']} connections are "
+        f"{workers['connections']} h2load processes of one connection each, together as many streams as above; "
+        "the same load drives every server here. "
+        f"2 / 1 throughput per round: {scaling}.",
+        "",
+        table,
+        "",
+        "Cores used are CPU-seconds per second over the steady middle of each run (median over rounds), all threads: "
+        "the client (the h2load processes), the serving processes (each worker), the supervisor (or the ceiling's "
+        f"parent) with its other children, and how busy the host's {machine_info['cores']} cores were in all (from "
+        "`/proc/stat`: the rest went to other processes and to the kernel, such as the loopback network). "
+        '"answers per worker" is each worker\'s share of its OK answers in each run, from its own /metrics.',
+        "",
+    ]
+
+
+def projection_section(figures: dict[str, Any], workers: dict[str, Any] | None) -> list[str]:
+    """Throughput and cost per 1M predictions on bigger machines, and what limits scaling, from the figures."""
+    prices = figures["prices"]
+    scenarios = figures["scenarios"]
+    miss, hit = scenarios["fp32"], scenarios["hits"]
+    table = markdown_table(
+        ["cores = workers", "fp32 misses/s", "cache hits/s", "memory: workers' RSS with full caches + supervisor, "
+         "of provisioned"],
+        [
+            [
+                cores, f"{miss['rps'][cores]:,.0f}", f"{hit['rps'][cores]:,.0f}",
+                f"{figures['memory'][cores]['needed_bytes'] / 2**30:.1f} of "
+                f"{figures['memory'][cores]['provisioned_bytes'] / 2**30:.0f} GiB",
+            ]
+            for cores in figures["memory"]
+        ],
+    )  # fmt: skip
+
+    def cost(key: str) -> str:
+        figures = scenarios[key]
+        return (
+            f"${figures['usd_per_million']:.4f} ({figures['compute_usd_per_million']:.4f} CPU and memory, "
+            f"{figures['network_usd_per_million']:.4f} network)"
+        )
+
+    balance = ""
+    if workers:
+        shares = workers["saturation"]["fp32_w2"]["worker_shares"]
+        busier = sorted({f"{100 * max(run):.0f}%" for run in shares})
+        if busier:
+            balance = (
+                f" (in this run, over {workers['connections']} connections, the busier of the two workers gave "
+                f"{' and '.join(busier)} of the fp32 answers in its runs)"
+            )
+    return [
+        "#### Projection",
+        "",
+        f"From the process CPU per answered request measured with {figures['source']} (the workers' CPU, client and "
+        f"supervisor left out): {miss['process_cpu_us']:.0f} us per fp32 miss ({miss['loop_cpu_us']:.0f} us of it on "
+        f"the event loop), {hit['process_cpu_us']:.0f} us per cache hit ({hit['loop_cpu_us']:.0f} us)"
+        + (
+            f"; with `--workers 1` {miss['one_worker_process_cpu_us']:.0f} and {hit['one_worker_process_cpu_us']:.0f} "
+            "us"
+            if workers
+            else ""
+        )
+        + ". One worker per core (`--workers auto`), the clients on other machines and every core busy with "
+        "requests, so throughput is cores / CPU per request. The CPU per request was measured on this 2-core host "
+        "with the load client beside the servers, where it is higher than on cores of their own, so these "
+        "throughputs are floors.",
+        "",
+        table,
+        "",
+        "Cost per 1M predictions, by the cost model (`server/cost.py`) with `deploy/prices.toml` "
+        f"(${prices['vcpu_hour_usd']} per vCPU-hour, ${prices['memory_gb_hour_usd']} per GiB-hour, "
+        f"{prices['memory_gb_per_vcpu']:g} GiB provisioned per vCPU, ${prices['network_gb_usd']} per GiB moved) at "
+        "full utilization (R = 1; at utilization R the CPU and memory part is divided by R): "
+        f"fp32 miss {cost('fp32')}, cache hit {cost('hits')}. It is the same at 8, 16 and 64 cores: the model "
+        "prices CPU-seconds, and each core adds its own throughput.",
+        "",
+        f"What limits scaling: **CPU per request** first, since each worker's event loop is a single thread that "
+        f"saturates at about {1e6 / miss['loop_cpu_us']:,.0f} fp32 misses/s, so throughput grows only by adding "
+        "workers, one per core; then **the balancing by connection**, since `SO_REUSEPORT` hashes each new "
+        "connection to a worker and never moves calls, so a few long-lived connections load some workers more "
+        f"than others{balance}, and a client needs many more connections than there are workers; **memory per worker** "
+        f"does not limit: a worker with its default cache full holds {mib(figures['worker_rss_bytes'])}"
+        + ("" if figures["cache_full"] else " (quick run: the cache was only partly filled)")
+        + f", against {prices['memory_gb_per_vcpu']:g} GiB provisioned per vCPU, though every worker holds its own "
+        "cache and model, so N workers hold N caches.",
+        "",
+    ]
 
 
 def realistic_section(figures: dict[str, Any], plan: dict[str, Any], digits: dict[str, Any] | None) -> list[str]:
@@ -1872,6 +2159,7 @@ def projection(results: dict[str, Any]) -> dict[str, Any]:
             "compute_usd_per_million": (cost.cpu_usd + cost.memory_usd) * 1e6,
             "network_usd_per_million": cost.network_usd * 1e6,
             "rps": {str(cores): cores / cpu_s for cores in PROJECTION_CORES},
+            "one_worker_process_cpu_us": workers["saturation"][f"{key}_w1"]["process_cpu_us"] if workers else None,
         }
     worker_bytes = results["memory"]["default_cache"]["vmrss_bytes"]
     two = results["startup"]["2"]

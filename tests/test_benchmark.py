@@ -41,9 +41,21 @@ ROWS = (
     "fp32 batching on vs off",
     "v2 ModelInfer, raw UINT8, fp32, cache bypassed",
     "v2 / v1 throughput",
+    "event-loop CPU per request, fp32 miss",
+    "event-loop CPU per request, cache hit",
+    "process CPU per request, fp32 miss",
+    "process CPU per request, cache hit",
     "one stream, fp32 cache miss",
-    "server peak memory (VmHWM)",
+    "idle worker RSS",
+    "worker RSS, default cache full",
+    "start to SERVING, --workers 1",
+    "start to SERVING, --workers 2",
     "cache bound",
+)
+#: Rows of the runs with --workers 1 and 2, which need h2load (several connections).
+WORKER_ROWS = (
+    "--workers 2 / --workers 1 throughput, fp32 miss",
+    "--workers 2 / --workers 1 throughput, cache hit",
 )
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -65,7 +77,8 @@ def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_p
     output = tmp_path / "RESULTS.md"
     figures = tmp_path / "results.json"
     report = run_quick_benchmark("benchmarks.serving", model_dir, output, figures)
-    for row, cells in report_rows(report, "|  | measured | target | result", ROWS).items():
+    rows = ROWS + (WORKER_ROWS if has_h2load else ())
+    for row, cells in report_rows(report, "|  | measured | target | result", rows).items():
         measured, target, result = cells[:3]
         assert NUMBER.search(measured), f"row {row!r} has no measured figure: {measured!r}"
         assert result in ("PASS", "MISS", "-", "partial fill"), f"row {row!r}: result {result!r}"
@@ -88,8 +101,25 @@ def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_p
     for name in ("ceiling_p50_ms", "costserve_p50_ms", "costserve_p99_ms", "inference_ms", "bound_ms"):
         assert _finite(latency[name]), f"one_stream.{name} = {latency[name]!r}"
     memory = results["memory"]
-    assert _finite(memory["default_cache"]["vmhwm_bytes"])
+    assert _finite(memory["default_cache"]["vmhwm_bytes"]) and _finite(memory["idle"]["vmrss_bytes"])
     assert memory["small_cache"]["images_sent"] > 0 and _finite(memory["small_cache"]["entries"])
+    assert not memory["idle"]["tensorflow_loaded"], "fp32 is served on LiteRT: no TensorFlow in the server"
+    for count in ("1", "2"):
+        startup = results["startup"][count]
+        assert _finite(startup["seconds"]) and len(startup["worker_rss_bytes"]) == int(count)
+        assert all(_finite(value) for value in startup["worker_rss_bytes"])
+    assert _finite(results["startup"]["2"]["supervisor_rss_bytes"])
+    for key in ("fp32", "hits"):
+        assert _finite(results["saturation"][key]["loop_cpu_ratio"])
+        projected = results["projection"]["scenarios"][key]
+        assert _finite(projected["usd_per_million"]) and all(_finite(rps) for rps in projected["rps"].values())
+    if has_h2load:
+        workers = results["workers"]
+        for key in ("fp32_w1", "fp32_w2", "hits_w1", "hits_w2"):
+            assert workers["saturation"][key]["errors"] == 0 and _finite(workers["saturation"][key]["ratio"])
+        assert _finite(workers["scaling"]["fp32"]["costserve"]) and _finite(workers["scaling"]["fp32"]["ceiling"])
+        (shares,) = workers["saturation"]["fp32_w2"]["worker_shares"]  # one round
+        assert len(shares) == 2 and sum(shares) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- v2 against its ceiling
@@ -153,8 +183,17 @@ def _digits_results(v1_rps: list[float], v2_rps: list[float]) -> dict[str, Any]:
         "v2_vs_v1": float(np.median(ratios)),
         "v2_vs_v1_rounds": ratios,
         "one_stream": {"costserve_p50_ms": 2.0, "costserve_p99_ms": 3.0, "ceiling_p50_ms": 1.0, "bound_ms": 2.5},
-        "memory": {"default_cache": {**cache, "vmhwm_bytes": 2**29, "full": True}, "small_cache": cache},
+        "memory": {
+            "idle": {"vmrss_bytes": 2**27, "vmhwm_bytes": 2**27, "tensorflow_loaded": False},
+            "default_cache": {**cache, "vmrss_bytes": 2**28, "vmhwm_bytes": 2**29, "full": True},
+            "small_cache": cache,
+        },
+        "startup": {
+            "1": {"seconds": 1.0, "worker_rss_bytes": [2**27], "supervisor_rss_bytes": 0},
+            "2": {"seconds": 2.0, "worker_rss_bytes": [2**27, 2**27], "supervisor_rss_bytes": 2**26},
+        },
         "idle": {"seconds": 3.0, "share_of_a_core": 0.001, "cpu_seconds": 0.003},
+        "machine": {"cores": "2"},
     }
 
 
