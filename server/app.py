@@ -335,6 +335,8 @@ class CostserveServer:
         assert self.machine is not None
         serving: bool | None = None
         while not self._stopping:
+            # Publishes this worker's CPU for the others' utilization, even while it gets no calls.
+            self.meter.utilization()
             every_worker = self.machine.all_serving()
             if every_worker != serving:
                 serving = every_worker

@@ -54,6 +54,9 @@ else:  # pragma: no cover - Python 3.10
 GB = 1024**3
 #: Width of one bucket of the utilization window, in seconds.
 BUCKET_S = 0.05
+#: A worker's published CPU older than this no longer counts, in seconds: every live worker publishes
+#: at least every 0.1 s (its health loop reads its utilization), so an older total is a dead worker's.
+PUBLISHED_CPU_MAX_AGE_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -176,7 +179,7 @@ class UtilizationWindow:
         own = max(self._total, 0.0)
         if self._machine is not None and now >= self._next_share:
             self._machine.publish_cpu(own, now)
-            self._others = self._machine.others_cpu(now, self.window_s)
+            self._others = self._machine.others_cpu(now, PUBLISHED_CPU_MAX_AGE_S)
             self._next_share = now + BUCKET_S
         span = min(self.window_s, max(now - self._started, BUCKET_S))
         return (own + self._others) / (span * self.vcpus)

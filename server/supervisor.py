@@ -29,10 +29,13 @@ each worker's index, pid and loopback metrics port.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
+import math
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -47,6 +50,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from costserve.server.budgets import load_budgets
 from costserve.server.cost import CostMeter, load_prices
+from costserve.server.errors import CostserveError
 from costserve.server.machine import MachineState
 from costserve.server.metrics_http import MetricsHttpServer
 from costserve.server.metrics_merge import WorkerEndpoint, WorkerMetrics
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 #: restart in a row, up to :data:`MAX_BACKOFF_S`.
 FIRST_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 30.0
+#: prctl(2)'s option that sends a signal to a process when its parent dies.
+PR_SET_PDEATHSIG = 1
 #: A worker that ran this long before exiting restarts after :data:`FIRST_BACKOFF_S` again, in seconds.
 STABLE_AFTER_S = 60.0
 #: How often the supervisor looks at its workers, in seconds.
@@ -68,13 +74,38 @@ EXIT_MARGIN_S = 10.0
 
 
 def worker_count(value: str) -> int:
-    """``--workers``: a positive number, or ``auto`` for one per core this process may run on."""
+    """``--workers``: a positive number, or ``auto`` for one per core this process may use."""
     if value.strip().lower() == "auto":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return available_cores()
     count = int(value)
     if count < 1:
         raise ValueError(f"--workers must be at least 1 or auto, got {value!r}")
     return count
+
+
+def available_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2 ``cpu.max``,
+    or v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up; at least 1.
+
+    A container limited to 2 CPUs on a 64-core node sees 64 cores in its affinity: 64 workers
+    would each load the models and fight over 2 CPUs.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota: float | None = None
+    try:
+        limit, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if limit != "max":
+            quota = int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            limit_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            if limit_us > 0:
+                quota = limit_us / int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(cores, 1)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -82,11 +113,12 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
     With ``port`` 0 the kernel picks a free one (read it from ``getsockname()``).
     """
+    host = host.strip("[]")  # an IPv6 address as gRPC takes it, [::]
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     reserved = socket.socket(family, socket.SOCK_STREAM)
     reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        reserved.bind((host.strip("[]"), port))
+        reserved.bind((host, port))
     except OSError:
         reserved.close()
         raise
@@ -120,10 +152,27 @@ def run_worker(settings_json: str, index: int, machine_name: str) -> None:
     from costserve.server.app import serve
     from costserve.server.cli import configure_logging
 
+    _exit_with_parent()
     settings = Settings.model_validate_json(settings_json)
     configure_logging(settings.log_level, f"worker {index}")
     machine = MachineState.attach(machine_name, index)
     asyncio.run(serve(settings, machine=machine))
+
+
+def _exit_with_parent() -> None:
+    """Have the kernel send this worker SIGTERM (a drain) when its supervisor dies, even by SIGKILL (Linux).
+
+    Without it, a killed supervisor would leave its workers serving, and charging budgets into
+    shared memory no new supervisor sees.
+    """
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return  # not Linux: the supervisor's drain still stops its workers
+    if os.getppid() != parent:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
@@ -150,12 +199,15 @@ class Supervisor:
         self._stopping = False
         self._ready: dict[str, Any] | None = None
         self._context = multiprocessing.get_context("spawn")
-        self._scratch = Path(tempfile.mkdtemp(prefix="costserve-workers-"))
+        #: The workers' ready files and the budgets' snapshot, made by :meth:`run` and removed when it ends.
+        self._scratch = Path()
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then drain every worker; the exit status (0 when all drained)."""
         from costserve.server.app import prepare_models
 
+        self._install_signals()
+        self._scratch = Path(tempfile.mkdtemp(prefix="costserve-workers-"))
         reserved = reserve_port(self.settings.host, self.settings.port)
         port = reserved.getsockname()[1]
         prepare_models(self.settings)
@@ -166,7 +218,11 @@ class Supervisor:
                 "port": port,
                 "workers": "1",
                 "ready_file": None,
-                "metrics_port": 0,
+                # Every worker, restarted ones too, reads the budgets as they were at start: they match
+                # the tenants of the shared memory.
+                "budgets": self._snapshot(self.settings.budgets),
+                # A worker's /metrics is for the supervisor only, on loopback; none when the machine has none.
+                "metrics_port": 0 if self.settings.metrics_port >= 0 else -1,
                 "metrics_tls_cert": None,
                 "metrics_tls_key": None,
                 "metrics_tls_client_ca": None,
@@ -174,7 +230,6 @@ class Supervisor:
             }
         )
         metrics = self._start_metrics()
-        self._install_signals()
         log.info(
             "supervising %d workers on %s:%d%s",
             self.workers,
@@ -192,15 +247,38 @@ class Supervisor:
                     log.info("%s", "SERVING: every worker is" if serving else "NOT_SERVING: a worker is not serving")
                 self._write_ready(port, metrics, serving)
                 time.sleep(WATCH_INTERVAL_S)
+            if self.settings.ready_file is not None:
+                self.settings.ready_file.unlink(missing_ok=True)  # as a single server: gone once the drain starts
             return self._drain()
         finally:
             if self.settings.ready_file is not None:
                 self.settings.ready_file.unlink(missing_ok=True)
+            shutil.rmtree(self._scratch, ignore_errors=True)
             if metrics is not None:
                 metrics.close()
             machine.close()
             machine.unlink()
             reserved.close()
+
+    def check_files(self) -> None:
+        """Read every file a worker reads at start (prices, budgets, keys, TLS): one that cannot be used stops the
+        supervisor with the reason, rather than failing each worker at every restart."""
+        from costserve.server.auth import Authenticator
+        from costserve.server.tls import ServerCertificates
+
+        load_prices(self.settings.prices)
+        load_budgets(self.settings.budgets)
+        Authenticator.from_settings(self.settings)
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            ServerCertificates(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
+
+    def _snapshot(self, path: Path | None) -> Path | None:
+        """A copy of ``path`` in the supervisor's scratch directory (None for None)."""
+        if path is None:
+            return None
+        copy = self._scratch / path.name
+        shutil.copyfile(path, copy)
+        return copy
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: Any) -> None:
@@ -314,8 +392,17 @@ class Supervisor:
 
 
 def supervise(settings: Settings, workers: int) -> int:
-    """Run ``workers`` workers under a supervisor until SIGTERM or SIGINT; the process's exit status."""
-    status = Supervisor(settings, workers).run()
+    """Run ``workers`` workers under a supervisor until SIGTERM or SIGINT; the process's exit status.
+
+    Files that cannot be used (prices, budgets, keys, TLS) end it at once with status 2 and the reason.
+    """
+    supervisor = Supervisor(settings, workers)
+    try:
+        supervisor.check_files()
+    except (ValueError, CostserveError) as error:
+        print(f"costserve-server: {error}", file=sys.stderr)
+        return 2
+    status = supervisor.run()
     logging.shutdown()
     sys.stdout.flush()
     return status

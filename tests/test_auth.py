@@ -197,6 +197,7 @@ def test_calls_without_valid_credentials_are_unauthenticated_and_health_stays_op
         [("authorization", f"Basic {valid}")],
         [("authorization", valid)],
         _bearer(valid) + _bearer(valid),
+        _tenant("zzz", "acme"),  # credentials are checked first: no hint about the tenant header
     ]
     for metadata in refused:
         assert _status(_predict, channel, metadata) == UNAUTHENTICATED, metadata

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from costserve.server.budgets import Budget, Budgets, BudgetStatus, TenantLedger, period_start
-from costserve.server.cost import UtilizationWindow
+from costserve.server.cost import PUBLISHED_CPU_MAX_AGE_S, UtilizationWindow
 from costserve.server.machine import MachineState, MachineStateError
 
 # 2026-11-28 18:30:00 UTC; the workers' cost clock (monotonic) uses the same numbers.
@@ -169,7 +169,7 @@ def test_a_worker_cannot_spend_the_budget_another_has_nearly_spent(
     assert first("spend_until_refused", "acme", 0.01) == 0
 
 
-def test_utilization_counts_the_cpu_of_every_worker_until_it_is_older_than_the_window(
+def test_utilization_counts_the_cpu_of_every_worker_while_its_total_is_fresh(
     machine: MachineState, start_worker: Callable[..., Worker]
 ) -> None:
     first, second = start_worker(0), start_worker(1)
@@ -180,13 +180,15 @@ def test_utilization_counts_the_cpu_of_every_worker_until_it_is_older_than_the_w
     assert second("add_cpu", 5.0) == pytest.approx(8.0 / capacity)
     first("at", HALF_PAST + 21.0)
     assert first("utilization") == pytest.approx(8.0 / capacity)
-    assert machine.others_cpu(HALF_PAST + 21.0, WINDOW_S) == pytest.approx(8.0)
-    second("at", HALF_PAST + 29.0)
+    assert machine.others_cpu(HALF_PAST + 21.0, PUBLISHED_CPU_MAX_AGE_S) == pytest.approx(8.0)
+    # A live worker publishes at least every 0.1 s (its health loop reads its utilization); the
+    # first stops publishing at +21 s, as a dead one would.
+    second("at", HALF_PAST + 21.8)
     assert second("add_cpu", 1.0) == pytest.approx(9.0 / capacity)
-    # The first worker last published at +21 s: past +31 s its total no longer counts.
-    second("at", HALF_PAST + 31.5)
-    assert second("utilization") == pytest.approx(1.0 / capacity)
-    assert machine.others_cpu(HALF_PAST + 31.5, WINDOW_S) == pytest.approx(1.0)
+    # Past +22 s the first worker's total is stale and no longer counts.
+    second("at", HALF_PAST + 22.5)
+    assert second("utilization") == pytest.approx(6.0 / capacity)
+    assert machine.others_cpu(HALF_PAST + 22.5, PUBLISHED_CPU_MAX_AGE_S) == pytest.approx(6.0)
 
 
 def test_utilization_spans_the_time_since_the_machine_started(

@@ -26,6 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.launch import ServerProcess, start_costserve
 from costserve.client import predict_request
+from costserve.server.settings import Settings
+from costserve.server.supervisor import available_cores, supervise, worker_count
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -183,6 +185,47 @@ def test_sigterm_drains_every_worker_and_loses_no_accepted_call(workers: Callabl
     assert exit_code == 0
     assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, set(outcomes)
     assert outcomes.count(grpc.StatusCode.OK) >= 50
+
+
+def test_workers_exit_when_their_supervisor_is_killed(workers: Callable[..., ServerProcess]) -> None:
+    server = workers()
+    ready = server.ready()
+    assert ready is not None
+    pids = [worker["pid"] for worker in ready["workers"]]
+    server.kill()  # SIGKILL: no drain is passed on; the kernel tells each worker its parent died
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    _wait(lambda: all(gone(pid) for pid in pids), "stopped the workers of a killed supervisor")
+
+
+def test_auto_is_one_worker_per_core_within_a_containers_cpu_quota(tmp_path: Path) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert available_cores(tmp_path) == cores  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cores(tmp_path) == cores
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs
+    assert available_cores(tmp_path) == min(cores, 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cores(tmp_path) == 1
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")  # cgroup v1: 1 CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cores(tmp_path) == 1
+    assert worker_count("3") == 3
+
+
+def test_files_that_cannot_be_used_stop_the_supervisor_before_any_worker(model_dir: Path, tmp_path: Path) -> None:
+    budgets = tmp_path / "budgets.toml"
+    budgets.write_text("[tenants.acme]\n")  # no budget
+    settings = Settings(model_dir=model_dir, port=0, metrics_port=-1, budgets=budgets)
+    assert supervise(settings, 2) == 2
 
 
 def test_a_budget_holds_across_two_workers(workers: Callable[..., ServerProcess], tmp_path: Path) -> None:

@@ -186,6 +186,7 @@ class Authenticator:
         :class:`PermissionDenied`). Off: the tenant the metadata names. A name that is not a
         tenant name, or two names, are :class:`InvalidInput`.
         """
+        identity = self.identify(context)  # first: a caller without credentials learns nothing else
         named_values = metadata_values(context, TENANT_METADATA_KEY)
         if len(named_values) > 1:
             raise InvalidInput(f"the call names {len(named_values)} tenants ({TENANT_METADATA_KEY}); name one")
@@ -193,7 +194,6 @@ class Authenticator:
             named = normalize_tenant(named_values[0]) if named_values else ""
         except ValueError as error:
             raise InvalidInput(f"{TENANT_METADATA_KEY}: {error}") from None
-        identity = self.identify(context)
         if identity is None:
             return named
         if not named or named == identity.tenant or identity.role is Role.GATEWAY:

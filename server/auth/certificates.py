@@ -41,7 +41,7 @@ class CertificateTenants:
                 match = self.pattern.fullmatch(name)
                 if match is None:
                     continue
-                name = match.group(1) if self.pattern.groups else name
+                name = (match.group(1) or "") if self.pattern.groups else name  # an optional group may match nothing
             try:
                 tenant = normalize_tenant(name)
             except ValueError:
