@@ -30,7 +30,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2
@@ -140,6 +140,13 @@ def grpc_options(settings: Settings, share_port: bool = False) -> list[tuple[str
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def write_ready_file(path: Path, ready: dict[str, Any]) -> None:
+    """Write ``--ready-file``'s JSON whole beside it, then rename it into place: a launcher sees all or nothing."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(ready) + "\n")
+    os.replace(partial, path)
 
 
 def start_metrics_endpoint(settings: Settings, registry: CollectorRegistry, host: str) -> MetricsHttpServer:
@@ -370,9 +377,7 @@ class CostserveServer:
             "metrics_port": self.metrics_port,
             "serving": serving,
         }
-        partial = self.settings.ready_file.with_name(self.settings.ready_file.name + ".partial")
-        partial.write_text(json.dumps(ready) + "\n")
-        os.replace(partial, self.settings.ready_file)
+        write_ready_file(self.settings.ready_file, ready)
 
     def _count_refused(self, service: str, method: str, error: CostserveError) -> None:
         """Count a call refused before it reached the core (its precision unknown: counted as asked, auto)."""

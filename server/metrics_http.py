@@ -65,7 +65,7 @@ _App = Callable[[_Environ, _StartResponse], Iterable[bytes]]
 
 
 @dataclass(frozen=True)
-class MetricsTls:
+class MetricsTls(CertificateFiles):
     """The files of /metrics' HTTPS (``--metrics-tls-cert``, ``--metrics-tls-key``, ``--metrics-tls-client-ca``).
 
     ``cert`` is a PEM certificate chain (the server's certificate first) and ``key`` its PEM
@@ -73,17 +73,7 @@ class MetricsTls:
     certificate one of them signed (mTLS).
     """
 
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    def paths(self) -> list[Path]:
-        """The files, in the order their stamps are taken."""
-        return self._files().paths()
-
-    def _files(self) -> CertificateFiles:
-        flags = ("--metrics-tls-cert", "--metrics-tls-key", "--metrics-tls-client-ca")
-        return CertificateFiles(self.cert, self.key, self.client_ca, flags)
+    flags: tuple[str, str, str] = ("--metrics-tls-cert", "--metrics-tls-key", "--metrics-tls-client-ca")
 
     def context(self) -> ssl.SSLContext:
         """A server-side SSLContext of the files as they are now.
@@ -92,7 +82,7 @@ class MetricsTls:
             ValueError: A file cannot be read, is not PEM, or the certificate and key do not fit
                 together; the message names the flag.
         """
-        context = self._files().ssl_context()
+        context = self.ssl_context()
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         # The server answers HTTP/1.0 only: say so rather than let a client hope for h2.
         context.set_alpn_protocols(["http/1.1"])

@@ -48,6 +48,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from costserve.server.app import prepare_models, serve, start_metrics_endpoint, write_ready_file
 from costserve.server.budgets import load_budgets
 from costserve.server.cost import CostMeter, load_prices
 from costserve.server.errors import CostserveError
@@ -149,7 +150,6 @@ class WorkerProcess:
 
 def run_worker(settings_json: str, index: int, machine_name: str) -> None:
     """A worker process's entry point: one costserve server on the shared port, in slot ``index``."""
-    from costserve.server.app import serve
     from costserve.server.cli import configure_logging
 
     _exit_with_parent()
@@ -204,8 +204,6 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then drain every worker; the exit status (0 when all drained)."""
-        from costserve.server.app import prepare_models
-
         self._install_signals()
         self._scratch = Path(tempfile.mkdtemp(prefix="costserve-workers-"))
         reserved = reserve_port(self.settings.host, self.settings.port)
@@ -288,8 +286,6 @@ class Supervisor:
         signal.signal(signal.SIGINT, stop)
 
     def _start_metrics(self) -> MetricsHttpServer | None:
-        from costserve.server.app import start_metrics_endpoint
-
         if self.settings.metrics_port < 0:
             return None
         self.registry.register(WorkerMetrics(self._endpoints, provisioned_usd=self.meter.provisioned_usd))
@@ -386,9 +382,7 @@ class Supervisor:
         if ready == self._ready:
             return
         self._ready = ready
-        partial = ready_file.with_name(ready_file.name + ".partial")
-        partial.write_text(json.dumps(ready) + "\n")
-        os.replace(partial, ready_file)
+        write_ready_file(ready_file, ready)
 
 
 def supervise(settings: Settings, workers: int) -> int:

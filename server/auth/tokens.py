@@ -100,14 +100,15 @@ class JwtVerifier:
         self.leeway_s = leeway_s
         self.clock = clock
         self._verified: collections.OrderedDict[str, tuple[Identity, float]] = collections.OrderedDict()
-        self._keys_seen = self.keys.value
+        #: The key file's generation the remembered tokens were verified with.
+        self._verified_generation = self.keys.generation
 
     def identify(self, token: str) -> Identity:
         """The identity a valid ``token`` gives, or :class:`Unauthenticated` saying what is wrong with it."""
-        signing_keys = self.keys.current()
-        if signing_keys is not self._keys_seen:
+        signing_keys, generation = self.keys.snapshot()
+        if generation != self._verified_generation:
             self._verified.clear()
-            self._keys_seen = signing_keys
+            self._verified_generation = generation
         remembered = self._verified.get(token)
         if remembered is not None:
             identity, expires = remembered
