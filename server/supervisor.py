@@ -209,7 +209,9 @@ class Supervisor:
         reserved = reserve_port(self.settings.host, self.settings.port)
         port = reserved.getsockname()[1]
         prepare_models(self.settings)
-        budgets = load_budgets(self.settings.budgets)
+        # Read from the snapshot every worker reads, so the shared memory's tenants are theirs.
+        budgets_snapshot = self._snapshot(self.settings.budgets)
+        budgets = load_budgets(budgets_snapshot)
         machine = MachineState.create(self.workers, sorted(budgets.tenants))
         worker_settings = self.settings.model_copy(
             update={
@@ -218,7 +220,7 @@ class Supervisor:
                 "ready_file": None,
                 # Every worker, restarted ones too, reads the budgets as they were at start: they match
                 # the tenants of the shared memory.
-                "budgets": self._snapshot(self.settings.budgets),
+                "budgets": budgets_snapshot,
                 # A worker's /metrics is for the supervisor only, on loopback; none when the machine has none.
                 "metrics_port": 0 if self.settings.metrics_port >= 0 else -1,
                 "metrics_tls_cert": None,
@@ -264,8 +266,7 @@ class Supervisor:
         from costserve.server.auth import Authenticator
         from costserve.server.tls import ServerCertificates
 
-        load_prices(self.settings.prices)
-        load_budgets(self.settings.budgets)
+        load_budgets(self.settings.budgets)  # the prices were read when the supervisor was made
         Authenticator.from_settings(self.settings)
         if self.settings.tls_cert is not None and self.settings.tls_key is not None:
             ServerCertificates(self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca)
@@ -390,8 +391,8 @@ def supervise(settings: Settings, workers: int) -> int:
 
     Files that cannot be used (prices, budgets, keys, TLS) end it at once with status 2 and the reason.
     """
-    supervisor = Supervisor(settings, workers)
     try:
+        supervisor = Supervisor(settings, workers)
         supervisor.check_files()
     except (ValueError, CostserveError) as error:
         print(f"costserve-server: {error}", file=sys.stderr)
