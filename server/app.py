@@ -52,6 +52,7 @@ from costserve.server.cost import CostMeter, load_prices
 from costserve.server.domain import Protocol
 from costserve.server.errors import CostserveError
 from costserve.server.logs import quiet_client_errors
+from costserve.server.memory import fix_mmap_threshold
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.metrics_http import MetricsHttpServer, MetricsTls, start_metrics_server
 from costserve.server.repository.manager import RepositoryManager
@@ -467,6 +468,7 @@ async def serve(settings: Settings, machine: MachineState | None = None) -> NoRe
 
     ``machine``: this server is a worker of ``--workers``, sharing the port and that state.
     """
+    fix_mmap_threshold()
     server = CostserveServer(settings, machine=machine)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()

@@ -311,12 +311,11 @@ def _rss_bytes(pid: int) -> int:
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_rss_stops_growing_over_twenty_load_unload_cycles(repository_copy: Path) -> None:
-    """A server process reloads digits 20 times on SIGHUP; its resident memory stops growing.
+    """A server process reloads digits 20 times on SIGHUP; its resident memory ends within 10% of where it started.
 
-    The first few reloads raise it (the C heap keeps what a version's runtimes freed, for the next
-    version to reuse), then it settles: a leak would grow it by the same amount every reload, so
-    the last 15 must stay within 10% of where it was after the first 5 (the digits
-    version's runtimes hold ~19 MiB: one leaked per reload would pass that many times over).
+    A version's runtimes hold ~19 MiB, so one leaked per reload would pass the bound many times
+    over. Without the fixed mmap threshold (:mod:`costserve.server.memory`) the C heap kept
+    ~18 MiB after the first few reloads and this failed.
     """
     from benchmarks.launch import start_costserve
 
@@ -332,7 +331,6 @@ def test_rss_stops_growing_over_twenty_load_unload_cycles(repository_copy: Path)
         image = _digit(4)
         stub.Predict(pb.PredictRequest(images=[image]), timeout=30)
         started = _rss_bytes(server.pid)
-        settled = started
         for cycle in range(2, 22):
             _copy_version(pristine, digits, str(cycle))
             shutil.rmtree(digits / str(cycle - 1))
@@ -343,13 +341,10 @@ def test_rss_stops_growing_over_twenty_load_unload_cycles(repository_copy: Path)
             )
             answer = stub.Predict(pb.PredictRequest(images=[image], skip_cache=True), timeout=30)
             assert answer.model_version == str(cycle)
-            if cycle == 6:
-                settled = _rss_bytes(server.pid)
         ended = _rss_bytes(server.pid)
-        mib = [f"{rss / 2**20:.0f} MiB" for rss in (started, settled, ended)]
-        print(f"RSS {mib[0]} before 20 reloads, {mib[1]} after 5, {mib[2]} after 20")
+        print(f"RSS {started / 2**20:.0f} MiB before 20 reloads, {ended / 2**20:.0f} MiB after")
         channel.close()
-    assert ended <= settled * 1.10, f"RSS {mib[0]} -> {mib[1]} after 5 reloads -> {mib[2]} after 20"
+    assert ended <= started * 1.10, f"RSS {started / 2**20:.0f} MiB -> {ended / 2**20:.0f} MiB after 20 reloads"
 
 
 def test_an_fp32_only_version_is_served_and_described_as_such(

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from costserve.server.core import InferenceCore
 from costserve.server.domain import ModelStatus, VersionState, VersionStatus
+from costserve.server.memory import trim_c_heap
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import (
     Fp32Runtime,
@@ -38,6 +39,7 @@ from costserve.server.repository.store import (
 from costserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
+
 
 #: How long an unloaded version's admitted requests may take to finish before it is stopped, in seconds.
 UNLOAD_WAIT_S = 30.0
@@ -281,10 +283,14 @@ class RepositoryManager:
             return changed
 
     def _release_memory(self) -> None:
-        """Collect what unloaded versions left behind, then freeze the survivors again (see the core's start)."""
+        """Collect what unloaded versions left behind, then freeze the survivors again (see the core's start).
+
+        The C heap's free pages go back to the system too (see :mod:`costserve.server.memory`).
+        """
         gc.unfreeze()
         gc.collect()
         gc.freeze()
+        trim_c_heap()
 
     async def start(self) -> None:
         """Load what the repository selects now; raise when no model at all could be loaded."""
