@@ -314,7 +314,28 @@ def _info(client: Client, args: argparse.Namespace) -> int:
         agreement = "int8/fp32 agreement not measured"
     print(f"{held_out}; {agreement}")
     print(f"up to {info.max_images_per_request} images per request")
+    _print_cost_profile(info)
     return 0
+
+
+def _print_cost_profile(info: pb.ModelInfo) -> None:
+    """The measured CPU per image by batch size on the server's host, the batch limits and the verdict."""
+    measured = [variant for variant in info.variants if variant.cost_profile]
+    if not measured:
+        return
+    sizes = sorted({cost.batch_size for variant in measured for cost in variant.cost_profile})
+    print("CPU per image on the server's host, in µs, by batch size (* the batch limit: batches stop there):")
+    print(f"{'variant':<8}" + "".join(f"{size:>9}" for size in sizes))
+    for variant in measured:
+        by_size = {cost.batch_size: cost for cost in variant.cost_profile}
+        cells = []
+        for size in sizes:
+            cost = by_size.get(size)
+            mark = "*" if size == variant.batch_limit else ""
+            cells.append(f"{mark}{cost.cpu_seconds_per_image * 1e6:.1f}" if cost else "-")
+        print(f"{PRECISION_NAMES.get(variant.precision, '?'):<8}" + "".join(f"{cell:>9}" for cell in cells))
+    if info.cost_verdict:
+        print(info.cost_verdict)
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
@@ -325,11 +346,17 @@ def _models(client: Client, args: argparse.Namespace) -> int:
     if not response.models:
         print("the server has no models")
         return 0
-    rows = [("model", "default", "version", "state", "reason")]
+    rows = [("model", "default", "version", "state", "note")]
     for model in response.models:
         mark = "*" if model.is_default else ""
         rows += [
-            (model.name, mark, version.version, version_state_name(version.state), version.reason)
+            (
+                model.name,
+                mark,
+                version.version,
+                version_state_name(version.state),
+                version.reason or version.cost_verdict,
+            )
             for version in model.versions
         ] or [(model.name, mark, "-", "-", "no versions")]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]

@@ -5,7 +5,7 @@ The images come from the default model's held-out split (never trained on), as
 each class the held-out image nearest the class's mean training image is taken,
 so the examples are typical writing rather than the split's first draw.
 
-    python examples/make_digits.py
+    .venv/bin/python examples/make_digits.py
 """
 
 from __future__ import annotations

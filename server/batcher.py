@@ -6,8 +6,10 @@ and runs them on a dedicated inference thread, so the event loop keeps serving:
 * an image that arrives while the runtime is idle goes at once (no timeout wait at
   low load);
 * images that arrive while the runtime is busy accumulate; when it frees up they
-  go together, up to ``max_batch_size``, and a batch that is not full waits for
-  more at most until ``batch_timeout`` after its first image arrived;
+  go together, up to the batch limit, and a batch that is not full waits for
+  more at most until ``batch_timeout`` after its first image arrived. The batch
+  limit is ``max_batch_size``, or less where the runtime's measured cost profile
+  (:mod:`costserve.server.profile`) says the CPU per image stops falling;
 * a batch still not full then keeps waiting, up to ``batch_fill_timeout`` after its
   first image arrived, only under the fill rule (:func:`costserve.server.load.fill_until`:
   the server is saturated, images arrive fast enough to fill it by then, and every waiting
@@ -34,7 +36,8 @@ import numpy as np
 from costserve.server.errors import DeadlineExceeded, InferenceFailed, Overloaded
 from costserve.server.load import LoopCpuClock, RuntimeWindow, ewma, fill_until
 from costserve.server.metrics import LoopHistogram, ServiceMetrics
-from costserve.server.runtimes import Runtime, levels_to_floats
+from costserve.server.profile import VariantProfile
+from costserve.server.runtimes import Runtime, run_runtime
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,11 @@ class _Waiting:
     arrived_busy: bool
 
 
-def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
-    """Classify images given as uint8 levels or float32 pixels in [0, 1], as one batch."""
-    if all(image.dtype == np.uint8 for image in images):
-        return runtime.predict_levels(np.stack(images))
-    return runtime.predict(
-        np.stack([levels_to_floats(image) if image.dtype == np.uint8 else image for image in images])
-    )
-
-
 class Batcher:
     """Batches images for ``runtime``; create with :meth:`start` inside the running loop.
 
     The images of one request travel together as one queued entry with one future
-    (split into entries of at most ``max_batch_size`` images), so a request of 16
+    (split into entries of at most :attr:`batch_limit` images), so a request of 16
     images costs the event loop one future and one wake-up, not sixteen. A batch
     takes whole entries, first come first served.
 
@@ -104,8 +98,12 @@ class Batcher:
         batch_fill_timeout_s: float | None = None,
         window: RuntimeWindow | None = None,
         model: str = "",
+        profile: VariantProfile | None = None,
     ) -> None:
         self.runtime = runtime
+        #: The runtime's measured cost per image by batch size, kept current by every batch; its
+        #: batch limit caps the batches formed here (None: batches grow to ``max_batch_size``).
+        self.profile = profile
         #: The model's name, the first label of the batcher's metrics.
         self.model = model
         self.max_batch_size = max_batch_size
@@ -149,6 +147,13 @@ class Batcher:
         self._needed = 1
 
     @property
+    def batch_limit(self) -> int:
+        """Largest batch formed: where the profile's CPU per image stops falling, at most ``max_batch_size``."""
+        if self.profile is None:
+            return self.max_batch_size
+        return min(self.profile.batch_limit, self.max_batch_size)
+
+    @property
     def queue_depth(self) -> int:
         """Images accepted and not yet taken into a batch."""
         return self._waiting
@@ -180,7 +185,7 @@ class Batcher:
     def submit(self, images: Sequence[np.ndarray], deadline: float | None) -> list[asyncio.Future]:
         """Queue ``images`` (all or none); return futures of their :class:`BatchAnswer` lists, in order.
 
-        Each future answers up to ``max_batch_size`` consecutive images. Each image is
+        Each future answers up to :attr:`batch_limit` consecutive images. Each image is
         ``(height, width, channels)``: uint8 levels 0..255, converted to floats a batch
         at a time on the inference thread, or float32 in [0, 1]. ``deadline`` is an
         event-loop time (``loop.time()``). Raises :class:`Overloaded` when the images
@@ -198,7 +203,7 @@ class Batcher:
         now = loop.time()
         arrived_busy = self._busy or self._waiting > 0
         futures = []
-        step = self.max_batch_size
+        step = self.batch_limit
         for start in range(0, count, step):
             future = loop.create_future()
             self._entries.append(_Waiting(list(images[start : start + step]), future, deadline, now, arrived_busy))
@@ -229,16 +234,17 @@ class Batcher:
                 continue
             first = self._entries[0]
             until = first.enqueued_at + self.batch_timeout_s
-            filling = first.arrived_busy and not self._stopping and self._waiting < self.max_batch_size
+            limit = self.batch_limit
+            filling = first.arrived_busy and not self._stopping and self._waiting < limit
             if filling and until > loop.time():
                 # Under load: wait for a full batch, at most until the first image's time is up.
-                await self._wait_for(self.max_batch_size, until)
+                await self._wait_for(limit, until)
             while filling and (fill_until := self._fill_until(first, loop.time())) is not None:
                 # Saturated: keep filling. A new image due sooner wakes this wait to decide again.
                 self._fill_end = fill_until
                 fill_started = loop.time()
                 try:
-                    await self._wait_for(self.max_batch_size, fill_until)
+                    await self._wait_for(limit, fill_until)
                 finally:
                     self._fill_end = None
                     self.window.filled(loop.time() - fill_started)
@@ -266,7 +272,7 @@ class Batcher:
         deadlines = [waiting.deadline for waiting in self._entries if waiting.deadline is not None]
         return fill_until(
             now=now,
-            missing=self.max_batch_size - self._waiting,
+            missing=self.batch_limit - self._waiting,
             fill_deadline=first.enqueued_at + self.batch_fill_timeout_s,
             earliest_deadline=min(deadlines) if deadlines else None,
             deadline_margin_s=self._deadline_margin(),
@@ -295,7 +301,8 @@ class Batcher:
         """Whole entries from the front of the queue, as many as fit in one batch (at least one)."""
         batch = [self._entries.popleft()]
         size = len(batch[0].images)
-        while self._entries and size + len(self._entries[0].images) <= self.max_batch_size:
+        limit = self.batch_limit
+        while self._entries and size + len(self._entries[0].images) <= limit:
             entry = self._entries.popleft()
             batch.append(entry)
             size += len(entry.images)
@@ -352,6 +359,14 @@ class Batcher:
             self._busy = False
             self.window.busy(loop.time() - started)
         self.recent_batch_s = ewma(self.recent_batch_s, seconds)
+        if self.profile is not None and self.profile.observe(size, cpu_seconds, seconds):
+            log.info(
+                "model %s %s: batches now stop at %d images: %s",
+                self.model or "-",
+                self.label,
+                self.batch_limit,
+                self.profile.why(),
+            )
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)

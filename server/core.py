@@ -43,6 +43,7 @@ from costserve.server.inputs import DecodedImage, DecodePool, ImageLimits, decod
 from costserve.server.load import Clock, LoadMonitor, ewma
 from costserve.server.metrics import REJECTION_REASONS, PrecisionSeries, ServiceMetrics
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
+from costserve.server.profile import CostProfile, VariantProfile
 from costserve.server.repository.store import LoadedModel
 from costserve.server.runtimes import allowed_batch_sizes
 from costserve.server.settings import Settings
@@ -67,7 +68,8 @@ class ServedVersion:
     #: What one request may ask of the decoder; pixel caps sized from this model's input unless set.
     limits: ImageLimits
     series: dict[Precision, PrecisionSeries]
-    #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction.
+    #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction
+    #: (from the measured profile until the first priced answer).
     cost_per_image: dict[Precision, float] = field(default_factory=dict)
     #: Requests admitted to this version and not answered yet.
     in_flight: int = 0
@@ -137,6 +139,7 @@ class InferenceCore:
         self._retiring: list[ServedVersion] = []
         metrics.track_cache(lambda: len(self.cache), lambda: self.cache.size_bytes)
         metrics.track_cost(self.meter.provisioned_usd, self.meter.utilization)
+        metrics.track_profiles(self._latest_profiles)
         prices = self.meter.prices
         metrics.price.labels("cpu").set(prices.vcpu_hour_usd)
         metrics.price.labels("memory").set(prices.memory_gb_hour_usd)
@@ -216,14 +219,22 @@ class InferenceCore:
         return found
 
     async def add_version(self, model: LoadedModel, policy: Policy | None = None) -> ServedVersion:
-        """Warm ``model`` at every batch size (off the loop), start its batchers, and switch it in.
+        """Warm and profile ``model`` at every batch size (off the loop), start its batchers, and switch it in.
 
-        The newest version of a model answers requests naming no version from now on.
+        The measured :class:`CostProfile` becomes ``model.profile``: the batchers' batch limits
+        and the policy's orderings come from it, and so does the predicted cost of an image
+        until the first priced answer. The newest version of a model answers requests naming
+        no version from now on.
         """
         sizes = allowed_batch_sizes(self.settings.max_batch_size)
         loop = asyncio.get_running_loop()
-        for runtime in model.runtimes.values():
-            await loop.run_in_executor(None, runtime.warm_up, sizes)
+        measured = [
+            VariantProfile(precision, await loop.run_in_executor(None, runtime.warm_up, sizes))
+            for precision, runtime in model.runtimes.items()
+        ]
+        profile = model.profile = CostProfile(measured)
+        if policy is not None and policy.profile is None:
+            policy.profile = profile
         name = model.name
         batchers = {
             precision: Batcher(
@@ -234,6 +245,7 @@ class InferenceCore:
                 max_queue=self.settings.max_queue,
                 metrics=self.metrics,
                 model=name,
+                profile=profile.variants[precision],
             )
             for precision, runtime in model.runtimes.items()
         }
@@ -250,6 +262,7 @@ class InferenceCore:
                 ),
                 clock=self.monitor.now,
                 model=f"model {name!r} version {model.version}",
+                profile=profile,
             ),
             limits=ImageLimits.for_model(
                 model.input_shape,
@@ -258,6 +271,17 @@ class InferenceCore:
                 self.settings.max_request_pixels,
             ),
             series={precision: PrecisionSeries(self.metrics, name, precision.value) for precision in model.runtimes},
+            # Until the first priced answer: an image alone (batch 1) at the measured CPU, priced now.
+            cost_per_image={
+                precision: self.meter.predict(variant.at(1).cpu_s) for precision, variant in profile.variants.items()
+            },
+        )
+        log.info(
+            "model %s version %s measured on this host%s; batches stop at %s",
+            name,
+            model.version,
+            f": {profile.verdict()}" if profile.verdict() else "",
+            ", ".join(f"{variant.batch_limit} ({precision.value})" for precision, variant in profile.variants.items()),
         )
         for batcher in batchers.values():
             await batcher.start()
@@ -274,6 +298,21 @@ class InferenceCore:
         # One assignment of a new dict: a request resolving meanwhile sees the old table or the new one.
         self.models = {**self.models, name: dict(sorted(versions.items(), key=lambda item: int(item[0])))}
         return served
+
+    def _latest_profiles(self) -> list[tuple[str, VariantProfile]]:
+        """Each model's latest served version's variant profiles, with the model's name (read at scrape time)."""
+        found: list[tuple[str, VariantProfile]] = []
+        for name, versions in self.models.items():
+            profile = next(reversed(versions.values())).model.profile if versions else None
+            if profile is not None:
+                found.extend((name, variant) for variant in profile.variants.values())
+        return found
+
+    def cost_verdict(self, name: str, version: str) -> str:
+        """The one-line cost verdict of a served version ("" when it is not served or has one variant)."""
+        served = self.models.get(name, {}).get(version)
+        profile = served.model.profile if served is not None else None
+        return profile.verdict() if profile is not None else ""
 
     def _depth(self, name: str, precision: Precision) -> int:
         return sum(

@@ -211,8 +211,14 @@ class CostMeter:
 
     def charge(self, cpu_seconds: float, network_bytes: int) -> CostBreakdown:
         """Price a request that used ``cpu_seconds`` and moved ``network_bytes``; records its CPU."""
-        measured = self.window.add(cpu_seconds)
-        utilization = min(max(measured, self.prices.min_utilization), 1.0)
+        return self._price(cpu_seconds, network_bytes, self.window.add(cpu_seconds))
+
+    def predict(self, cpu_seconds: float, network_bytes: int = 0) -> float:
+        """What a request using ``cpu_seconds`` and moving ``network_bytes`` would cost now, in USD (not recorded)."""
+        return self._price(cpu_seconds, network_bytes, self.window.utilization()).usd
+
+    def _price(self, cpu_seconds: float, network_bytes: int, measured_utilization: float) -> CostBreakdown:
+        utilization = min(max(measured_utilization, self.prices.min_utilization), 1.0)
         memory_gb_seconds = cpu_seconds * self.prices.memory_gb / self.prices.vcpus
         cpu_usd = self.prices.vcpu_hour_usd / 3600.0 * cpu_seconds / utilization
         memory_usd = self.prices.memory_gb_hour_usd / 3600.0 * memory_gb_seconds / utilization

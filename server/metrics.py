@@ -20,16 +20,19 @@ import itertools
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from costserve.server.errors import CostserveError
+
+if TYPE_CHECKING:  # read at scrape time only
+    from costserve.server.profile import VariantProfile
 
 #: Label values of ``costserve_rejected_total``: every :attr:`CostserveError.reason`, and cancelled.
 REJECTION_REASONS = (
@@ -212,6 +215,39 @@ class _TransportCalls(Collector):
         )
         calls.add_metric([], self._read())
         yield calls
+
+
+class _CostProfiles(Collector):
+    """Each model's measured cost per image by variant and batch size, and its batch limits, read at scrape time."""
+
+    def __init__(self, read: Callable[[], Sequence[tuple[str, VariantProfile]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = GaugeMetricFamily(
+            "costserve_profile_cpu_seconds_per_image",
+            "CPU-seconds one image costs on this host at each batch size (the latest version of each model; "
+            "measured at load, then a recent average of live batches).",
+            labels=["model", "precision", "batch_size"],
+        )
+        wall = GaugeMetricFamily(
+            "costserve_profile_seconds_per_image",
+            "Wall seconds per image on the inference thread at each batch size (as the CPU figure).",
+            labels=["model", "precision", "batch_size"],
+        )
+        limit = GaugeMetricFamily(
+            "costserve_batch_limit",
+            "Largest batch the server forms: where the profile's CPU per image stops falling (at most "
+            "--max-batch-size).",
+            labels=["model", "precision"],
+        )
+        for model, variant in self._read():
+            precision = variant.precision.value
+            for size, cost in variant.sizes.items():
+                cpu.add_metric([model, precision, str(size)], cost.cpu_s)
+                wall.add_metric([model, precision, str(size)], cost.wall_s)
+            limit.add_metric([model, precision], variant.batch_limit)
+        yield from (cpu, wall, limit)
 
 
 class ServiceMetrics:
@@ -397,6 +433,10 @@ class ServiceMetrics:
         """Read the provisioned cost and the utilization at scrape time."""
         self.registry.register(_ProvisionedCost(provisioned_usd))
         self.utilization.set_function(utilization)
+
+    def track_profiles(self, read: Callable[[], Sequence[tuple[str, VariantProfile]]]) -> None:
+        """Read the models' cost profiles and batch limits at scrape time."""
+        self.registry.register(_CostProfiles(read))
 
     def track_transport(self, read: Callable[[], int]) -> None:
         """Read the calls gRPC received at scrape time."""

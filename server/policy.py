@@ -6,22 +6,31 @@ wait from recent batch times, demand, CPU utilization, predicted cost of an imag
 per variant, the tenant's budget state) and returns a :class:`Decision`: a precision
 and a reason from :data:`REASONS`, a bounded label value.
 
+Which variant is cheaper per image, and which is faster, is read from the version's
+measured :class:`~costserve.server.profile.CostProfile` on this host, never assumed:
+on an AVX2-only CPU int8 can cost twice what fp32 does. Without a profile, or when
+the variants measure within a few percent of each other, int8 is taken to be the
+cheaper and faster one.
+
 * An explicit precision is honoured (``requested``) or refused with
   :class:`ConstraintUnmet` when it is below the accuracy floor or predicted above
   the cost ceiling.
-* ``AUTO`` keeps the variants that meet the floor and the ceiling; if only one is
-  left, it answers (``accuracy_floor`` or ``cost_ceiling``). Otherwise, in order:
-  a tenant near its budget gets int8 (``budget_near``); under load pressure int8
-  (``load_shed``); a deadline that fp32's predicted wait would miss but int8's would
-  not gets int8 (``deadline``); else the mode decides: ``cost_first`` takes int8,
-  ``accuracy_first`` takes fp32.
+* ``AUTO`` first sets aside the variants dominated on this host (another allowed
+  variant is cheaper, faster and at least as accurate): it never picks them, and when
+  one variant is left it answers (``dominates``). It keeps the variants that meet the
+  floor and the ceiling; if only one is left, it answers (``accuracy_floor`` or
+  ``cost_ceiling``). Otherwise, in order: a tenant near its budget gets the cheaper
+  variant (``budget_near``); under load pressure the faster one (``load_shed``); a
+  deadline that the most accurate variant's predicted wait would miss but another's
+  would not gets that other (``deadline``); else the mode decides: ``cost_first``
+  takes the cheaper variant, ``accuracy_first`` the most accurate.
 * With ``refuse_over_slo`` (``--over-slo refuse``), an ``AUTO`` request is held to
   the objective: if its variant is predicted to wait (in the event loop and the
-  batch queue) more than ``admit_fraction`` of the objective, int8 answers when
-  allowed and within it (``load_shed``), and otherwise the request is refused at
-  once with :class:`OverObjective` (RESOURCE_EXHAUSTED), so the requests accepted
-  keep the objective under overload. Explicit precisions are not held to it: they
-  queue up to ``--max-queue`` and their deadline.
+  batch queue) more than ``admit_fraction`` of the objective, the faster variant
+  answers when allowed and within it (``load_shed``), and otherwise the request is
+  refused at once with :class:`OverObjective` (RESOURCE_EXHAUSTED), so the requests
+  accepted keep the objective under overload. Explicit precisions are not held to
+  it: they queue up to ``--max-queue`` and their deadline.
 * Load pressure has hysteresis. It starts when the predicted fp32 wait exceeds
   ``enter_fraction`` of the latency objective or CPU utilization reaches
   ``utilization_high``; it ends only after the predicted wait stayed under
@@ -41,16 +50,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import Precision, PredictionRequest
 from costserve.server.errors import ConstraintUnmet, OverObjective
+
+if TYPE_CHECKING:  # the profile imports the runtimes; the policy only reads it
+    from costserve.server.profile import CostProfile
 
 POLICIES = ("cost_first", "accuracy_first")
 #: Every reason a decision may carry (the ``reason`` label of ``costserve_decisions_total``).
 REASONS = (
     "requested",
     "cache",
+    "dominates",
     "accuracy_floor",
     "cost_ceiling",
     "budget_near",
@@ -114,7 +128,8 @@ class Policy:
     ``accuracy`` maps each variant the model version has to its held-out accuracy (None
     when it was not measured: such a variant answers no request with an accuracy floor);
     ``model`` names the version in messages; ``clock`` is monotonic seconds (tests pass
-    their own).
+    their own); ``profile`` is the version's measured cost per image on this host (None:
+    int8 is assumed the cheaper and faster variant).
     """
 
     def __init__(
@@ -123,9 +138,11 @@ class Policy:
         config: PolicyConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
         model: str = "the model",
+        profile: CostProfile | None = None,
     ) -> None:
         self.accuracy: dict[Precision, float | None] = dict(accuracy or {Precision.FP32: 1.0, Precision.INT8: 1.0})
         self.model = model
+        self.profile = profile
         self.config = config or PolicyConfig()
         if self.config.mode not in POLICIES:
             raise ValueError(f"policy {self.config.mode!r} is not one of {', '.join(POLICIES)}")
@@ -222,6 +239,12 @@ class Policy:
                 f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is "
                 f"{max(known):.4f}"
             )
+        narrowed = False
+        if self.profile is not None and len(candidates) > 1:
+            dominated = self.profile.dominated(candidates, self.accuracy)
+            if dominated:
+                candidates = [precision for precision in candidates if precision not in dominated]
+                narrowed = True
         if ceiling > 0:
             count = len(request.images)
             predicted_cost = {p: load.predicted_cost_per_image_usd.get(p, 0.0) * count for p in candidates}
@@ -234,35 +257,53 @@ class Policy:
                 )
             if len(affordable) < len(candidates):
                 return self._held_to_objective(self.decision(affordable[0], "cost_ceiling"), affordable, load)
+        if narrowed and len(candidates) == 1:
+            return self._held_to_objective(self.decision(candidates[0], "dominates"), candidates, load)
         return self._held_to_objective(self._choose_auto(request, load, candidates, shedding), candidates, load)
+
+    def cheaper(self, candidates: list[Precision]) -> Precision:
+        """The candidate cheaper per image on this host (the profile's; else int8 when allowed, else the first)."""
+        measured = self.profile.cheapest(candidates) if self.profile is not None else None
+        if measured is not None:
+            return measured
+        return Precision.INT8 if Precision.INT8 in candidates else candidates[0]
+
+    def faster(self, candidates: list[Precision]) -> Precision:
+        """The candidate faster per image on this host (the profile's; else int8 when allowed, else the first)."""
+        measured = self.profile.fastest(candidates) if self.profile is not None else None
+        if measured is not None:
+            return measured
+        return Precision.INT8 if Precision.INT8 in candidates else candidates[0]
 
     def _choose_auto(
         self, request: PredictionRequest, load: Load, candidates: list[Precision], shedding: bool
     ) -> Decision:
         if len(candidates) == 1 and len(self.accuracy) > 1:
             return self.decision(candidates[0], "accuracy_floor")
-        if Precision.INT8 in candidates and Precision.FP32 in candidates:
+        if len(candidates) > 1:
             if load.budget is BudgetStatus.NEAR:
-                return self.decision(Precision.INT8, "budget_near")
+                return self.decision(self.cheaper(candidates), "budget_near")
             if shedding:
-                return self.decision(Precision.INT8, "load_shed")
+                return self.decision(self.faster(candidates), "load_shed")
             remaining = request.time_remaining_s
+            wait = load.predicted_wait_s
             if (
                 self.config.mode == "accuracy_first"
                 and remaining is not None
-                and load.predicted_wait_s.get(Precision.FP32, 0.0) > remaining
-                and load.predicted_wait_s.get(Precision.INT8, 0.0) < remaining
+                and wait.get(candidates[0], 0.0) > remaining
             ):
-                return self.decision(Precision.INT8, "deadline")
+                for precision in candidates[1:]:
+                    if wait.get(precision, 0.0) < remaining:
+                        return self.decision(precision, "deadline")
         if self.config.mode == "cost_first":
-            return self.decision(Precision.INT8 if Precision.INT8 in candidates else candidates[0], "cost_first")
-        return self.decision(Precision.FP32 if Precision.FP32 in candidates else candidates[0], "accuracy_first")
+            return self.decision(self.cheaper(candidates), "cost_first")
+        return self.decision(candidates[0], "accuracy_first")
 
     def _held_to_objective(self, decision: Decision, candidates: list[Precision], load: Load) -> Decision:
         """``decision``, held to the objective when ``refuse_over_slo`` is set.
 
-        That is ``decision`` if its variant is predicted to start in time, else int8 if
-        allowed and in time, else :class:`OverObjective`.
+        That is ``decision`` if its variant is predicted to start in time, else the faster
+        variant if allowed and in time, else :class:`OverObjective`.
         """
         if not self.config.refuse_over_slo:
             return decision
@@ -271,13 +312,10 @@ class Policy:
         wait = load.predicted_wait_s
         if wait.get(decision.precision, 0.0) <= bound:
             return decision
-        # Only toward the cheaper variant: under overload the machine's CPU is what runs short.
-        if (
-            decision.precision is not Precision.INT8
-            and Precision.INT8 in candidates
-            and wait.get(Precision.INT8, 0.0) <= bound
-        ):
-            return self.decision(Precision.INT8, "load_shed")
+        # Only toward the faster variant: under overload the machine's CPU is what runs short.
+        faster = self.faster(candidates)
+        if decision.precision is not faster and wait.get(faster, 0.0) <= bound:
+            return self.decision(faster, "load_shed")
         shortest = min(wait.get(precision, 0.0) for precision in candidates) + load.loop_lag_s
         raise OverObjective(
             f"overloaded: the variants this request allows are predicted to wait at least "

@@ -23,7 +23,9 @@ from __future__ import annotations
 import abc
 import os
 import threading
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,23 @@ from costserve.server.preprocessing import LEVEL_FLOATS, Preprocessing
 
 if TYPE_CHECKING:  # for annotations only: LiteRTRuntime imports LiteRT where it is used
     from ai_edge_litert.interpreter import Interpreter
+
+
+#: Time a warm-up spends timing one runtime, all batch sizes together, in seconds (at least one
+#: timed call per size is always made, after one untimed call).
+MEASURE_BUDGET_S = 0.15
+#: Most timed calls per batch size in a warm-up.
+MEASURE_REPEATS = 7
+
+
+@dataclass(slots=True)
+class SizeCost:
+    """What one image costs at one batch size: CPU-seconds and wall seconds."""
+
+    cpu_s: float
+    wall_s: float
+    #: Batches of this size measured while serving (0: the warm-up's measurement only).
+    live_batches: int = 0
 
 
 def levels_to_floats(levels: np.ndarray) -> np.ndarray:
@@ -49,6 +68,15 @@ def allowed_batch_sizes(max_batch_size: int) -> list[int]:
     if sizes[-1] != max_batch_size:
         sizes.append(max_batch_size)
     return sizes
+
+
+def run_runtime(runtime: Runtime, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Classify images given as uint8 levels or float32 pixels in [0, 1], as one batch."""
+    if all(image.dtype == np.uint8 for image in images):
+        return runtime.predict_levels(np.stack(images))
+    return runtime.predict(
+        np.stack([levels_to_floats(image) if image.dtype == np.uint8 else image for image in images])
+    )
 
 
 class Runtime(abc.ABC):
@@ -79,10 +107,35 @@ class Runtime(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional: a runtime with nothing to release inherits the no-op
         """Release what the runtime holds beyond Python objects (a no-op unless it holds some)."""
 
-    def warm_up(self, batch_sizes: Sequence[int]) -> None:
-        """Run every batch size once so that no graph or tensor is built while serving."""
+    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
+        """Run every batch size, so that nothing is built while serving, and time it: the cost of an image at each.
+
+        Each size is called once untimed, then timed up to :data:`MEASURE_REPEATS` times within
+        its share of ``budget_s``, on images of random uint8 levels: the path a batch of
+        encoded or uint8 images takes. The fastest call counts (what the others add is other
+        work on the host, not this model's cost). CPU is the calling thread's when the runtime
+        works on it alone, else the process's. Run it off the event loop.
+        """
+        rng = np.random.default_rng(0)
+        cpu_clock = time.thread_time if self.runs_on_calling_thread else time.process_time
+        per_size_s = budget_s / max(len(batch_sizes), 1)
+        costs: dict[int, SizeCost] = {}
         for size in batch_sizes:
-            self.predict(np.zeros((size, *self.input_shape), dtype=np.float32))
+            images = list(rng.integers(0, 256, size=(size, *self.input_shape), dtype=np.uint8))
+            run_runtime(self, images)
+            cpu_best = wall_best = float("inf")
+            spent = 0.0
+            repeats = 0
+            while repeats < MEASURE_REPEATS and (repeats == 0 or spent < per_size_s):
+                wall_started, cpu_started = time.perf_counter(), cpu_clock()
+                run_runtime(self, images)
+                cpu_best = min(cpu_best, cpu_clock() - cpu_started)
+                wall = time.perf_counter() - wall_started
+                wall_best = min(wall_best, wall)
+                spent += wall
+                repeats += 1
+            costs[size] = SizeCost(cpu_s=cpu_best / size, wall_s=wall_best / size)
+        return costs
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:

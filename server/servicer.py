@@ -328,7 +328,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                     is_default=status.is_default,
                     versions=[
                         pb.VersionStatus(
-                            version=version.version, state=STATE_TO_PROTO[version.state], reason=version.reason
+                            version=version.version,
+                            state=STATE_TO_PROTO[version.state],
+                            reason=version.reason,
+                            cost_verdict=core.cost_verdict(status.name, version.version),
                         )
                         for version in status.versions
                     ],
@@ -362,6 +365,9 @@ def model_info_to_proto(model: LoadedModel, max_images_per_request: int) -> pb.M
     )
     if metadata.int8_agreement is not None and len(model.runtimes) > 1:
         info.int8_agreement = metadata.int8_agreement
+    profile = model.profile
+    if profile is not None:
+        info.cost_verdict = profile.verdict()
     for precision in model.runtimes:
         variant = model.variant(precision)
         entry = info.variants.add(
@@ -374,4 +380,14 @@ def model_info_to_proto(model: LoadedModel, max_images_per_request: int) -> pb.M
         )
         if variant.accuracy is not None:
             entry.accuracy = variant.accuracy
+        measured = profile.variants.get(precision) if profile is not None else None
+        if measured is not None:
+            entry.batch_limit = measured.batch_limit
+            for size, cost in measured.sizes.items():
+                entry.cost_profile.add(
+                    batch_size=size,
+                    cpu_seconds_per_image=cost.cpu_s,
+                    seconds_per_image=cost.wall_s,
+                    live_batches=cost.live_batches,
+                )
     return info

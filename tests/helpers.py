@@ -6,13 +6,17 @@ import io
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from costserve.server.runtimes import Runtime
+from costserve.server.domain import Precision
+from costserve.server.profile import CostProfile, VariantProfile
+from costserve.server.runtimes import MEASURE_BUDGET_S, Runtime, SizeCost
 
 
 class SpyRuntime(Runtime):
@@ -33,8 +37,8 @@ class SpyRuntime(Runtime):
     def images_computed(self) -> int:
         return sum(self.batches)
 
-    def warm_up(self, batch_sizes: list[int]) -> None:  # type: ignore[override]
-        self.inner.warm_up(batch_sizes)
+    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
+        return self.inner.warm_up(batch_sizes, budget_s)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self.entered.set()
@@ -43,6 +47,25 @@ class SpyRuntime(Runtime):
         if self.poison_value is not None and np.any(np.all(batch == self.poison_value, axis=(1, 2, 3))):
             raise RuntimeError("poisoned batch")
         return self.inner.predict(batch)
+
+
+class CostedRuntime(SpyRuntime):
+    """A real runtime that also burns the CPU a test states per image at each batch size, so that both
+    its warm-up measurement and its live batches see those costs."""
+
+    def __init__(self, inner: Runtime, cpu_per_image: Callable[[int], float]) -> None:
+        super().__init__(inner)
+        self.cpu_per_image = cpu_per_image
+
+    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
+        return Runtime.warm_up(self, batch_sizes, budget_s)  # measured through predict, costs and all
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        answer = super().predict(batch)
+        until = time.thread_time() + self.cpu_per_image(len(batch)) * len(batch)
+        while time.thread_time() < until:
+            pass
+        return answer
 
 
 def sample_sum(registry: Any, name: str, labels: dict[str, str] | None = None) -> float:
@@ -115,3 +138,33 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def flat_profile(
+    cpu_per_image: dict[Precision, float], batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32)
+) -> CostProfile:
+    """A cost profile the test states: each variant costs the same per image at every batch size."""
+    return CostProfile(
+        VariantProfile(precision, {size: SizeCost(cost, cost) for size in batch_sizes})
+        for precision, cost in cpu_per_image.items()
+    )
+
+
+#: The host the first benchmarks ran on (AVX-512): int8 costs about half what fp32 does per image.
+INT8_CHEAPER = {Precision.FP32: 2e-4, Precision.INT8: 1e-4}
+#: An AVX2-only host: int8 costs about twice what fp32 does per image.
+INT8_SLOWER = {Precision.FP32: 1e-4, Precision.INT8: 2e-4}
+
+
+def state_costs(server: Any, cpu_per_image: dict[Precision, float]) -> CostProfile:
+    """Replace the measured profile of ``server``'s default version with one the test states.
+
+    What int8 costs against fp32 depends on the host's CPU, so a test of a decision that
+    depends on it says which host it means.
+    """
+    served = server.core.default
+    profile = flat_profile(cpu_per_image, sorted(next(iter(served.model.profile.variants.values())).sizes))
+    served.model.profile = served.policy.profile = profile
+    for precision, batcher in served.batchers.items():
+        batcher.profile = profile.variants[precision]
+    return profile

@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import EXAMPLES, RunningServer
+from helpers import INT8_CHEAPER, state_costs
 
 from costserve import AsyncClient, Client, cost_usd, predict_request
 from costserve.server.repository.store import LoadedModel
@@ -40,14 +41,17 @@ def budgeted(start_budgeted_server: Callable[..., RunningServer]) -> RunningServ
 
 @pytest.fixture
 def floored(start_server: Callable[..., RunningServer], loaded_model: LoadedModel) -> RunningServer:
-    """A cost-first server whose variants claim 0.98 (fp32) and 0.96 (int8) held-out accuracy."""
+    """A cost-first server whose variants claim 0.98 (fp32) and 0.96 (int8) held-out accuracy, on a host where
+    int8 is the cheaper."""
     metadata = loaded_model.metadata
     variants = {
         "fp32": dataclasses.replace(metadata.variants["fp32"], accuracy=0.98),
         "int8": dataclasses.replace(metadata.variants["int8"], accuracy=0.96),
     }
     model = dataclasses.replace(loaded_model, metadata=dataclasses.replace(metadata, variants=variants))
-    return start_server(model=model, policy="cost_first")
+    server = start_server(model=model, policy="cost_first")
+    state_costs(server, INT8_CHEAPER)
+    return server
 
 
 def test_predict_request_carries_every_option() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,7 +39,7 @@ from costserve.server.errors import (
 )
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import LoadedModel, ModelMetadata, VariantInfo
-from costserve.server.runtimes import Runtime
+from costserve.server.runtimes import Runtime, SizeCost
 from costserve.server.settings import Settings
 
 T = TypeVar("T")
@@ -61,9 +61,12 @@ class NumpyRuntime(Runtime):
         self.fail = False
         self.gate = threading.Event()
         self.gate.set()
+        #: CPU-seconds per image at each batch size, as the warm-up reports it (flat unless a test sets it).
+        self.cost_per_image: Callable[[int], float] = lambda size: 1e-5
 
-    def warm_up(self, batch_sizes: Any) -> None:
-        """Nothing to warm."""
+    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = 0.0) -> dict[int, SizeCost]:
+        """Nothing to warm: reports the cost per image the test set."""
+        return {size: SizeCost(self.cost_per_image(size), self.cost_per_image(size)) for size in batch_sizes}
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         assert self.gate.wait(timeout=30), "test never opened the gate"

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer
-from helpers import FakeClock, SpyRuntime
+from helpers import INT8_CHEAPER, INT8_SLOWER, FakeClock, SpyRuntime, state_costs
 
 from costserve import Client, image_message
 from costserve.server.budgets import period_start
@@ -40,6 +40,7 @@ def _decisions(server: RunningServer, precision: str, reason: str) -> float:
 
 
 def test_reason_is_in_the_response_and_counted(server: RunningServer) -> None:
+    state_costs(server, INT8_CHEAPER)
     channel, stub = _stub(server)
     with channel:
         auto = stub.Predict(_request(1), timeout=30)
@@ -57,12 +58,19 @@ def test_reason_is_in_the_response_and_counted(server: RunningServer) -> None:
     assert _decisions(server, "fp32", "load_shed") == 0  # series exist before traffic
 
 
-def test_cost_first_answers_auto_with_int8(start_server: Callable[..., RunningServer]) -> None:
+def test_cost_first_answers_auto_with_the_variant_cheaper_on_the_host(
+    start_server: Callable[..., RunningServer],
+) -> None:
     server = start_server(policy="cost_first")
+    state_costs(server, INT8_CHEAPER)
     channel, stub = _stub(server)
     with channel:
         reply = stub.Predict(_request(3), timeout=30)
-    assert reply.decision_reason == "cost_first" and reply.predictions[0].precision == pb.PRECISION_INT8
+        assert reply.decision_reason == "cost_first" and reply.predictions[0].precision == pb.PRECISION_INT8
+        # On a host where int8 is slower, and no more accurate, AUTO never picks it.
+        state_costs(server, INT8_SLOWER)
+        reply = stub.Predict(_request(4), timeout=30)
+        assert reply.decision_reason == "dominates" and reply.predictions[0].precision == pb.PRECISION_FP32
 
 
 def test_accuracy_floor_is_honoured_or_refused(
@@ -76,6 +84,7 @@ def test_accuracy_floor_is_honoured_or_refused(
     }
     model = dataclasses.replace(loaded_model, metadata=dataclasses.replace(metadata, variants=variants))
     server = start_server(model=model, policy="cost_first")
+    state_costs(server, INT8_CHEAPER)
     with Client(server.target, timeout=30) as client:
         assert client.predict([_pixels(4)]).decision_reason == "cost_first"
         reply = client.predict([_pixels(5)], min_accuracy=0.97)
@@ -122,6 +131,7 @@ def test_a_backed_up_fp32_queue_sheds_auto_to_int8_until_load_stays_low(
         max_batch_size=1,
         cache_size=0,
     )
+    state_costs(server, INT8_CHEAPER)
     fp32 = spies[Precision.FP32]
     # The demand window and the policy's hold run on the core's clock, which the test drives.
     clock = FakeClock()
@@ -168,6 +178,7 @@ def test_over_slo_refuse_refuses_auto_at_once_when_every_variant_is_backed_up(
         max_batch_size=1,
         cache_size=0,
     )
+    state_costs(server, INT8_CHEAPER)
     channel, stub = _stub(server)
     with channel:
         # A fresh, idle server serves AUTO: start-up's own stalls do not count as load.
@@ -204,6 +215,7 @@ def test_budget_degrades_then_refuses_then_resets(start_budgeted_server: Callabl
     server = start_budgeted_server(
         "near_fraction = 0.5\n[tenants.acme]\nusd_per_hour = 1e-06\n[tenants.globex]\nusd_per_hour = 1.0\n"
     )
+    state_costs(server, INT8_CHEAPER)
     reasons: list[str] = []
     spent: list[float] = []
     with Client(server.target, timeout=30) as client:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostserve/v1/classifier.proto\x12\x0c\x63ostserve.v1\"I\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.costserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.costserve.v1.PixelsH\x00\x42\x06\n\x04\x64\x61ta\"\xdb\x01\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.costserve.v1.Image\x12*\n\tprecision\x18\x02 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\x12\x14\n\x0cmin_accuracy\x18\x04 \x01(\x01\x12\x14\n\x0cmax_cost_usd\x18\x05 \x01(\x01\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\"\xb9\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nlabel_name\x18\x07 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\x05\"\xa9\x01\n\x04\x43ost\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_usd\x18\x02 \x01(\x01\x12\x12\n\nmemory_usd\x18\x03 \x01(\x01\x12\x13\n\x0bnetwork_usd\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x05 \x01(\x01\x12\x19\n\x11memory_gb_seconds\x18\x06 \x01(\x01\x12\x15\n\rnetwork_bytes\x18\x07 \x01(\x03\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"\xbe\x01\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.costserve.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12 \n\x04\x63ost\x18\x03 \x01(\x0b\x32\x12.costserve.v1.Cost\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x05 \x01(\t\x12\x12\n\nmodel_name\x18\x06 \x01(\t\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xcf\x01\n\x07Variant\x12*\n\tprecision\x18\x01 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x15\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x1a\n\x12latency_ms_batch_1\x18\x06 \x01(\x01\x12&\n\x1elatency_ms_per_image_max_batch\x18\x07 \x01(\x01\x42\x0b\n\t_accuracy\"o\n\rPreprocessing\x12\x12\n\ncolor_mode\x18\x01 \x01(\t\x12\x0e\n\x06resize\x18\x02 \x01(\t\x12\x0f\n\x07scaling\x18\x03 \x01(\t\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x0e\n\x06output\x18\x06 \x01(\t\"\xc1\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x08variants\x18\x05 \x03(\x0b\x32\x15.costserve.v1.Variant\x12\x18\n\x10holdout_examples\x18\x06 \x01(\x03\x12\x15\n\rtraining_data\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05\x12\x32\n\rpreprocessing\x18\n \x01(\x0b\x32\x1b.costserve.v1.Preprocessing\x12\x1b\n\x0eint8_agreement\x18\x0b \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_int8_agreement\"\x13\n\x11ListModelsRequest\"\xd1\x01\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.costserve.v1.VersionStatus.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"m\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x13\n\x0fSTATE_AVAILABLE\x10\x02\x12\x13\n\x0fSTATE_UNLOADING\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"^\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.costserve.v1.VersionStatus\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.costserve.v1.ModelStatus*G\n\tPrecision\x12\x12\n\x0ePRECISION_AUTO\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02*+\n\x05\x44Type\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x32\xc3\x02\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.costserve.v1.GetModelInfoRequest\x1a\x17.costserve.v1.ModelInfo\x12O\n\nListModels\x12\x1f.costserve.v1.ListModelsRequest\x1a .costserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63ostserve/v1/classifier.proto\x12\x0c\x63ostserve.v1\"I\n\x06Pixels\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.costserve.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x06pixels\x18\x02 \x01(\x0b\x32\x14.costserve.v1.PixelsH\x00\x42\x06\n\x04\x64\x61ta\"\xdb\x01\n\x0ePredictRequest\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.costserve.v1.Image\x12*\n\tprecision\x18\x02 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nskip_cache\x18\x03 \x01(\x08\x12\x14\n\x0cmin_accuracy\x18\x04 \x01(\x01\x12\x14\n\x0cmax_cost_usd\x18\x05 \x01(\x01\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\x05\"\xb9\x01\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\x05\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x15\n\rprobabilities\x18\x03 \x03(\x02\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12*\n\tprecision\x18\x05 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x12\n\nlabel_name\x18\x07 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x08 \x03(\x05\"\xa9\x01\n\x04\x43ost\x12\x0b\n\x03usd\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_usd\x18\x02 \x01(\x01\x12\x12\n\nmemory_usd\x18\x03 \x01(\x01\x12\x13\n\x0bnetwork_usd\x18\x04 \x01(\x01\x12\x13\n\x0b\x63pu_seconds\x18\x05 \x01(\x01\x12\x19\n\x11memory_gb_seconds\x18\x06 \x01(\x01\x12\x15\n\rnetwork_bytes\x18\x07 \x01(\x03\x12\x13\n\x0butilization\x18\x08 \x01(\x01\"\xbe\x01\n\x0fPredictResponse\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.costserve.v1.Prediction\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12 \n\x04\x63ost\x18\x03 \x01(\x0b\x32\x12.costserve.v1.Cost\x12\x16\n\x0eserver_seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ision_reason\x18\x05 \x01(\t\x12\x12\n\nmodel_name\x18\x06 \x01(\t\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x93\x02\n\x07Variant\x12*\n\tprecision\x18\x01 \x01(\x0e\x32\x17.costserve.v1.Precision\x12\x15\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x1a\n\x12latency_ms_batch_1\x18\x06 \x01(\x01\x12&\n\x1elatency_ms_per_image_max_batch\x18\x07 \x01(\x01\x12-\n\x0c\x63ost_profile\x18\x08 \x03(\x0b\x32\x17.costserve.v1.BatchCost\x12\x13\n\x0b\x62\x61tch_limit\x18\t \x01(\x05\x42\x0b\n\t_accuracy\"o\n\tBatchCost\x12\x12\n\nbatch_size\x18\x01 \x01(\x05\x12\x1d\n\x15\x63pu_seconds_per_image\x18\x02 \x01(\x01\x12\x19\n\x11seconds_per_image\x18\x03 \x01(\x01\x12\x14\n\x0clive_batches\x18\x04 \x01(\x03\"o\n\rPreprocessing\x12\x12\n\ncolor_mode\x18\x01 \x01(\t\x12\x0e\n\x06resize\x18\x02 \x01(\t\x12\x0f\n\x07scaling\x18\x03 \x01(\t\x12\x0c\n\x04mean\x18\x04 \x03(\x01\x12\x0b\n\x03std\x18\x05 \x03(\x01\x12\x0e\n\x06output\x18\x06 \x01(\t\"\xd7\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0binput_shape\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x08variants\x18\x05 \x03(\x0b\x32\x15.costserve.v1.Variant\x12\x18\n\x10holdout_examples\x18\x06 \x01(\x03\x12\x15\n\rtraining_data\x18\x07 \x01(\t\x12\x12\n\ncreated_at\x18\x08 \x01(\t\x12\x1e\n\x16max_images_per_request\x18\t \x01(\x05\x12\x32\n\rpreprocessing\x18\n \x01(\x0b\x32\x1b.costserve.v1.Preprocessing\x12\x1b\n\x0eint8_agreement\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x0c\x63ost_verdict\x18\x0c \x01(\tB\x11\n\x0f_int8_agreement\"\x13\n\x11ListModelsRequest\"\xe7\x01\n\rVersionStatus\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.costserve.v1.VersionStatus.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x63ost_verdict\x18\x04 \x01(\t\"m\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_LOADING\x10\x01\x12\x13\n\x0fSTATE_AVAILABLE\x10\x02\x12\x13\n\x0fSTATE_UNLOADING\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\"^\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nis_default\x18\x02 \x01(\x08\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.costserve.v1.VersionStatus\"?\n\x12ListModelsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.costserve.v1.ModelStatus*G\n\tPrecision\x12\x12\n\x0ePRECISION_AUTO\x10\x00\x12\x12\n\x0ePRECISION_FP32\x10\x01\x12\x12\n\x0ePRECISION_INT8\x10\x02*+\n\x05\x44Type\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x32\xc3\x02\n\nClassifier\x12\x46\n\x07Predict\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse\x12P\n\rPredictStream\x12\x1c.costserve.v1.PredictRequest\x1a\x1d.costserve.v1.PredictResponse(\x01\x30\x01\x12J\n\x0cGetModelInfo\x12!.costserve.v1.GetModelInfoRequest\x1a\x17.costserve.v1.ModelInfo\x12O\n\nListModels\x12\x1f.costserve.v1.ListModelsRequest\x1a .costserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'costserve.v1.classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRECISION']._serialized_start=2080
-  _globals['_PRECISION']._serialized_end=2151
-  _globals['_DTYPE']._serialized_start=2153
-  _globals['_DTYPE']._serialized_end=2196
+  _globals['_PRECISION']._serialized_start=2305
+  _globals['_PRECISION']._serialized_end=2376
+  _globals['_DTYPE']._serialized_start=2378
+  _globals['_DTYPE']._serialized_end=2421
   _globals['_PIXELS']._serialized_start=47
   _globals['_PIXELS']._serialized_end=120
   _globals['_IMAGE']._serialized_start=122
@@ -50,21 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=973
   _globals['_GETMODELINFOREQUEST']._serialized_end=1037
   _globals['_VARIANT']._serialized_start=1040
-  _globals['_VARIANT']._serialized_end=1247
-  _globals['_PREPROCESSING']._serialized_start=1249
-  _globals['_PREPROCESSING']._serialized_end=1360
-  _globals['_MODELINFO']._serialized_start=1363
-  _globals['_MODELINFO']._serialized_end=1684
-  _globals['_LISTMODELSREQUEST']._serialized_start=1686
-  _globals['_LISTMODELSREQUEST']._serialized_end=1705
-  _globals['_VERSIONSTATUS']._serialized_start=1708
-  _globals['_VERSIONSTATUS']._serialized_end=1917
-  _globals['_VERSIONSTATUS_STATE']._serialized_start=1808
-  _globals['_VERSIONSTATUS_STATE']._serialized_end=1917
-  _globals['_MODELSTATUS']._serialized_start=1919
-  _globals['_MODELSTATUS']._serialized_end=2013
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2015
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2078
-  _globals['_CLASSIFIER']._serialized_start=2199
-  _globals['_CLASSIFIER']._serialized_end=2522
+  _globals['_VARIANT']._serialized_end=1315
+  _globals['_BATCHCOST']._serialized_start=1317
+  _globals['_BATCHCOST']._serialized_end=1428
+  _globals['_PREPROCESSING']._serialized_start=1430
+  _globals['_PREPROCESSING']._serialized_end=1541
+  _globals['_MODELINFO']._serialized_start=1544
+  _globals['_MODELINFO']._serialized_end=1887
+  _globals['_LISTMODELSREQUEST']._serialized_start=1889
+  _globals['_LISTMODELSREQUEST']._serialized_end=1908
+  _globals['_VERSIONSTATUS']._serialized_start=1911
+  _globals['_VERSIONSTATUS']._serialized_end=2142
+  _globals['_VERSIONSTATUS_STATE']._serialized_start=2033
+  _globals['_VERSIONSTATUS_STATE']._serialized_end=2142
+  _globals['_MODELSTATUS']._serialized_start=2144
+  _globals['_MODELSTATUS']._serialized_end=2238
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2240
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2303
+  _globals['_CLASSIFIER']._serialized_start=2424
+  _globals['_CLASSIFIER']._serialized_end=2747
 # @@protoc_insertion_point(module_scope)

@@ -126,7 +126,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class Variant(_message.Message):
-    __slots__ = ("precision", "accuracy", "size_bytes", "format", "path", "latency_ms_batch_1", "latency_ms_per_image_max_batch")
+    __slots__ = ("precision", "accuracy", "size_bytes", "format", "path", "latency_ms_batch_1", "latency_ms_per_image_max_batch", "cost_profile", "batch_limit")
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,8 @@ class Variant(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_BATCH_1_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_PER_IMAGE_MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    COST_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_LIMIT_FIELD_NUMBER: _ClassVar[int]
     precision: Precision
     accuracy: float
     size_bytes: int
@@ -141,7 +143,21 @@ class Variant(_message.Message):
     path: str
     latency_ms_batch_1: float
     latency_ms_per_image_max_batch: float
-    def __init__(self, precision: _Optional[_Union[Precision, str]] = ..., accuracy: _Optional[float] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., path: _Optional[str] = ..., latency_ms_batch_1: _Optional[float] = ..., latency_ms_per_image_max_batch: _Optional[float] = ...) -> None: ...
+    cost_profile: _containers.RepeatedCompositeFieldContainer[BatchCost]
+    batch_limit: int
+    def __init__(self, precision: _Optional[_Union[Precision, str]] = ..., accuracy: _Optional[float] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., path: _Optional[str] = ..., latency_ms_batch_1: _Optional[float] = ..., latency_ms_per_image_max_batch: _Optional[float] = ..., cost_profile: _Optional[_Iterable[_Union[BatchCost, _Mapping]]] = ..., batch_limit: _Optional[int] = ...) -> None: ...
+
+class BatchCost(_message.Message):
+    __slots__ = ("batch_size", "cpu_seconds_per_image", "seconds_per_image", "live_batches")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    cpu_seconds_per_image: float
+    seconds_per_image: float
+    live_batches: int
+    def __init__(self, batch_size: _Optional[int] = ..., cpu_seconds_per_image: _Optional[float] = ..., seconds_per_image: _Optional[float] = ..., live_batches: _Optional[int] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("color_mode", "resize", "scaling", "mean", "std", "output")
@@ -160,7 +176,7 @@ class Preprocessing(_message.Message):
     def __init__(self, color_mode: _Optional[str] = ..., resize: _Optional[str] = ..., scaling: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., output: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "input_shape", "labels", "variants", "holdout_examples", "training_data", "created_at", "max_images_per_request", "preprocessing", "int8_agreement")
+    __slots__ = ("name", "version", "input_shape", "labels", "variants", "holdout_examples", "training_data", "created_at", "max_images_per_request", "preprocessing", "int8_agreement", "cost_verdict")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +188,7 @@ class ModelInfo(_message.Message):
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     INT8_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    COST_VERDICT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     input_shape: _containers.RepeatedScalarFieldContainer[int]
@@ -183,14 +200,15 @@ class ModelInfo(_message.Message):
     max_images_per_request: int
     preprocessing: Preprocessing
     int8_agreement: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., holdout_examples: _Optional[int] = ..., training_data: _Optional[str] = ..., created_at: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., int8_agreement: _Optional[float] = ...) -> None: ...
+    cost_verdict: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., holdout_examples: _Optional[int] = ..., training_data: _Optional[str] = ..., created_at: _Optional[str] = ..., max_images_per_request: _Optional[int] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., int8_agreement: _Optional[float] = ..., cost_verdict: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class VersionStatus(_message.Message):
-    __slots__ = ("version", "state", "reason")
+    __slots__ = ("version", "state", "reason", "cost_verdict")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VersionStatus.State]
@@ -206,10 +224,12 @@ class VersionStatus(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    COST_VERDICT_FIELD_NUMBER: _ClassVar[int]
     version: str
     state: VersionStatus.State
     reason: str
-    def __init__(self, version: _Optional[str] = ..., state: _Optional[_Union[VersionStatus.State, str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    cost_verdict: str
+    def __init__(self, version: _Optional[str] = ..., state: _Optional[_Union[VersionStatus.State, str]] = ..., reason: _Optional[str] = ..., cost_verdict: _Optional[str] = ...) -> None: ...
 
 class ModelStatus(_message.Message):
     __slots__ = ("name", "is_default", "versions")

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 from costserve.server.domain import Precision
 from costserve.server.preprocessing import Preprocessing
+from costserve.server.profile import CostProfile
 from costserve.server.runtimes import LiteRTRuntime, Runtime, SavedModelRuntime
 
 if sys.version_info >= (3, 11):
@@ -287,6 +288,9 @@ class LoadedModel:
     #: Variants served from another artifact than their own ``path`` (fp32 on LiteRT): that artifact's
     #: path, format and size.
     served: dict[Precision, VariantInfo] = field(default_factory=dict)
+    #: What an image costs each variant on this host, by batch size: measured when the version is
+    #: switched in, then kept current by live batches (None until then).
+    profile: CostProfile | None = None
 
     @property
     def name(self) -> str:

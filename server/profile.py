@@ -1,0 +1,157 @@
+"""What computing an image costs on this host, per variant and batch size: measured, not assumed.
+
+Whether int8 is cheaper than fp32, and whether a larger batch is cheaper per image,
+depends on the CPU (AVX-512 and VNNI favour int8; on an AVX2-only host int8 can be
+twice as slow) and on the model. So when a version is loaded, each variant's
+warm-up (:meth:`~costserve.server.runtimes.Runtime.warm_up`) times it at each allowed
+batch size on the inference path the batcher uses (stacking uint8 images,
+preprocessing, the runtime), off the event loop, in a fraction of a second. Live
+batches then keep the figures current (:meth:`VariantProfile.observe`, a recent
+average per batch size).
+
+Two decisions read the profile:
+
+* the batcher's **batch limit** (:attr:`VariantProfile.batch_limit`): batches stop
+  growing where the CPU per image stops falling, at the largest allowed size within
+  :data:`FLAT_TOLERANCE` of the cheapest (``--max-batch-size`` stays the upper bound).
+  Where the cost per image is flat the largest size is kept: each batch also costs the
+  event loop a hand-off that the runtime's figures do not show, and fewer batches pay
+  it fewer times;
+* the policy's orderings (:class:`CostProfile`): the cheaper variant per image, the
+  faster one, and variants **dominated** on this host (another allowed variant is
+  cheaper, faster and at least as accurate), which ``AUTO`` never picks.
+
+Each variant is compared at its batch limit, the size its batches run at under load,
+when cost and throughput matter most.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from costserve.server.domain import Precision
+from costserve.server.runtimes import SizeCost
+
+#: A batch size whose CPU per image is within this share of the cheapest counts as cheapest.
+FLAT_TOLERANCE = 0.10
+#: One variant must beat another by more than this share to count as cheaper or faster.
+MARGIN = 0.05
+#: Weight of a live batch in a batch size's recent average.
+LIVE_WEIGHT = 0.1
+
+
+class VariantProfile:
+    """The measured cost per image of one variant at each allowed batch size, and its batch limit."""
+
+    def __init__(self, precision: Precision, sizes: Mapping[int, SizeCost]) -> None:
+        if not sizes:
+            raise ValueError("a profile needs at least one batch size")
+        self.precision = precision
+        self.sizes: dict[int, SizeCost] = dict(sorted(sizes.items()))
+        #: Largest batch the batcher forms: where the CPU per image stops falling.
+        self.batch_limit = self._cheapest_size()
+
+    def cpu_per_image(self) -> float:
+        """CPU-seconds per image at the batch limit."""
+        return self.sizes[self.batch_limit].cpu_s
+
+    def wall_per_image(self) -> float:
+        """Wall seconds per image at the batch limit (one inference thread: the inverse of its throughput)."""
+        return self.sizes[self.batch_limit].wall_s
+
+    def at(self, batch_size: int) -> SizeCost:
+        """The cost per image at the smallest profiled size of at least ``batch_size`` (else the largest)."""
+        for size, cost in self.sizes.items():
+            if size >= batch_size:
+                return cost
+        return self.sizes[max(self.sizes)]
+
+    def observe(self, batch_size: int, cpu_seconds: float, wall_seconds: float) -> bool:
+        """Fold in a live batch of ``batch_size`` images that used ``cpu_seconds`` over ``wall_seconds``.
+
+        Only batches of a profiled size count (a padded partial batch would mix two sizes).
+        Returns True when the batch limit changed.
+        """
+        cost = self.sizes.get(batch_size)
+        if cost is None:
+            return False
+        cost.cpu_s += LIVE_WEIGHT * (cpu_seconds / batch_size - cost.cpu_s)
+        cost.wall_s += LIVE_WEIGHT * (wall_seconds / batch_size - cost.wall_s)
+        cost.live_batches += 1
+        # Hysteresis: the limit moves only once its size is no longer among the cheapest.
+        cheapest = min(size_cost.cpu_s for size_cost in self.sizes.values())
+        if self.sizes[self.batch_limit].cpu_s <= cheapest * (1 + FLAT_TOLERANCE):
+            return False
+        self.batch_limit = self._cheapest_size()
+        return True
+
+    def why(self) -> str:
+        """Why batches stop at the limit, in one line for logs."""
+        per_image = ", ".join(f"{size}: {cost.cpu_s * 1e6:.1f}" for size, cost in self.sizes.items())
+        largest = max(self.sizes)
+        if self.batch_limit == largest:
+            return f"CPU per image falls up to the largest batch (µs per image by batch size: {per_image})"
+        return f"CPU per image stops falling at batch {self.batch_limit} (µs per image by batch size: {per_image})"
+
+    def _cheapest_size(self) -> int:
+        cheapest = min(cost.cpu_s for cost in self.sizes.values())
+        return max(size for size, cost in self.sizes.items() if cost.cpu_s <= cheapest * (1 + FLAT_TOLERANCE))
+
+
+class CostProfile:
+    """The measured profiles of a version's variants, and the orderings the policy reads from them."""
+
+    def __init__(self, variants: Iterable[VariantProfile]) -> None:
+        self.variants: dict[Precision, VariantProfile] = {variant.precision: variant for variant in variants}
+
+    def cheapest(self, candidates: Sequence[Precision]) -> Precision | None:
+        """The candidate with the lowest CPU per image, when it beats every other by :data:`MARGIN`; else None."""
+        return self._best(candidates, VariantProfile.cpu_per_image)
+
+    def fastest(self, candidates: Sequence[Precision]) -> Precision | None:
+        """The candidate with the lowest wall time per image, when it beats every other by :data:`MARGIN`; else None."""
+        return self._best(candidates, VariantProfile.wall_per_image)
+
+    def dominated(self, candidates: Sequence[Precision], accuracy: Mapping[Precision, float | None]) -> set[Precision]:
+        """Candidates another candidate beats on this host: cheaper and faster, and at least as accurate."""
+        return {
+            precision
+            for precision in candidates
+            for other in candidates
+            if other is not precision and self._beats(other, precision) and _as_accurate(other, precision, accuracy)
+        }
+
+    def verdict(self) -> str:
+        """One line comparing the variants per image at their batch limits (empty with fewer than two)."""
+        if Precision.FP32 not in self.variants or Precision.INT8 not in self.variants:
+            return ""
+        fp32, int8 = self.variants[Precision.FP32], self.variants[Precision.INT8]
+        ratio = int8.cpu_per_image() / fp32.cpu_per_image()
+        at = (
+            f"at batch {fp32.batch_limit}"
+            if fp32.batch_limit == int8.batch_limit
+            else f"at their batch limits ({fp32.batch_limit} and {int8.batch_limit})"
+        )
+        return f"on this host int8 costs {ratio:.2g}x fp32 per image {at}"
+
+    def _beats(self, better: Precision, worse: Precision) -> bool:
+        a, b = self.variants.get(better), self.variants.get(worse)
+        if a is None or b is None:
+            return False
+        cheaper = a.cpu_per_image() * (1 + MARGIN) < b.cpu_per_image()
+        return cheaper and a.wall_per_image() * (1 + MARGIN) < b.wall_per_image()
+
+    def _best(self, candidates: Sequence[Precision], per_image: Callable[[VariantProfile], float]) -> Precision | None:
+        measured = [(per_image(self.variants[p]), p) for p in candidates if p in self.variants]
+        if len(measured) < 2 or len(measured) < len(candidates):
+            return None
+        measured.sort(key=lambda item: item[0])
+        (best_cost, best), (runner_up, _) = measured[0], measured[1]
+        return best if best_cost * (1 + MARGIN) < runner_up else None
+
+
+def _as_accurate(better: Precision, worse: Precision, accuracy: Mapping[Precision, float | None]) -> bool:
+    a, b = accuracy.get(better), accuracy.get(worse)
+    if b is None:
+        return True  # unknown accuracy claims nothing over a variant that is cheaper and faster
+    return a is not None and a >= b
