@@ -277,10 +277,10 @@ class InferenceCore:
             },
         )
         log.info(
-            "model %s version %s measured on this host%s; batches stop at %s",
+            "model %s version %s: %s; batches stop at %s",
             name,
             model.version,
-            f": {profile.verdict()}" if profile.verdict() else "",
+            profile.verdict() or "cost per image measured on this host",
             ", ".join(f"{variant.batch_limit} ({precision.value})" for precision, variant in profile.variants.items()),
         )
         for batcher in batchers.values():
