@@ -324,16 +324,26 @@ def _print_cost_profile(info: pb.ModelInfo) -> None:
     if not measured:
         return
     sizes = sorted({cost.batch_size for variant in measured for cost in variant.cost_profile})
-    print("CPU per image on the server's host, in µs, by batch size (* the batch limit: batches stop there):")
+    print(
+        "CPU per image on the server's host, in µs, by batch size, measured at load (* the batch limit: "
+        "batches stop there; live: recent batches, under the load of the moment):"
+    )
     print(f"{'variant':<8}" + "".join(f"{size:>9}" for size in sizes))
     for variant in measured:
         by_size = {cost.batch_size: cost for cost in variant.cost_profile}
+        name = PRECISION_NAMES.get(variant.precision, "?")
         cells = []
         for size in sizes:
             cost = by_size.get(size)
             mark = "*" if size == variant.batch_limit else ""
             cells.append(f"{mark}{cost.cpu_seconds_per_image * 1e6:.1f}" if cost else "-")
-        print(f"{PRECISION_NAMES.get(variant.precision, '?'):<8}" + "".join(f"{cell:>9}" for cell in cells))
+        print(f"{name:<8}" + "".join(f"{cell:>9}" for cell in cells))
+        if any(cost.live_batches for cost in variant.cost_profile):
+            live = [by_size.get(size) for size in sizes]
+            cells = [
+                f"{cost.live_cpu_seconds_per_image * 1e6:.1f}" if cost and cost.live_batches else "-" for cost in live
+            ]
+            print(f"{'  live':<8}" + "".join(f"{cell:>9}" for cell in cells))
     if info.cost_verdict:
         print(info.cost_verdict)
 

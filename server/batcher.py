@@ -101,8 +101,8 @@ class Batcher:
         profile: VariantProfile | None = None,
     ) -> None:
         self.runtime = runtime
-        #: The runtime's measured cost per image by batch size, kept current by every batch; its
-        #: batch limit caps the batches formed here (None: batches grow to ``max_batch_size``).
+        #: The runtime's measured cost per image by batch size (every batch adds to its live
+        #: figures); its batch limit caps the batches formed here (None: up to ``max_batch_size``).
         self.profile = profile
         #: The model's name, the first label of the batcher's metrics.
         self.model = model
@@ -359,14 +359,8 @@ class Batcher:
             self._busy = False
             self.window.busy(loop.time() - started)
         self.recent_batch_s = ewma(self.recent_batch_s, seconds)
-        if self.profile is not None and self.profile.observe(size, cpu_seconds, seconds):
-            log.info(
-                "model %s %s: batches now stop at %d images: %s",
-                self.model or "-",
-                self.label,
-                self.batch_limit,
-                self.profile.why(),
-            )
+        if self.profile is not None:
+            self.profile.observe(size, cpu_seconds, seconds)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)

@@ -277,11 +277,11 @@ class InferenceCore:
             },
         )
         log.info(
-            "model %s version %s: %s; batches stop at %s",
+            "model %s version %s: %s; %s",
             name,
             model.version,
             profile.verdict() or "cost per image measured on this host",
-            ", ".join(f"{variant.batch_limit} ({precision.value})" for precision, variant in profile.variants.items()),
+            "; ".join(f"{precision.value}: {variant.why()}" for precision, variant in profile.variants.items()),
         )
         for batcher in batchers.values():
             await batcher.start()

@@ -226,14 +226,15 @@ class _CostProfiles(Collector):
     def collect(self) -> Iterator[Metric]:
         cpu = GaugeMetricFamily(
             "costserve_profile_cpu_seconds_per_image",
-            "CPU-seconds one image costs on this host at each batch size (the latest version of each model; "
-            "measured at load, then a recent average of live batches).",
-            labels=["model", "precision", "batch_size"],
+            "CPU-seconds one image costs on this host at each batch size, for the latest version of each model: "
+            'source="warmup" measured at load, every size and variant side by side (what the decisions read); '
+            'source="live" the recent average of live batches of that size.',
+            labels=["model", "precision", "batch_size", "source"],
         )
         wall = GaugeMetricFamily(
             "costserve_profile_seconds_per_image",
-            "Wall seconds per image on the inference thread at each batch size (as the CPU figure).",
-            labels=["model", "precision", "batch_size"],
+            "Wall seconds per image on the inference thread at each batch size (sources as the CPU figure).",
+            labels=["model", "precision", "batch_size", "source"],
         )
         limit = GaugeMetricFamily(
             "costserve_batch_limit",
@@ -243,9 +244,10 @@ class _CostProfiles(Collector):
         )
         for model, variant in self._read():
             precision = variant.precision.value
-            for size, cost in variant.sizes.items():
-                cpu.add_metric([model, precision, str(size)], cost.cpu_s)
-                wall.add_metric([model, precision, str(size)], cost.wall_s)
+            for source, costs in (("warmup", variant.sizes), ("live", variant.live)):
+                for size, cost in costs.items():
+                    cpu.add_metric([model, precision, str(size), source], cost.cpu_s)
+                    wall.add_metric([model, precision, str(size), source], cost.wall_s)
             limit.add_metric([model, precision], variant.batch_limit)
         yield from (cpu, wall, limit)
 

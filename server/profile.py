@@ -6,10 +6,10 @@ twice as slow) and on the model. So when a version is loaded, each variant's
 warm-up (:meth:`~costserve.server.runtimes.Runtime.warm_up`) times it at each allowed
 batch size on the inference path the batcher uses (stacking uint8 images,
 preprocessing, the runtime), off the event loop, in a fraction of a second. Live
-batches then keep the figures current (:meth:`VariantProfile.observe`, a recent
-average per batch size).
+batches then keep a recent average per batch size beside it
+(:meth:`VariantProfile.observe`), exported with it.
 
-Two decisions read the profile:
+Two decisions read the profile, from the warm-up's figures:
 
 * the batcher's **batch limit** (:attr:`VariantProfile.batch_limit`): batches stop
   growing where the CPU per image stops falling, at the largest allowed size within
@@ -23,6 +23,13 @@ Two decisions read the profile:
 
 Each variant is compared at its batch limit, the size its batches run at under load,
 when cost and throughput matter most.
+
+The decisions compare figures measured side by side, on the same host at the same
+moment. Live figures cover only the sizes and variants in use, and under load they
+carry the host's contention (on this 2-core host fp32's CPU per image at batch 32 went
+from 95 to 173 µs while the event loop and the load client shared its cores): read
+against the warm-up figures of a variant not in use, they made the idle variant look
+cheaper and flipped ``AUTO`` back and forth.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from costserve.server.domain import Precision
 from costserve.server.runtimes import SizeCost
 
-#: A batch size whose CPU per image is within this share of the cheapest counts as cheapest.
-FLAT_TOLERANCE = 0.10
+#: A batch size whose CPU per image is within this share of the cheapest counts as cheapest (the
+#: warm-up's figures vary by about 10% between starts on a busy host).
+FLAT_TOLERANCE = 0.20
 #: One variant must beat another by more than this share to count as cheaper or faster.
 MARGIN = 0.05
 #: Weight of a live batch in a batch size's recent average.
@@ -47,7 +55,10 @@ class VariantProfile:
         if not sizes:
             raise ValueError("a profile needs at least one batch size")
         self.precision = precision
+        #: The warm-up's figures by batch size: what the decisions read.
         self.sizes: dict[int, SizeCost] = dict(sorted(sizes.items()))
+        #: Recent averages of live batches by batch size (a size appears once a batch of it ran).
+        self.live: dict[int, SizeCost] = {}
         #: Largest batch the batcher forms: where the CPU per image stops falling.
         self.batch_limit = self._cheapest_size()
 
@@ -66,32 +77,26 @@ class VariantProfile:
                 return cost
         return self.sizes[max(self.sizes)]
 
-    def observe(self, batch_size: int, cpu_seconds: float, wall_seconds: float) -> bool:
-        """Fold in a live batch of ``batch_size`` images that used ``cpu_seconds`` over ``wall_seconds``.
-
-        Only batches of a profiled size count (a padded partial batch would mix two sizes).
-        Returns True when the batch limit changed.
-        """
-        cost = self.sizes.get(batch_size)
-        if cost is None:
-            return False
-        cost.cpu_s += LIVE_WEIGHT * (cpu_seconds / batch_size - cost.cpu_s)
-        cost.wall_s += LIVE_WEIGHT * (wall_seconds / batch_size - cost.wall_s)
-        cost.live_batches += 1
-        # Hysteresis: the limit moves only once its size is no longer among the cheapest.
-        cheapest = min(size_cost.cpu_s for size_cost in self.sizes.values())
-        if self.sizes[self.batch_limit].cpu_s <= cheapest * (1 + FLAT_TOLERANCE):
-            return False
-        self.batch_limit = self._cheapest_size()
-        return True
+    def observe(self, batch_size: int, cpu_seconds: float, wall_seconds: float) -> None:
+        """Fold a live batch of ``batch_size`` images that used ``cpu_seconds`` over ``wall_seconds`` into the
+        recent average of its size (:attr:`live`). Only profiled sizes count: a padded partial batch mixes two."""
+        if batch_size not in self.sizes:
+            return
+        cpu_s, wall_s = cpu_seconds / batch_size, wall_seconds / batch_size
+        live = self.live.get(batch_size)
+        if live is None:
+            self.live[batch_size] = SizeCost(cpu_s, wall_s, batches=1)
+            return
+        live.cpu_s += LIVE_WEIGHT * (cpu_s - live.cpu_s)
+        live.wall_s += LIVE_WEIGHT * (wall_s - live.wall_s)
+        live.batches += 1
 
     def why(self) -> str:
         """Why batches stop at the limit, in one line for logs."""
         per_image = ", ".join(f"{size}: {cost.cpu_s * 1e6:.1f}" for size, cost in self.sizes.items())
-        largest = max(self.sizes)
-        if self.batch_limit == largest:
-            return f"CPU per image falls up to the largest batch (µs per image by batch size: {per_image})"
-        return f"CPU per image stops falling at batch {self.batch_limit} (µs per image by batch size: {per_image})"
+        if self.batch_limit == max(self.sizes):
+            return f"CPU per image does not rise up to the largest batch (µs by batch size: {per_image})"
+        return f"CPU per image rises past batch {self.batch_limit} (µs by batch size: {per_image})"
 
     def _cheapest_size(self) -> int:
         cheapest = min(cost.cpu_s for cost in self.sizes.values())

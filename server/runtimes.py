@@ -52,8 +52,8 @@ class SizeCost:
 
     cpu_s: float
     wall_s: float
-    #: Batches of this size measured while serving (0: the warm-up's measurement only).
-    live_batches: int = 0
+    #: Live batches the figures average (0: a warm-up's measurement).
+    batches: int = 0
 
 
 def levels_to_floats(levels: np.ndarray) -> np.ndarray:

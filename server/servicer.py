@@ -384,10 +384,12 @@ def model_info_to_proto(model: LoadedModel, max_images_per_request: int) -> pb.M
         if measured is not None:
             entry.batch_limit = measured.batch_limit
             for size, cost in measured.sizes.items():
-                entry.cost_profile.add(
-                    batch_size=size,
-                    cpu_seconds_per_image=cost.cpu_s,
-                    seconds_per_image=cost.wall_s,
-                    live_batches=cost.live_batches,
+                row = entry.cost_profile.add(
+                    batch_size=size, cpu_seconds_per_image=cost.cpu_s, seconds_per_image=cost.wall_s
                 )
+                live = measured.live.get(size)
+                if live is not None:
+                    row.live_batches = live.batches
+                    row.live_cpu_seconds_per_image = live.cpu_s
+                    row.live_seconds_per_image = live.wall_s
     return info

@@ -148,16 +148,20 @@ class Variant(_message.Message):
     def __init__(self, precision: _Optional[_Union[Precision, str]] = ..., accuracy: _Optional[float] = ..., size_bytes: _Optional[int] = ..., format: _Optional[str] = ..., path: _Optional[str] = ..., latency_ms_batch_1: _Optional[float] = ..., latency_ms_per_image_max_batch: _Optional[float] = ..., cost_profile: _Optional[_Iterable[_Union[BatchCost, _Mapping]]] = ..., batch_limit: _Optional[int] = ...) -> None: ...
 
 class BatchCost(_message.Message):
-    __slots__ = ("batch_size", "cpu_seconds_per_image", "seconds_per_image", "live_batches")
+    __slots__ = ("batch_size", "cpu_seconds_per_image", "seconds_per_image", "live_batches", "live_cpu_seconds_per_image", "live_seconds_per_image")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     CPU_SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     LIVE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    LIVE_CPU_SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SECONDS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     cpu_seconds_per_image: float
     seconds_per_image: float
     live_batches: int
-    def __init__(self, batch_size: _Optional[int] = ..., cpu_seconds_per_image: _Optional[float] = ..., seconds_per_image: _Optional[float] = ..., live_batches: _Optional[int] = ...) -> None: ...
+    live_cpu_seconds_per_image: float
+    live_seconds_per_image: float
+    def __init__(self, batch_size: _Optional[int] = ..., cpu_seconds_per_image: _Optional[float] = ..., seconds_per_image: _Optional[float] = ..., live_batches: _Optional[int] = ..., live_cpu_seconds_per_image: _Optional[float] = ..., live_seconds_per_image: _Optional[float] = ...) -> None: ...
 
 class Preprocessing(_message.Message):
     __slots__ = ("color_mode", "resize", "scaling", "mean", "std", "output")
