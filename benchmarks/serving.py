@@ -42,7 +42,11 @@
    (``--model-repository``, ``--max-batch-size 32`` and ``1``) and saturated like the
    digits, fp32 and int8, alternating with the same ceiling, on one 96x96x3 raw-pixel
    image: what batching and int8 buy where inference, not request handling, dominates;
-7. prints the table and writes it, with the machine, to ``benchmarks/RESULTS.md``.
+7. prints the table and writes it, with the machine (its CPU flags that decide between int8
+   and fp32: AVX2, FMA, AVX-512, VNNI, ...), to ``benchmarks/RESULTS.md``, with the section
+   "Cost profile on this host": each model's cost profile as its server measured it at load
+   (``GetModelInfo``, read once the server is SERVING, before any load), its batch limits and
+   its verdict, beside what int8 cost against fp32 per request in the saturation runs.
 
 ``--only digits`` (steps 0-5) or ``--only realistic`` (step 6, with a ceiling of its own)
 measures one part, written to ``benchmarks/out/RESULTS-<part>.md`` unless ``--output``
@@ -110,10 +114,13 @@ from benchmarks.report import (
     NOTES_MARKER,
     code_version,
     command_line,
+    cost_profile,
+    cost_profile_lines,
     fmt,
     machine,
     machine_section,
     markdown_table,
+    model_info,
     verdict,
     write_results,
 )
@@ -123,6 +130,7 @@ from costserve.loadtest.protocols import infer_outputs
 from costserve.loadtest.samples import percentile
 from costserve.protocols import inference_pb2 as v2
 from costserve.server.cost import CostMeter, load_prices
+from costserve.server.profile import MARGIN
 from costserve.v1 import classifier_pb2 as pb
 
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "RESULTS.md"
@@ -885,19 +893,23 @@ def measure_realistic(
     """
     with contextlib.ExitStack() as stack:
         print(f"starting costserve --model-repository (--max-batch-size {REALISTIC_MAX_BATCH}, and 1) ...", flush=True)
+        # One after the other, so that the two do not measure each other as they profile the model at load.
         batched = stack.enter_context(
             start_benchmark_server(
                 None, "--max-batch-size", str(REALISTIC_MAX_BATCH),
                 name="costserve-mobilenet", workdir=workdir, repository=model.repository,
             )
         )  # fmt: skip
+        batched.wait_serving()
+        # Read from the batching server (every allowed batch size) before any load.
+        profile = cost_profile(model_info(batched.target, realistic.MODEL_NAME))
+        print(f"  cost profile: {profile['verdict'] or 'one variant'}", flush=True)
         unbatched = stack.enter_context(
             start_benchmark_server(
                 None, "--max-batch-size", "1",
                 name="costserve-mobilenet-nobatch", workdir=workdir, repository=model.repository,
             )
         )  # fmt: skip
-        batched.wait_serving()
         unbatched.wait_serving()
         if ceiling is None:
             answer = workdir / "realistic-answer.bin"
@@ -937,6 +949,7 @@ def measure_realistic(
             "import_s": model.import_s,
         },
         "max_batch_size": REALISTIC_MAX_BATCH,
+        "cost_profile": profile,
         "sizes": sizes,
         "saturation": {key: value.summary() for key, value in measured.items()},
         "gains": realistic_gains(measured),
@@ -1595,6 +1608,7 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         lines += digits_sections(results)
     if "realistic" in results:
         lines += realistic_section(results["realistic"], plan, results.get("saturation"))
+    lines += cost_profile_section(results)
     lines += machine_section(machine_info, "client and servers")
     if results.get("profile"):
         lines += [
@@ -1616,6 +1630,56 @@ def render_report(results: dict[str, Any], rows: list[dict[str, str]], notes: st
         lines.append("")
     lines += [NOTES_MARKER, notes.strip("\n"), ""]
     return "\n".join(lines)
+
+
+#: The cost profiles the report shows: (title, where the profile is in the results, where its saturation figures are,
+#: and the keys of its fp32 and int8 runs there).
+PROFILED_MODELS = (
+    ("The digits model", ("cost_profile",), ("saturation",), ("fp32", "int8")),
+    ("The realistic model (MobileNetV2 at 96x96x3)", ("realistic", "cost_profile"), ("realistic", "saturation"),
+     ("mobilenet_fp32", "mobilenet_int8")),
+)  # fmt: skip
+
+
+def cost_profile_section(results: dict[str, Any]) -> list[str]:
+    """The section "Cost profile on this host": each model's profile as its server measured it at load, with its
+    verdict, beside what int8 cost against fp32 in the saturation runs (of each part measured)."""
+
+    def dig(path: Sequence[str]) -> Any:
+        value: Any = results
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    measured = [(title, dig(path), dig(runs), keys) for title, path, runs, keys in PROFILED_MODELS if dig(path)]
+    if not measured:
+        return []
+    lines = [
+        "## Cost profile on this host",
+        "",
+        f"CPU flags for int8 vs fp32: {results['machine'].get('cpu_flags', 'not read')}.",
+        "",
+        "What each server measured when it loaded the model (`GetModelInfo`: `Variant.cost_profile`, "
+        "`Variant.batch_limit`, `ModelInfo.cost_verdict`), read once it was SERVING and before any load: CPU-seconds "
+        "and wall seconds per image on the inference thread, in µs, at each allowed batch size. **Bold**: the batch "
+        "limit, where the CPU per image stops falling and batches stop growing; the policy compares the variants "
+        f"there, one being cheaper when it beats the other by more than {MARGIN:.0%}. The CPU per request of the "
+        "saturation runs (the whole process: request handling too) is set beside it.",
+        "",
+    ]
+    for title, profile, saturation, (fp32, int8) in measured:
+        lines += [f"### {title}: `{profile['model']}` version {profile['version']}", ""]
+        lines += cost_profile_lines(profile, MARGIN)
+        runs = saturation or {}
+        if fp32 in runs and int8 in runs:
+            mine, other = runs[int8]["process_cpu_us"], runs[fp32]["process_cpu_us"]
+            if mine > 0 and other > 0:  # NaN when not measured: the comparisons are False
+                lines += [
+                    f"Served at saturation (cache bypassed): int8 {mine:.0f} µs of process CPU per request against "
+                    f"fp32's {other:.0f} µs, {mine / other:.2f}x.",
+                    "",
+                ]
+    return lines
 
 
 def scenario_table(saturation: dict[str, dict[str, Any]]) -> str:
@@ -1955,11 +2019,16 @@ def measure_digits(
     Returns the ceiling (entered into ``stack``) and the one-stream latencies.
     """
     print("starting costserve (default) and costserve (--max-batch-size 1) ...", flush=True)
+    # One after the other: each server measures its cost profile as it loads, and two measuring at once on a small
+    # host would measure each other.
     default = stack.enter_context(start_benchmark_server(model_dir, name="costserve", workdir=workdir))
+    default.wait_serving()
+    # What the default server measured when it loaded the model, before any load.
+    results["cost_profile"] = cost_profile(model_info(default.target))
+    print(f"  cost profile: {results['cost_profile']['verdict'] or 'one variant'}", flush=True)
     nobatch = stack.enter_context(
         start_benchmark_server(model_dir, "--max-batch-size", "1", name="costserve-nobatch", workdir=workdir)
     )
-    default.wait_serving()
     nobatch.wait_serving()
     # The ceiling answers with costserve's own answers for this image, so both send the same bytes.
     answer, v2_answer = workdir / "answer.bin", workdir / "answer-v2.bin"

@@ -21,13 +21,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import report_rows, run_quick_benchmark
+from helpers import report_rows, report_table, run_quick_benchmark
 
 from benchmarks import ceiling, realistic, serving
 from benchmarks.launch import start_ceiling
 from benchmarks.loadclient import LoadResult
 from benchmarks.payloads import MODEL_INFER, PREDICT, call_raw, digit_pixels, v2_request_bytes
-from benchmarks.report import machine
+from benchmarks.report import (
+    INT8_FLAGS,
+    cost_profile,
+    cost_profile_lines,
+    cost_profile_table,
+    cpu_flags,
+    cpu_flags_text,
+    machine,
+    machine_section,
+)
 from costserve.loadtest.protocols import infer_outputs
 from costserve.protocols import inference_pb2 as v2
 from costserve.v1 import classifier_pb2 as pb
@@ -60,6 +69,13 @@ WORKER_ROWS = (
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
+def assert_cpu_flags_line(report: str) -> None:
+    """The report states which CPU flags that decide between int8 and fp32 the host has."""
+    line = next((line for line in report.splitlines() if "CPU flags for int8 vs fp32:" in line), None)
+    assert line is not None, f"no CPU flags line in the report:\n{report}"
+    assert any(flag in line for flag in INT8_FLAGS) or "none of" in line, line
+
+
 def _on_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
@@ -83,8 +99,21 @@ def test_quick_benchmark_reports_every_row(request: pytest.FixtureRequest, tmp_p
         assert NUMBER.search(measured), f"row {row!r} has no measured figure: {measured!r}"
         assert result in ("PASS", "MISS", "-", "partial fill"), f"row {row!r}: result {result!r}"
     assert "## Machine" in report and "cores" in report
+    assert_cpu_flags_line(report)
+    # The digits model's cost profile, as its server measured it at load, with its verdict.
+    assert "## Cost profile on this host" in report
+    profile_table = report_table(report, "| variant | per image | batch 1")
+    assert {"fp32", "int8"} <= set(profile_table), profile_table
+    assert any(cell.startswith("**") for cells in profile_table.values() for cell in cells), "no batch limit marked"
+    assert re.search(r"^Verdict: \*\*on this host int8 costs [\d.]+x fp32 per image", report, re.MULTILINE), report
 
     results = json.loads(figures.read_text())
+    profile = results["cost_profile"]
+    assert profile["verdict"] and set(profile["variants"]) == {"fp32", "int8"}
+    for name, variant in profile["variants"].items():
+        assert str(variant["batch_limit"]) in variant["sizes"], name
+        assert all(_finite(size["cpu_us"]) and _finite(size["wall_us"]) for size in variant["sizes"].values()), name
+    assert results["machine"]["cpu_flags"]
     assert results["plan"]["tool"] == ("h2load" if has_h2load else "python")
     for key in ("fp32", "v2_fp32", "int8", "hits", "fp32_nobatch"):
         scenario = results["saturation"][key]
@@ -267,6 +296,7 @@ def test_realistic_report_has_every_row_and_says_what_batching_and_int8_buy() ->
             "int8_agreement": 0.9, "variants": {"fp32": variant, "int8": variant}, "build_s": 9.0, "import_s": 40.0,
         },
         "max_batch_size": 32,
+        "cost_profile": cost_profile(_model_info("mobilenet_v2", {"fp32": 2000.0, "int8": 1500.0}, 32)),
         "sizes": {
             key: {"request_bytes": 27683, "costserve_response_bytes": 170, "ceiling_response_bytes": 149}
             for key in measured
@@ -293,6 +323,72 @@ def test_realistic_report_has_every_row_and_says_what_batching_and_int8_buy() ->
     assert "gives fp32 2.00x the throughput (110 req/s against 55 req/s)" in report
     assert "**int8** gives 3.00x fp32's throughput with batching on and 2.00x with it off" in report
     assert "Accuracy is meaningless here" in report and "notes kept" in report
+    section = report.split("## Cost profile on this host", 1)[1].split("## Machine", 1)[0]
+    assert "### The realistic model (MobileNetV2 at 96x96x3): `mobilenet_v2` version 1" in section
+    assert "The digits model" not in section  # not measured in this run
+    assert "cheaper per image here: **int8**" in section
+    assert_cpu_flags_line(report)
+
+
+# --------------------------------------------------------------------------- the host and the cost profile
+
+
+def _model_info(name: str, cpu_us: dict[str, float], limit: int) -> pb.ModelInfo:
+    """A ModelInfo whose variants cost ``cpu_us`` per image at batch ``limit`` (their limit), twice that at 1."""
+    info = pb.ModelInfo(name=name, version="1")
+    for precision, cost in cpu_us.items():
+        variant = info.variants.add(precision=pb.PRECISION_FP32 if precision == "fp32" else pb.PRECISION_INT8)
+        variant.batch_limit = limit
+        for size in (1, 2, 4, 8, 16, 32):
+            per_image = 2 * cost if size < limit else cost
+            variant.cost_profile.add(
+                batch_size=size, cpu_seconds_per_image=per_image / 1e6, seconds_per_image=per_image * 1.02 / 1e6
+            )
+    ratio = cpu_us["int8"] / cpu_us["fp32"]
+    info.cost_verdict = f"on this host int8 costs {ratio:.2g}x fp32 per image at batch {limit}"
+    return info
+
+
+@pytest.mark.parametrize(
+    "flags, present, text",
+    [
+        ("fpu sse2 avx avx2 fma bmi2", ["avx2", "fma"], "avx2, fma; none of AVX-512/VNNI"),
+        (
+            "avx2 fma avx512f avx512_vnni avx512_bf16 amx_int8",
+            ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8"],
+            "avx2, fma, avx512f, avx512_vnni, avx512_bf16, amx_int8; absent: avx_vnni",
+        ),
+        ("sse2", [], "none of them; none of AVX-512/VNNI"),
+    ],
+)
+def test_cpu_flags_are_the_ones_that_decide_int8_against_fp32(flags: str, present: list[str], text: str) -> None:
+    cpuinfo = f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t: {flags}\n"
+    assert cpu_flags(cpuinfo) == present
+    assert cpu_flags_text(present).startswith(text)
+    info = {**machine(), "cpu_flags": cpu_flags_text(present)}
+    assert f"- CPU flags for int8 vs fp32: {cpu_flags_text(present)}" in machine_section(info, "everyone")
+
+
+def test_cost_profile_table_marks_the_batch_limit_and_gives_the_verdict() -> None:
+    info = _model_info("digits", {"fp32": 100.0, "int8": 190.0}, 16)
+    lines = cost_profile_table(info).splitlines()
+    assert lines[0] == "| variant | per image | " + " | ".join(f"batch {size}" for size in (1, 2, 4, 8, 16, 32)) + (
+        " | batch limit | live batches |"
+    )
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [
+        ["| fp32", "CPU µs / image"], ["| fp32", "wall µs / image"],
+        ["| int8", "CPU µs / image"], ["| int8", "wall µs / image"],
+    ]  # fmt: skip
+    assert lines[2] == "| fp32 | CPU µs / image | 200.0 | 200.0 | 200.0 | 200.0 | **100.0** | 100.0 | 16 | 0 |"
+    assert lines[5].startswith("| int8 | wall µs / image | 387.6 |")
+    text = "\n".join(cost_profile_lines(info, 0.05))
+    assert (
+        "Verdict: **on this host int8 costs 1.9x fp32 per image at batch 16**; cheaper per image here: **fp32**."
+        in text
+    )
+    same = "\n".join(cost_profile_lines(_model_info("digits", {"fp32": 100.0, "int8": 103.0}, 16), 0.05))
+    assert "no variant cheaper by more than 5%" in same
+    assert "no cost profile measured" in "\n".join(cost_profile_lines(pb.ModelInfo(name="old", version="3")))
 
 
 @pytest.mark.slow
