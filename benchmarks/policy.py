@@ -405,8 +405,7 @@ def render_report(figures: dict[str, Any]) -> str:
         '`costserve_images_total{cache="miss"}`, the images computed, by precision. The reasons are '
         "the policy's (docs/cost-and-policy.md, The AUTO policy): `dominates` is AUTO setting aside a variant "
         "slower, costlier and no more accurate on this host. The policy's orderings (cheaper, faster, "
-        "dominated) read the live figures at the batch limits when every variant has fresh ones (probes keep an "
-        "idle variant's current), else the warm-up's; the verdict after the ramp is where they ended.",
+        "dominated) read the profile each server measured at load; live batches are averaged beside it, not read.",
         "",
         decisions_table(results),
     ]
@@ -490,7 +489,6 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
             [
                 name,
                 r.get("verdict") or "–",
-                r.get("verdict_after") or "–",
                 chosen or "none",
                 f"{computed.get('fp32', 0):,} / {computed.get('int8', 0):,}"
                 + (
@@ -501,7 +499,7 @@ def decisions_table(results: dict[str, dict[str, Any]]) -> str:
             ]
         )
     return markdown_table(
-        ["mode", "its server's profile at load", "after the ramp",
+        ["mode", "its server's profile at load",
          "decisions: precision `reason` requests (share)",
          "images computed, fp32 / int8"],
         rows,
@@ -610,12 +608,10 @@ def run_mode(
         outcomes = asyncio.run(drive(server.target, precision, workload, inputs, warmed))
         after = metrics_text.scrape(server.metrics_url)
         split = cpu_split(server)
-        verdict_after = model_info(server.target).cost_verdict  # live figures, where every variant had fresh ones
     summary = {
         **summarize(outcomes),
         **split,
         "verdict": verdict_at_load,
-        "verdict_after": verdict_after,
         "decisions": decisions(after, before.get("samples")),
         "computed_images": computed_images(after, before.get("samples")),
     }

@@ -145,8 +145,6 @@ class Batcher:
         self._wakeup: asyncio.Future | None = None
         #: Queued images that resolve ``_wakeup`` (1 while idle; the room left while filling).
         self._needed = 1
-        #: The random images :meth:`probe` runs, made once per batch limit.
-        self._probe_images: list[np.ndarray] | None = None
 
     @property
     def batch_limit(self) -> int:
@@ -215,21 +213,6 @@ class Batcher:
         if self._wakeup is not None and (self._waiting >= self._needed or self._cuts_fill_short(deadline)):
             self._wake()
         return futures
-
-    async def probe(self) -> None:
-        """Time one batch of random images of the batch limit's size on the inference thread while it is idle,
-        and fold it into the profile's live figures: so a variant serving no traffic is still measured under
-        the load of the moment. Nothing is answered, counted or charged; skipped while a batch runs or waits."""
-        if self._executor is None or self.profile is None or self._stopping or self._busy or self._waiting:
-            return  # only between batches, never holding up one
-        size = self.batch_limit
-        if self._probe_images is None or len(self._probe_images) != size:
-            rng = np.random.default_rng(size)
-            shape = (size, *self.runtime.input_shape)
-            self._probe_images = list(rng.integers(0, 256, size=shape, dtype=np.uint8))
-        loop = asyncio.get_running_loop()
-        *_, seconds, cpu_seconds = await loop.run_in_executor(self._executor, self._predict, self._probe_images)
-        self.profile.observe(size, cpu_seconds, seconds, loop.time())
 
     async def stop(self) -> None:
         """Answer everything already queued, then end the dispatcher and the inference thread."""
@@ -377,7 +360,7 @@ class Batcher:
             self.window.busy(loop.time() - started)
         self.recent_batch_s = ewma(self.recent_batch_s, seconds)
         if self.profile is not None:
-            self.profile.observe(size, cpu_seconds, seconds, loop.time())
+            self.profile.observe(size, cpu_seconds, seconds)
         if self._series is not None:
             inference_duration, batch_size, queue_duration = self._series
             inference_duration.observe(seconds)

@@ -12,7 +12,6 @@ here, so a feature is written once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import gc
@@ -44,7 +43,7 @@ from costserve.server.inputs import DecodedImage, DecodePool, ImageLimits, decod
 from costserve.server.load import Clock, LoadMonitor, ewma
 from costserve.server.metrics import REJECTION_REASONS, PrecisionSeries, ServiceMetrics
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
-from costserve.server.profile import PROBE_INTERVAL_S, CostProfile, VariantProfile
+from costserve.server.profile import CostProfile, VariantProfile
 from costserve.server.repository.store import LoadedModel
 from costserve.server.runtimes import allowed_batch_sizes
 from costserve.server.settings import Settings
@@ -138,8 +137,6 @@ class InferenceCore:
         self._tracked_depths: set[tuple[str, Precision]] = set()
         #: Versions switched out whose batchers have not stopped yet (stopped by :meth:`stop` if it comes first).
         self._retiring: list[ServedVersion] = []
-        #: Probes the variants' live cost figures while serving (:meth:`_probe_forever`).
-        self._prober: asyncio.Task | None = None
         metrics.track_cache(lambda: len(self.cache), lambda: self.cache.size_bytes)
         metrics.track_cost(self.meter.provisioned_usd, self.meter.utilization)
         metrics.track_profiles(self._latest_profiles)
@@ -235,7 +232,7 @@ class InferenceCore:
             VariantProfile(precision, await loop.run_in_executor(None, runtime.warm_up, sizes))
             for precision, runtime in model.runtimes.items()
         ]
-        profile = model.profile = CostProfile(measured, clock=loop.time)
+        profile = model.profile = CostProfile(measured)
         if policy is not None and policy.profile is None:
             policy.profile = profile
         name = model.name
@@ -398,36 +395,12 @@ class InferenceCore:
         gc.collect()
         gc.freeze()
         self.monitor.loop_lag.start()
-        self._prober = asyncio.get_running_loop().create_task(self._probe_forever(), name="profile-probes")
         self.ready = True
-
-    async def _probe_forever(self) -> None:
-        """Keep every variant's live cost figures current while a version serves traffic (see
-        :mod:`costserve.server.profile`): every :data:`PROBE_INTERVAL_S`, each variant of each model's
-        latest version with no fresh figure at its batch limit runs one probe batch, when idle."""
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL_S)
-            if self.monitor.demand.per_s() <= 0:
-                continue  # no traffic: the warm-up's figures stand for the host as it is
-            for versions in list(self.models.values()):
-                served = next(reversed(versions.values()), None)
-                profile = served.model.profile if served is not None else None
-                if served is None or profile is None or len(served.batchers) < 2:
-                    continue
-                now = profile.clock()
-                for precision, batcher in served.batchers.items():
-                    variant = profile.variants.get(precision)
-                    if variant is not None and variant.fresh_at_limit(now) is None:
-                        await batcher.probe()
 
     async def stop(self) -> None:
         """Answer whatever is queued, then stop the batchers."""
         self.ready = False
         self.monitor.loop_lag.stop()
-        if self._prober is not None:
-            self._prober.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._prober
         for served in [*self.served_versions(), *self._retiring]:
             for batcher in served.batchers.values():
                 await batcher.stop()

@@ -9,34 +9,31 @@ preprocessing, the runtime), off the event loop, in a fraction of a second. Live
 batches then keep a recent average per batch size beside it
 (:meth:`VariantProfile.observe`), exported with it.
 
-Two decisions read the profile:
+Two decisions read the profile, from the warm-up's figures:
 
-* the batcher's **batch limit** (:attr:`VariantProfile.batch_limit`), from the warm-up's
-  figures: batches stop growing where the CPU per image stops falling, at the largest
-  allowed size within :data:`FLAT_TOLERANCE` of the cheapest (``--max-batch-size`` stays
-  the upper bound). Where the cost per image is flat the largest size is kept: each batch
-  also costs the event loop a hand-off that the runtime's figures do not show, and fewer
-  batches pay it fewer times;
+* the batcher's **batch limit** (:attr:`VariantProfile.batch_limit`): batches stop
+  growing where the CPU per image stops falling, at the largest allowed size within
+  :data:`FLAT_TOLERANCE` of the cheapest (``--max-batch-size`` stays the upper bound).
+  Where the cost per image is flat the largest size is kept: each batch also costs the
+  event loop a hand-off that the runtime's figures do not show, and fewer batches pay
+  it fewer times;
 * the policy's orderings (:class:`CostProfile`): the cheaper variant per image, the
   faster one, and variants **dominated** on this host (another allowed variant is
   cheaper, faster and at least as accurate), which ``AUTO`` never picks.
 
 Each variant is compared at its batch limit, the size its batches run at under load,
-when cost and throughput matter most, and every variant compared on figures taken under
-the same conditions: the live figures at the limit when every variant has fresh ones
-(within :data:`LIVE_MAX_AGE_S`), else the warm-up's, measured side by side. Live figures
-carry the host's load, and it does not weigh on every variant alike: on this 2-core host,
-saturated, fp32's CPU per image at batch 32 rose from 95 to 173 µs, more than int8's did.
-Read against an idle variant's warm-up figures, they made the idle one look cheaper and
-flipped ``AUTO`` back and forth. So while a version serves traffic the core probes each
-variant that has no fresh figure at its limit (:meth:`~costserve.server.batcher.Batcher.probe`:
-one batch of random images every :data:`PROBE_INTERVAL_S`), and every variant's live
-figures stay current under the load of the moment.
+when cost and throughput matter most.
+
+The decisions compare figures measured side by side, on the same host at the same
+moment. Live figures cover only the sizes and variants in use, and under load they
+carry the host's contention (on this 2-core host fp32's CPU per image at batch 32 went
+from 95 to 173 µs while the event loop and the load client shared its cores): read
+against the warm-up figures of a variant not in use, they made the idle variant look
+cheaper and flipped ``AUTO`` back and forth.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from costserve.server.domain import Precision
@@ -49,11 +46,6 @@ FLAT_TOLERANCE = 0.20
 MARGIN = 0.05
 #: Weight of a live batch in a batch size's recent average.
 LIVE_WEIGHT = 0.1
-#: Live figures older than this are not compared, in seconds.
-LIVE_MAX_AGE_S = 30.0
-#: How often the core probes the variants without fresh live figures at their limit while a version
-#: serves traffic, in seconds (one batch each: digits ~5 ms of CPU, a MobileNetV2 ~0.1 s).
-PROBE_INTERVAL_S = 10.0
 
 
 class VariantProfile:
@@ -70,6 +62,14 @@ class VariantProfile:
         #: Largest batch the batcher forms: where the CPU per image stops falling.
         self.batch_limit = self._cheapest_size()
 
+    def cpu_per_image(self) -> float:
+        """CPU-seconds per image at the batch limit."""
+        return self.sizes[self.batch_limit].cpu_s
+
+    def wall_per_image(self) -> float:
+        """Wall seconds per image at the batch limit (one inference thread: the inverse of its throughput)."""
+        return self.sizes[self.batch_limit].wall_s
+
     def at(self, batch_size: int) -> SizeCost:
         """The cost per image at the smallest profiled size of at least ``batch_size`` (else the largest)."""
         for size, cost in self.sizes.items():
@@ -77,26 +77,19 @@ class VariantProfile:
                 return cost
         return self.sizes[max(self.sizes)]
 
-    def observe(self, batch_size: int, cpu_seconds: float, wall_seconds: float, now: float) -> None:
-        """Fold a live batch of ``batch_size`` images that used ``cpu_seconds`` over ``wall_seconds``, ended at
-        ``now`` (monotonic seconds), into the recent average of its size (:attr:`live`). Only profiled sizes
-        count: a padded partial batch mixes two."""
+    def observe(self, batch_size: int, cpu_seconds: float, wall_seconds: float) -> None:
+        """Fold a live batch of ``batch_size`` images that used ``cpu_seconds`` over ``wall_seconds`` into the
+        recent average of its size (:attr:`live`). Only profiled sizes count: a padded partial batch mixes two."""
         if batch_size not in self.sizes:
             return
         cpu_s, wall_s = cpu_seconds / batch_size, wall_seconds / batch_size
         live = self.live.get(batch_size)
         if live is None:
-            self.live[batch_size] = SizeCost(cpu_s, wall_s, batches=1, updated_s=now)
+            self.live[batch_size] = SizeCost(cpu_s, wall_s, batches=1)
             return
         live.cpu_s += LIVE_WEIGHT * (cpu_s - live.cpu_s)
         live.wall_s += LIVE_WEIGHT * (wall_s - live.wall_s)
         live.batches += 1
-        live.updated_s = now
-
-    def fresh_at_limit(self, now: float) -> SizeCost | None:
-        """The live figures at the batch limit, when a batch of that size ran in the last :data:`LIVE_MAX_AGE_S`."""
-        live = self.live.get(self.batch_limit)
-        return live if live is not None and now - live.updated_s <= LIVE_MAX_AGE_S else None
 
     def why(self) -> str:
         """Why batches stop at the limit, in one line for logs."""
@@ -113,43 +106,24 @@ class VariantProfile:
 class CostProfile:
     """The measured profiles of a version's variants, and the orderings the policy reads from them."""
 
-    def __init__(self, variants: Iterable[VariantProfile], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, variants: Iterable[VariantProfile]) -> None:
         self.variants: dict[Precision, VariantProfile] = {variant.precision: variant for variant in variants}
-        #: Monotonic seconds, the clock live batches are stamped with (the event loop's).
-        self.clock = clock
-
-    def at_limits(self, candidates: Sequence[Precision]) -> dict[Precision, SizeCost]:
-        """Each measured candidate's cost per image at its batch limit, all from one source: the live figures
-        when every one has fresh ones, else the warm-up's."""
-        return self._at_limits(candidates)[0]
-
-    def _at_limits(self, candidates: Sequence[Precision]) -> tuple[dict[Precision, SizeCost], bool]:
-        measured = [self.variants[p] for p in candidates if p in self.variants]
-        now = self.clock()
-        live = {variant.precision: variant.fresh_at_limit(now) for variant in measured}
-        if measured and all(cost is not None for cost in live.values()):
-            return {precision: cost for precision, cost in live.items() if cost is not None}, True
-        return {variant.precision: variant.sizes[variant.batch_limit] for variant in measured}, False
 
     def cheapest(self, candidates: Sequence[Precision]) -> Precision | None:
         """The candidate with the lowest CPU per image, when it beats every other by :data:`MARGIN`; else None."""
-        return self._best(candidates, lambda cost: cost.cpu_s)
+        return self._best(candidates, VariantProfile.cpu_per_image)
 
     def fastest(self, candidates: Sequence[Precision]) -> Precision | None:
         """The candidate with the lowest wall time per image, when it beats every other by :data:`MARGIN`; else None."""
-        return self._best(candidates, lambda cost: cost.wall_s)
+        return self._best(candidates, VariantProfile.wall_per_image)
 
     def dominated(self, candidates: Sequence[Precision], accuracy: Mapping[Precision, float | None]) -> set[Precision]:
         """Candidates another candidate beats on this host: cheaper and faster, and at least as accurate."""
-        costs = self.at_limits(candidates)
         return {
-            worse
-            for worse in costs
-            for better in costs
-            if better is not worse
-            and costs[better].cpu_s * (1 + MARGIN) < costs[worse].cpu_s
-            and costs[better].wall_s * (1 + MARGIN) < costs[worse].wall_s
-            and _as_accurate(better, worse, accuracy)
+            precision
+            for precision in candidates
+            for other in candidates
+            if other is not precision and self._beats(other, precision) and _as_accurate(other, precision, accuracy)
         }
 
     def verdict(self) -> str:
@@ -157,22 +131,28 @@ class CostProfile:
         if Precision.FP32 not in self.variants or Precision.INT8 not in self.variants:
             return ""
         fp32, int8 = self.variants[Precision.FP32], self.variants[Precision.INT8]
-        costs, live = self._at_limits([Precision.FP32, Precision.INT8])
-        ratio = costs[Precision.INT8].cpu_s / costs[Precision.FP32].cpu_s
+        ratio = int8.cpu_per_image() / fp32.cpu_per_image()
         at = (
             f"at batch {fp32.batch_limit}"
             if fp32.batch_limit == int8.batch_limit
             else f"at their batch limits ({fp32.batch_limit} and {int8.batch_limit})"
         )
-        return f"on this host int8 costs {ratio:.2g}x fp32 per image {at}" + (" (recent batches)" if live else "")
+        return f"on this host int8 costs {ratio:.2g}x fp32 per image {at}"
 
-    def _best(self, candidates: Sequence[Precision], per_image: Callable[[SizeCost], float]) -> Precision | None:
-        costs = self.at_limits(candidates)
-        if len(costs) < 2 or len(costs) < len(candidates):
+    def _beats(self, better: Precision, worse: Precision) -> bool:
+        a, b = self.variants.get(better), self.variants.get(worse)
+        if a is None or b is None:
+            return False
+        cheaper = a.cpu_per_image() * (1 + MARGIN) < b.cpu_per_image()
+        return cheaper and a.wall_per_image() * (1 + MARGIN) < b.wall_per_image()
+
+    def _best(self, candidates: Sequence[Precision], per_image: Callable[[VariantProfile], float]) -> Precision | None:
+        measured = [(per_image(self.variants[p]), p) for p in candidates if p in self.variants]
+        if len(measured) < 2 or len(measured) < len(candidates):
             return None
-        ranked = sorted(costs, key=lambda precision: per_image(costs[precision]))
-        best, runner_up = ranked[0], ranked[1]
-        return best if per_image(costs[best]) * (1 + MARGIN) < per_image(costs[runner_up]) else None
+        measured.sort(key=lambda item: item[0])
+        (best_cost, best), (runner_up, _) = measured[0], measured[1]
+        return best if best_cost * (1 + MARGIN) < runner_up else None
 
 
 def _as_accurate(better: Precision, worse: Precision, accuracy: Mapping[Precision, float | None]) -> bool:

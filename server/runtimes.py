@@ -54,8 +54,6 @@ class SizeCost:
     wall_s: float
     #: Live batches the figures average (0: a warm-up's measurement).
     batches: int = 0
-    #: Monotonic time of the last live batch folded in, in seconds (0: none).
-    updated_s: float = 0.0
 
 
 def levels_to_floats(levels: np.ndarray) -> np.ndarray:

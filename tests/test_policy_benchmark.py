@@ -60,11 +60,11 @@ def assert_policy_report(report: str) -> None:
     assert {"fp32", "int8"} <= set(profile), profile
     assert "Verdict: **on this host int8 costs" in report
     decided = report_rows(report, "| mode | its server's profile at load", MODE_NAMES)
-    assert "`requested`" in decided["fp32"][2] and decided["fp32"][2].startswith("fp32")
-    assert "`requested`" in decided["int8"][2] and decided["int8"][2].startswith("int8")
+    assert "`requested`" in decided["fp32"][1] and decided["fp32"][1].startswith("fp32")
+    assert "`requested`" in decided["int8"][1] and decided["int8"][1].startswith("int8")
     for name in ("auto cost_first", "auto accuracy_first"):
-        assert "`requested`" not in decided[name][2], "the channel's warm-up call is left out of the decisions"
-        assert decided[name][0].startswith("on this host") and decided[name][1].startswith("on this host")
+        assert "`requested`" not in decided[name][1], "the channel's warm-up call is left out of the decisions"
+        assert decided[name][0].startswith("on this host")
     rows = _targets(report)
     for target in EXISTING_TARGETS:
         policies = [row[1] for row in rows if row[0].startswith(target)]
@@ -85,7 +85,7 @@ def test_quick_policy_benchmark_reports_the_profile_and_the_decisions(model_dir:
     assert_policy_report(report)
     results = json.loads(figures.read_text())
     assert results["quick"] and results["machine"]["cpu_flags"]
-    assert all(mode["verdict"] and mode["verdict_after"] for mode in results["results"].values())
+    assert all(mode["verdict"] for mode in results["results"].values())
     assert set(results["profile"]["variants"]) == {"fp32", "int8"} and results["profile"]["verdict"]
     assert list(results["results"]) == list(MODE_NAMES)
     for name, mode in results["results"].items():
@@ -113,8 +113,7 @@ def _mode(compute: float, decisions: dict[str, dict[str, int]], computed: dict[s
         "predictions": 1000, "charged_per_1m": 3 * compute, "list_per_1m": 2 * compute, "compute_per_1m": compute,
         "accuracy": 0.96, "shares": {"fp32": 1.0, "int8": 0.0}, "cache": 0.3, "rejected": 0,
         "phases": [phase, {**phase, "p99": 900.0, "rejected": 10}, phase], "inference_us": 150.0,
-        "handling_us": 45.0, "verdict": "on this host int8 costs 1.6x fp32",
-        "verdict_after": "on this host int8 costs 1.4x fp32 (recent batches)", "decisions": decisions,
+        "handling_us": 45.0, "verdict": "on this host int8 costs 1.6x fp32", "decisions": decisions,
         "computed_images": computed,
     }  # fmt: skip
 
@@ -148,9 +147,9 @@ def test_where_fp32_is_cheaper_auto_is_judged_against_fp32_and_the_note_says_why
     assert "on this host fp32 is: int8-only cost $0.00320 per 1M (compute), 1.60x fp32-only's $0.00200" in note
     assert "AUTO cost_first cost $0.00204, 102% of fp32-only" in note
     decided = report_rows(report, "| mode | its server's profile at load", ("auto cost_first",))["auto cost_first"]
-    assert decided[:2] == ["on this host int8 costs 1.6x fp32", "on this host int8 costs 1.4x fp32 (recent batches)"]
-    assert decided[2] == "fp32 `dominates` 3,000 (77%); fp32 `cache` 900 (23%)"
-    assert decided[3] == "9,000 / 100 (99% / 1%)"
+    assert decided[0] == "on this host int8 costs 1.6x fp32"
+    assert decided[1] == "fp32 `dominates` 3,000 (77%); fp32 `cache` 900 (23%)"
+    assert decided[2] == "9,000 / 100 (99% / 1%)"
 
 
 def test_where_int8_is_cheaper_by_enough_there_is_no_note_and_a_wrong_profile_is_a_miss() -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from helpers import INT8_CHEAPER, INT8_SLOWER, CostedRuntime, SpyRuntime, flat_profile
+from helpers import INT8_CHEAPER, INT8_SLOWER, CostedRuntime, flat_profile
 
 from costserve.server.batcher import Batcher
 from costserve.server.budgets import BudgetStatus
@@ -64,15 +62,15 @@ def test_batches_stop_where_the_cost_per_image_stops_falling() -> None:
 
 def test_live_batches_are_averaged_beside_the_warm_up_figures_which_decide() -> None:
     profile = _profile(EIGHT_CHEAPEST)
-    profile.observe(8, 8 * 80e-6, 8 * 90e-6, now=1.0)
-    assert profile.live[8] == SizeCost(80e-6, 90e-6, batches=1, updated_s=1.0)
+    profile.observe(8, 8 * 80e-6, 8 * 90e-6)
+    assert profile.live[8] == SizeCost(80e-6, 90e-6, batches=1)
     # Under load the batches in use cost more (the host's contention); the limit and orderings hold.
     for _ in range(30):
-        profile.observe(8, 8 * 300e-6, 8 * 300e-6, now=2.0)
+        profile.observe(8, 8 * 300e-6, 8 * 300e-6)
     assert profile.live[8].batches == 31 and 250e-6 < profile.live[8].cpu_s < 300e-6
-    assert profile.batch_limit == 8 and profile.sizes[8].cpu_s == EIGHT_CHEAPEST[8]
+    assert profile.batch_limit == 8 and profile.cpu_per_image() == EIGHT_CHEAPEST[8]
     # A padded partial batch (5 images) mixes two sizes: it is not folded in.
-    profile.observe(5, 5 * 1e-6, 5 * 1e-6, now=3.0)
+    profile.observe(5, 5 * 1e-6, 5 * 1e-6)
     assert 5 not in profile.live and 5 not in profile.sizes
 
 
@@ -240,67 +238,3 @@ def test_a_served_version_reports_its_measured_profile_everywhere(
     assert sum(cell.startswith("*") for cell in fp32_row) == 1
     assert "  live" in out  # int8's live row: its batch of 1
     assert info.cost_verdict in out
-
-
-# --- live figures, and probes that keep every variant's current ----------------------------------
-
-
-def test_variants_are_compared_on_live_figures_only_when_every_one_has_fresh_ones() -> None:
-    now = [100.0]
-    profile = CostProfile(flat_profile(INT8_SLOWER).variants.values(), clock=lambda: now[0])
-    both = [Precision.FP32, Precision.INT8]
-    # Under load fp32, the variant in use, costs three times its warm-up figure; int8 has no live figure.
-    profile.variants[Precision.FP32].observe(32, 32 * 3e-4, 32 * 3e-4, now=now[0])
-    assert profile.cheapest(both) is Precision.FP32, "an idle variant's warm-up figure is not read against live ones"
-    assert not profile.verdict().endswith("(recent batches)")
-    # A probe of int8 under the same load: both fresh, the live figures decide.
-    profile.variants[Precision.INT8].observe(32, 32 * 2.5e-4, 32 * 2.5e-4, now=now[0])
-    assert profile.cheapest(both) is Precision.INT8 and profile.dominated(both, ACCURACY) == set()
-    assert profile.verdict() == "on this host int8 costs 0.83x fp32 per image at batch 32 (recent batches)"
-    # Once a figure is stale, the warm-up's decide again.
-    now[0] += 31.0
-    assert profile.cheapest(both) is Precision.FP32
-
-
-def test_a_probe_times_one_batch_at_the_limit_between_batches(loaded_model: Any) -> None:
-    spy = SpyRuntime(loaded_model.runtimes[Precision.INT8])
-    profile = _profile({1: 200e-6, 2: 150e-6, 4: 100e-6}, Precision.INT8)
-
-    async def scenario() -> None:
-        batcher = Batcher(spy, max_batch_size=4, batch_timeout_s=0, max_queue=64, profile=profile)
-        await batcher.start()
-        await batcher.probe()
-        assert spy.batches == [4] and profile.live[4].batches == 1 and profile.live[4].cpu_s > 0
-        assert batcher.queue_depth == 0 and profile.fresh_at_limit(asyncio.get_running_loop().time()) is not None
-        # While a batch runs, a probe waits for a later turn rather than hold anything up.
-        spy.gate.clear()
-        spy.entered.clear()
-        (running,) = batcher.submit(list(np.zeros((1, *spy.input_shape), dtype=np.uint8)), deadline=None)
-        await asyncio.get_running_loop().run_in_executor(None, spy.entered.wait, 30)
-        await batcher.probe()
-        spy.gate.set()
-        await running
-        assert spy.batches == [4, 1]
-        await batcher.stop()
-
-    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
-
-
-def test_a_serving_core_probes_the_variant_without_traffic(start_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    import costserve.server.core as core_module
-
-    monkeypatch.setattr(core_module, "PROBE_INTERVAL_S", 0.05)
-    server = start_server()
-    profile = server.core.default.model.profile
-    with grpc.insecure_channel(server.target) as channel:
-        stub = pb_grpc.ClassifierStub(channel)
-        deadline = time.monotonic() + 30
-        while Precision.INT8 not in {p for p, v in profile.variants.items() if v.live} and time.monotonic() < deadline:
-            request = pb.PredictRequest(
-                images=[pb.Image(encoded=DIGIT_PNG)], precision=pb.PRECISION_FP32, skip_cache=True
-            )
-            stub.Predict(request, timeout=30)
-            time.sleep(0.02)
-    int8 = profile.variants[Precision.INT8]
-    assert int8.live.get(int8.batch_limit) is not None, "int8 served no request but was probed at its limit"
-    assert server.metric("costserve_images_total", {"precision": "int8"}) == 0, "a probe is not an answer"
