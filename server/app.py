@@ -50,7 +50,7 @@ from costserve.server.budgets import TenantLedger, load_budgets
 from costserve.server.core import InferenceCore
 from costserve.server.cost import CostMeter, load_prices
 from costserve.server.domain import Protocol
-from costserve.server.errors import CostserveError
+from costserve.server.errors import CostserveError, StartupError
 from costserve.server.logs import quiet_client_errors
 from costserve.server.memory import fix_mmap_threshold
 from costserve.server.metrics import ServiceMetrics
@@ -160,7 +160,15 @@ def start_metrics_endpoint(settings: Settings, registry: CollectorRegistry, host
         if settings.metrics_tls_cert is not None and settings.metrics_tls_key is not None
         else None
     )
-    return start_metrics_server(registry, host, settings.metrics_port, tls=tls, basic_auth=settings.metrics_basic_auth)
+    try:
+        return start_metrics_server(
+            registry, host, settings.metrics_port, tls=tls, basic_auth=settings.metrics_basic_auth
+        )
+    except OSError as error:
+        raise StartupError(
+            f"cannot serve /metrics on {host}:{settings.metrics_port}: {error.strerror or error}; choose another "
+            "--metrics-port (0 picks a free one, -1 turns /metrics off)"
+        ) from error
 
 
 def ensure_model(model_dir: Path) -> Path:
@@ -282,19 +290,25 @@ class CostserveServer:
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{self.settings.host}:{self.settings.port}"
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            self.certificates = ServerCertificates(
-                self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
-            )
-            self.port = self._grpc.add_secure_port(address, self.certificates.credentials())
-        else:
-            self.port = self._grpc.add_insecure_port(address)
-            if not is_loopback(self.settings.host):
-                log.warning(
-                    "gRPC on %s is plain text beyond this machine: anyone on the network can read and send "
-                    "requests (set --tls-cert and --tls-key; see docs/security.md)",
-                    self.settings.host,
+        try:
+            if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+                self.certificates = ServerCertificates(
+                    self.settings.tls_cert, self.settings.tls_key, self.settings.tls_client_ca
                 )
+                self.port = self._grpc.add_secure_port(address, self.certificates.credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC's "Failed to bind to address ..."
+            raise StartupError(
+                f"cannot listen on {address}: the address is in use, or not one of this machine's; choose another "
+                "--port or --host (or stop the server using it)"
+            ) from error
+        if self.certificates is None and not is_loopback(self.settings.host):
+            log.warning(
+                "gRPC on %s is plain text beyond this machine: anyone on the network can read and send "
+                "requests (set --tls-cert and --tls-key; see docs/security.md)",
+                self.settings.host,
+            )
         if self.port == 0:
             raise OSError(f"could not bind gRPC to {self.settings.host}:{self.settings.port}")
         await self._grpc.start()
@@ -478,7 +492,13 @@ async def serve(settings: Settings, machine: MachineState | None = None) -> NoRe
     start = asyncio.ensure_future(server.start())
     await asyncio.wait([start, asyncio.ensure_future(stop_requested.wait())], return_when=asyncio.FIRST_COMPLETED)
     if start.done():
-        start.result()  # start-up failures end the process with their traceback
+        try:
+            start.result()  # other start-up failures end the process with their traceback
+        except StartupError as error:
+            print(f"costserve-server: {error}", file=sys.stderr)
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(2)  # before gRPC's and asyncio's teardown, as after a drain below
         await stop_requested.wait()
     else:
         start.cancel()

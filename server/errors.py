@@ -113,3 +113,11 @@ class PermissionDenied(CostserveError):
 
     status = grpc.StatusCode.PERMISSION_DENIED
     reason = "permission_denied"
+
+
+class StartupError(Exception):
+    """The server cannot start as configured, e.g. its port is taken: the message says why and what to change.
+
+    Not a :class:`CostserveError`: no call is answered with it. ``costserve-server`` prints it
+    on one line and exits with status 2.
+    """

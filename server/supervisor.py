@@ -29,6 +29,7 @@ each worker's index, pid and loopback metrics port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import json
 import logging
@@ -51,7 +52,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from costserve.server.app import prepare_models, serve, start_metrics_endpoint, write_ready_file
 from costserve.server.budgets import load_budgets
 from costserve.server.cost import CostMeter, load_prices
-from costserve.server.errors import CostserveError
+from costserve.server.errors import CostserveError, StartupError
 from costserve.server.machine import MachineState
 from costserve.server.metrics_http import MetricsHttpServer
 from costserve.server.metrics_merge import WorkerEndpoint, WorkerMetrics
@@ -203,43 +204,60 @@ class Supervisor:
         self._scratch = Path()
 
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain every worker; the exit status (0 when all drained)."""
+        """Serve until SIGTERM or SIGINT, then drain every worker; the exit status (0 when all drained).
+
+        Raises :class:`StartupError` when the port cannot be had; what it made so far is undone either way.
+        """
         self._install_signals()
-        self._scratch = Path(tempfile.mkdtemp(prefix="costserve-workers-"))
-        reserved = reserve_port(self.settings.host, self.settings.port)
-        port = reserved.getsockname()[1]
-        prepare_models(self.settings)
-        # Read from the snapshot every worker reads, so the shared memory's tenants are theirs.
-        budgets_snapshot = self._snapshot(self.settings.budgets)
-        budgets = load_budgets(budgets_snapshot)
-        machine = MachineState.create(self.workers, sorted(budgets.tenants))
-        worker_settings = self.settings.model_copy(
-            update={
-                "port": port,
-                "workers": "1",
-                "ready_file": None,
-                # Every worker, restarted ones too, reads the budgets as they were at start: they match
-                # the tenants of the shared memory.
-                "budgets": budgets_snapshot,
-                # A worker's /metrics is for the supervisor only, on loopback; none when the machine has none.
-                "metrics_port": 0 if self.settings.metrics_port >= 0 else -1,
-                "metrics_tls_cert": None,
-                "metrics_tls_key": None,
-                "metrics_tls_client_ca": None,
-                "metrics_basic_auth": None,
-            }
-        )
-        metrics = self._start_metrics()
-        log.info(
-            "supervising %d workers on %s:%d%s",
-            self.workers,
-            self.settings.host,
-            port,
-            f", metrics on {metrics.scheme}://{self.settings.host}:{metrics.port}/metrics" if metrics else "",
-        )
-        serving = False
-        settings_json = worker_settings.model_dump_json()
-        try:
+        with contextlib.ExitStack() as undo:
+            self._scratch = Path(tempfile.mkdtemp(prefix="costserve-workers-"))
+            undo.callback(shutil.rmtree, self._scratch, ignore_errors=True)
+            try:
+                reserved = reserve_port(self.settings.host, self.settings.port)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen on {self.settings.host}:{self.settings.port}: {error.strerror or error}; choose "
+                    "another --port or --host (or stop the server using it)"
+                ) from error
+            undo.callback(reserved.close)
+            port = reserved.getsockname()[1]
+            prepare_models(self.settings)
+            # Read from the snapshot every worker reads, so the shared memory's tenants are theirs.
+            budgets_snapshot = self._snapshot(self.settings.budgets)
+            budgets = load_budgets(budgets_snapshot)
+            machine = MachineState.create(self.workers, sorted(budgets.tenants))
+            undo.callback(machine.unlink)
+            undo.callback(machine.close)
+            worker_settings = self.settings.model_copy(
+                update={
+                    "port": port,
+                    "workers": "1",
+                    "ready_file": None,
+                    # Every worker, restarted ones too, reads the budgets as they were at start: they match
+                    # the tenants of the shared memory.
+                    "budgets": budgets_snapshot,
+                    # A worker's /metrics is for the supervisor only, on loopback; none when the machine has none.
+                    "metrics_port": 0 if self.settings.metrics_port >= 0 else -1,
+                    "metrics_tls_cert": None,
+                    "metrics_tls_key": None,
+                    "metrics_tls_client_ca": None,
+                    "metrics_basic_auth": None,
+                }
+            )
+            metrics = self._start_metrics()
+            if metrics is not None:
+                undo.callback(metrics.close)
+            if self.settings.ready_file is not None:
+                undo.callback(self.settings.ready_file.unlink, missing_ok=True)
+            log.info(
+                "supervising %d workers on %s:%d%s",
+                self.workers,
+                self.settings.host,
+                port,
+                f", metrics on {metrics.scheme}://{self.settings.host}:{metrics.port}/metrics" if metrics else "",
+            )
+            serving = False
+            settings_json = worker_settings.model_dump_json()
             while not self._stopping:
                 self._watch(settings_json, machine)
                 if machine.all_serving() != serving:
@@ -250,15 +268,6 @@ class Supervisor:
             if self.settings.ready_file is not None:
                 self.settings.ready_file.unlink(missing_ok=True)  # as a single server: gone once the drain starts
             return self._drain()
-        finally:
-            if self.settings.ready_file is not None:
-                self.settings.ready_file.unlink(missing_ok=True)
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            if metrics is not None:
-                metrics.close()
-            machine.close()
-            machine.unlink()
-            reserved.close()
 
     def check_files(self) -> None:
         """Read every file a worker reads at start (prices, budgets, keys, TLS): one that cannot be used stops the
@@ -397,7 +406,11 @@ def supervise(settings: Settings, workers: int) -> int:
     except (ValueError, CostserveError) as error:
         print(f"costserve-server: {error}", file=sys.stderr)
         return 2
-    status = supervisor.run()
+    try:
+        status = supervisor.run()
+    except StartupError as error:
+        print(f"costserve-server: {error}", file=sys.stderr)
+        return 2
     logging.shutdown()
     sys.stdout.flush()
     return status

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -265,3 +268,32 @@ def test_a_budget_holds_across_two_workers(workers: Callable[..., ServerProcess]
     # Spend may pass the budget only by the calls admitted before it was crossed: one in flight per
     # concurrent client, never a budget per worker.
     assert spent <= 0.00002 + 4 * 3 * most, (spent, per_worker)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_a_one_line_error_leaving_nothing_behind(
+    model_dir: Path, tmp_path: Path, workers: str, taken: str
+) -> None:
+    """A port another process holds: exit 2 naming the address and the flag to change, no traceback, and
+    (with workers) no scratch directory left in the temporary directory."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "0", taken: port}
+        done = subprocess.run(
+            [
+                sys.executable, "-m", "costserve.server.cli", "serve", "--model-dir", str(model_dir),
+                "--host", "127.0.0.1", *(item for flag, value in ports.items() for item in (flag, value)),
+                "--workers", workers,
+            ],
+            env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("costserve-server: ")]
+    assert f"127.0.0.1:{port}" in line and f"choose another {taken}" in line
+    assert "Traceback" not in done.stderr
+    assert not any(scratch.iterdir()), list(scratch.iterdir())
