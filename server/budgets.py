@@ -45,7 +45,7 @@ else:  # pragma: no cover - Python 3.10
 
 #: Label value of every tenant without a configured budget (keeps label values bounded).
 OTHER_TENANT = "other"
-#: Default share of a budget from which AUTO requests degrade to int8 and the cache.
+#: Default share of a budget from which AUTO requests degrade to the cheaper variant and the cache.
 NEAR_FRACTION = 0.8
 PERIOD_SECONDS = {"hour": 3600, "day": 86400}
 

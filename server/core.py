@@ -71,6 +71,8 @@ class ServedVersion:
     #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction
     #: (from the measured profile until the first priced answer).
     cost_per_image: dict[Precision, float] = field(default_factory=dict)
+    #: Variants whose :attr:`cost_per_image` is still the profile's prediction (no priced answer yet).
+    predicted_only: set[Precision] = field(default_factory=set)
     #: Requests admitted to this version and not answered yet.
     in_flight: int = 0
     #: Switched out and its batchers stopping or stopped: nothing more is computed or cached for it.
@@ -275,6 +277,7 @@ class InferenceCore:
             cost_per_image={
                 precision: self.meter.predict(variant.at(1).cpu_s) for precision, variant in profile.variants.items()
             },
+            predicted_only=set(profile.variants),
         )
         log.info(
             "model %s version %s: %s; %s",
@@ -302,8 +305,9 @@ class InferenceCore:
     def _latest_profiles(self) -> list[tuple[str, VariantProfile]]:
         """Each model's latest served version's variant profiles, with the model's name (read at scrape time)."""
         found: list[tuple[str, VariantProfile]] = []
-        for name, versions in self.models.items():
-            profile = next(reversed(versions.values())).model.profile if versions else None
+        for name, versions in list(self.models.items()):  # read from the metrics thread: snapshots
+            latest = list(versions.values())[-1:]
+            profile = latest[0].model.profile if latest else None
             if profile is not None:
                 found.extend((name, variant) for variant in profile.variants.values())
         return found
@@ -513,7 +517,10 @@ class InferenceCore:
         computed = len(result.predictions) - result.cache_hits
         if computed:
             per_image = served.cost_per_image
-            per_image[result.precision] = ewma(per_image.get(result.precision), cost.usd / computed)
+            # The first priced answer replaces the profile's prediction rather than averaging with it.
+            previous = None if result.precision in served.predicted_only else per_image.get(result.precision)
+            served.predicted_only.discard(result.precision)
+            per_image[result.precision] = ewma(previous, cost.usd / computed)
         return cost
 
     def load(self, budget: BudgetStatus = BudgetStatus.NONE, served: ServedVersion | None = None) -> Load:

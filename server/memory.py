@@ -4,7 +4,7 @@ glibc serves blocks of 128 KiB and more with their own ``mmap``, returned to the
 when freed, but by default it raises that threshold to the size of the largest such block
 freed. After a model version is unloaded, the next version's large buffers then come from
 the heap, where freed space stays resident. Measured on the digits model over 20 reloads:
-resident memory 113 MiB -> 131 MiB with the threshold left to move, 112 -> 119 MiB with it
+resident memory 113 MiB -> 131 MiB with the threshold left to move, 112 -> 120 MiB with it
 fixed. These calls do nothing where the C library is not glibc.
 """
 

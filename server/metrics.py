@@ -245,7 +245,7 @@ class _CostProfiles(Collector):
         for model, variant in self._read():
             precision = variant.precision.value
             for source, costs in (("warmup", variant.sizes), ("live", variant.live)):
-                for size, cost in costs.items():
+                for size, cost in list(costs.items()):
                     cpu.add_metric([model, precision, str(size), source], cost.cpu_s)
                     wall.add_metric([model, precision, str(size), source], cost.wall_s)
             limit.add_metric([model, precision], variant.batch_limit)
@@ -386,7 +386,7 @@ class ServiceMetrics:
         )
         self.load_shedding = Gauge(
             "costserve_load_shedding",
-            "1 while AUTO traffic is moved to int8 to hold the latency objective, else 0.",
+            "1 while AUTO traffic is moved to the faster variant to hold the latency objective, else 0.",
             registry=registry,
         )
         self.tenant_spend = self._counter(

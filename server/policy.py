@@ -31,14 +31,14 @@ cheaper and faster one.
   refused at once with :class:`OverObjective` (RESOURCE_EXHAUSTED), so the requests
   accepted keep the objective under overload. Explicit precisions are not held to
   it: they queue up to ``--max-queue`` and their deadline.
-* Load pressure has hysteresis. It starts when the predicted fp32 wait exceeds
-  ``enter_fraction`` of the latency objective or CPU utilization reaches
-  ``utilization_high``; it ends only after the predicted wait stayed under
+* Load pressure has hysteresis. It starts when the longest predicted wait of the
+  variants' queues exceeds ``enter_fraction`` of the latency objective or CPU
+  utilization reaches ``utilization_high``; it ends only after that wait stayed under
   ``exit_fraction`` of the objective, utilization under ``utilization_high`` and the
   demand (images to compute per second) under ``exit_demand_fraction`` of the demand
   seen when pressure started, all for ``hold_s`` seconds in a row. Shedding empties
-  the fp32 queue at once, so the wait alone would flip straight back; the demand
-  test is what keeps it from flapping.
+  the slower variant's queue at once, so the wait alone would flip straight back; the
+  demand test is what keeps it from flapping.
 
 The cache is consulted by the core before the policy: an ``AUTO`` request whose
 images are all cached under a variant meeting its floor is answered from there
@@ -147,7 +147,7 @@ class Policy:
         if self.config.mode not in POLICIES:
             raise ValueError(f"policy {self.config.mode!r} is not one of {', '.join(POLICIES)}")
         self.clock = clock
-        #: True while AUTO traffic is moved to int8 to hold the latency objective.
+        #: True while AUTO traffic is moved to the faster variant to hold the latency objective.
         self.shedding = False
         self._decisions: dict[tuple[Precision, str], Decision] = {}
         self._entered_demand = 0.0
@@ -171,7 +171,8 @@ class Policy:
     def observe(self, load: Load) -> bool:
         """Update the load-shedding state from ``load``; return whether shedding now."""
         config = self.config
-        wait = load.predicted_wait_s.get(Precision.FP32, 0.0)
+        # The longest queue: whichever variant AUTO sends to, pressure shows there first.
+        wait = max(load.predicted_wait_s.values(), default=0.0)
         now = self.clock()
         if not self.shedding:
             if wait > config.enter_fraction * config.latency_slo_s or load.utilization >= config.utilization_high:
@@ -239,12 +240,6 @@ class Policy:
                 f"no variant reaches min_accuracy {request.min_accuracy:.4f}; the best held-out accuracy is "
                 f"{max(known):.4f}"
             )
-        narrowed = False
-        if self.profile is not None and len(candidates) > 1:
-            dominated = self.profile.dominated(candidates, self.accuracy)
-            if dominated:
-                candidates = [precision for precision in candidates if precision not in dominated]
-                narrowed = True
         if ceiling > 0:
             count = len(request.images)
             predicted_cost = {p: load.predicted_cost_per_image_usd.get(p, 0.0) * count for p in candidates}
@@ -257,8 +252,12 @@ class Policy:
                 )
             if len(affordable) < len(candidates):
                 return self._held_to_objective(self.decision(affordable[0], "cost_ceiling"), affordable, load)
-        if narrowed and len(candidates) == 1:
-            return self._held_to_objective(self.decision(candidates[0], "dominates"), candidates, load)
+        if self.profile is not None and len(candidates) > 1:
+            dominated = self.profile.dominated(candidates, self.accuracy)
+            if dominated:
+                candidates = [precision for precision in candidates if precision not in dominated]
+                if len(candidates) == 1:
+                    return self._held_to_objective(self.decision(candidates[0], "dominates"), candidates, load)
         return self._held_to_objective(self._choose_auto(request, load, candidates, shedding), candidates, load)
 
     def cheaper(self, candidates: list[Precision]) -> Precision:
@@ -312,7 +311,7 @@ class Policy:
         wait = load.predicted_wait_s
         if wait.get(decision.precision, 0.0) <= bound:
             return decision
-        # Only toward the faster variant: under overload the machine's CPU is what runs short.
+        # Only toward the faster variant: it drains its queue soonest.
         faster = self.faster(candidates)
         if decision.precision is not faster and wait.get(faster, 0.0) <= bound:
             return self.decision(faster, "load_shed")

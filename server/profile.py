@@ -24,8 +24,8 @@ Two decisions read the profile, from the warm-up's figures:
 Each variant is compared at its batch limit, the size its batches run at under load,
 when cost and throughput matter most.
 
-The decisions compare figures measured side by side, on the same host at the same
-moment. Live figures cover only the sizes and variants in use, and under load they
+The decisions compare figures measured at load, one after the other, before any
+request. Live figures cover only the sizes and variants in use, and under load they
 carry the host's contention (on this 2-core host fp32's CPU per image at batch 32 went
 from 95 to 173 µs while the event loop and the load client shared its cores): read
 against the warm-up figures of a variant not in use, they made the idle variant look
@@ -85,7 +85,8 @@ class VariantProfile:
         cpu_s, wall_s = cpu_seconds / batch_size, wall_seconds / batch_size
         live = self.live.get(batch_size)
         if live is None:
-            self.live[batch_size] = SizeCost(cpu_s, wall_s, batches=1)
+            # A new dict rather than a new key: the metrics thread may be iterating the old one.
+            self.live = {**self.live, batch_size: SizeCost(cpu_s, wall_s, batches=1)}
             return
         live.cpu_s += LIVE_WEIGHT * (cpu_s - live.cpu_s)
         live.wall_s += LIVE_WEIGHT * (wall_s - live.wall_s)
@@ -131,6 +132,8 @@ class CostProfile:
         if Precision.FP32 not in self.variants or Precision.INT8 not in self.variants:
             return ""
         fp32, int8 = self.variants[Precision.FP32], self.variants[Precision.INT8]
+        if fp32.cpu_per_image() <= 0:
+            return ""  # a clock too coarse to time it: no ratio to give
         ratio = int8.cpu_per_image() / fp32.cpu_per_image()
         at = (
             f"at batch {fp32.batch_limit}"

@@ -308,15 +308,16 @@ class Settings(BaseSettings):
     )
     policy: Literal["accuracy_first", "cost_first"] = Field(
         "accuracy_first",
-        description="How PRECISION_AUTO is answered: accuracy_first (fp32 while capacity is free) or "
-        "cost_first (int8, the cheaper variant, whenever it meets the request's accuracy floor).",
+        description="How PRECISION_AUTO is answered: accuracy_first (the most accurate variant while capacity is "
+        "free) or cost_first (the variant measured cheaper per image on this host, whenever it meets the request's "
+        "accuracy floor).",
     )
     latency_slo_ms: float = Field(
         100.0,
         gt=0,
         allow_inf_nan=False,
-        description="Latency objective, in milliseconds: AUTO traffic moves to int8 when the predicted fp32 wait "
-        "passes half of it, and back once load stays low.",
+        description="Latency objective, in milliseconds: AUTO traffic moves to the variant measured faster on this "
+        "host when the longest predicted queue wait passes half of it, and back once load stays low.",
     )
     over_slo: Literal["queue", "refuse"] = Field(
         "queue",

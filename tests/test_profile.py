@@ -148,6 +148,21 @@ def test_held_to_the_objective_auto_moves_to_the_faster_variant() -> None:
     assert (decision.precision, decision.reason) == (Precision.FP32, "load_shed")
 
 
+def test_pressure_shows_on_the_queue_auto_uses_even_when_that_is_int8() -> None:
+    # int8 the more accurate and the slower: AUTO (accuracy_first) sends to int8, whose queue backs up.
+    policy = _policy(INT8_SLOWER, accuracy=INT8_SLOWER_BUT_MORE_ACCURATE)
+    backed_up = Load(predicted_wait_s={Precision.FP32: 0.0, Precision.INT8: 0.08}, demand_per_s=1000.0)
+    decision = policy.choose(_request(), backed_up)
+    assert (decision.precision, decision.reason) == (Precision.FP32, "load_shed") and policy.shedding
+
+
+def test_the_cost_ceiling_is_applied_before_dominated_variants_are_set_aside() -> None:
+    # fp32 dominates int8 on this host, but only int8 is predicted under the request's ceiling: it answers.
+    load = Load(predicted_cost_per_image_usd={Precision.FP32: 3e-7, Precision.INT8: 1e-7})
+    decision = _policy(INT8_SLOWER).choose(_request(max_cost_usd=2e-7), load)
+    assert (decision.precision, decision.reason) == (Precision.INT8, "cost_ceiling")
+
+
 # --- the batcher reads it ---------------------------------------------------------------------
 
 
@@ -204,7 +219,11 @@ def test_a_served_version_reports_its_measured_profile_everywhere(
             )
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # One image computed alone: a live batch of 1 beside the warm-up figures.
-        stub.Predict(pb.PredictRequest(images=[pb.Image(encoded=DIGIT_PNG)], precision=pb.PRECISION_INT8), timeout=30)
+        predicted = server.core.default.cost_per_image[Precision.INT8]
+        one = pb.PredictRequest(images=[pb.Image(encoded=DIGIT_PNG)], precision=pb.PRECISION_INT8)
+        priced = stub.Predict(one, timeout=30).cost.usd
+        # The first priced answer replaces the profile's prediction (it does not average with it).
+        assert server.core.default.cost_per_image[Precision.INT8] == pytest.approx(priced) != predicted
         info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         listing = stub.ListModels(pb.ListModelsRequest(), timeout=30)
     assert info.cost_verdict == profile.verdict() and info.cost_verdict.startswith("on this host int8 costs ")
