@@ -43,7 +43,7 @@ from costserve.server.inputs import DecodedImage, DecodePool, ImageLimits, decod
 from costserve.server.load import Clock, LoadMonitor, ewma
 from costserve.server.metrics import REJECTION_REASONS, PrecisionSeries, ServiceMetrics
 from costserve.server.policy import REASONS, Decision, Load, Policy, PolicyConfig
-from costserve.server.profile import CostProfile, VariantProfile
+from costserve.server.profile import VariantProfile, measure
 from costserve.server.repository.store import LoadedModel
 from costserve.server.runtimes import allowed_batch_sizes
 from costserve.server.settings import Settings
@@ -223,18 +223,14 @@ class InferenceCore:
     async def add_version(self, model: LoadedModel, policy: Policy | None = None) -> ServedVersion:
         """Warm and profile ``model`` at every batch size (off the loop), start its batchers, and switch it in.
 
-        The measured :class:`CostProfile` becomes ``model.profile``: the batchers' batch limits
-        and the policy's orderings come from it, and so does the predicted cost of an image
-        until the first priced answer. The newest version of a model answers requests naming
+        The measured :class:`~costserve.server.profile.CostProfile` becomes ``model.profile``: the
+        batchers' batch limits and the policy's orderings come from it, and so does the predicted
+        cost of an image until the first priced answer. The newest version of a model answers requests naming
         no version from now on.
         """
         sizes = allowed_batch_sizes(self.settings.max_batch_size)
         loop = asyncio.get_running_loop()
-        measured = [
-            VariantProfile(precision, await loop.run_in_executor(None, runtime.warm_up, sizes))
-            for precision, runtime in model.runtimes.items()
-        ]
-        profile = model.profile = CostProfile(measured)
+        profile = model.profile = await loop.run_in_executor(None, measure, model.runtimes, sizes)
         if policy is not None and policy.profile is None:
             policy.profile = profile
         name = model.name

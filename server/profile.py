@@ -2,10 +2,10 @@
 
 Whether int8 is cheaper than fp32, and whether a larger batch is cheaper per image,
 depends on the CPU (AVX-512 and VNNI favour int8; on an AVX2-only host int8 can be
-twice as slow) and on the model. So when a version is loaded, each variant's
-warm-up (:meth:`~costserve.server.runtimes.Runtime.warm_up`) times it at each allowed
-batch size on the inference path the batcher uses (stacking uint8 images,
-preprocessing, the runtime), off the event loop, in a fraction of a second. Live
+twice as slow) and on the model. So when a version is loaded, :func:`measure` warms
+every variant at each allowed batch size and times them side by side, round after
+round, on the inference path the batcher uses (stacking uint8 images, preprocessing,
+the runtime), off the event loop, in a fraction of a second. Live
 batches then keep a recent average per batch size beside it
 (:meth:`VariantProfile.observe`), exported with it.
 
@@ -24,21 +24,29 @@ Two decisions read the profile, from the warm-up's figures:
 Each variant is compared at its batch limit, the size its batches run at under load,
 when cost and throughput matter most.
 
-The decisions compare figures measured at load, one after the other, before any
-request. Live figures cover only the sizes and variants in use, and under load they
-carry the host's contention (on this 2-core host fp32's CPU per image at batch 32 went
-from 95 to 173 µs while the event loop and the load client shared its cores): read
-against the warm-up figures of a variant not in use, they made the idle variant look
-cheaper and flipped ``AUTO`` back and forth.
+The decisions compare figures measured at load, side by side, before any request.
+Live figures cover only the sizes and variants in use, and under load they carry the
+host's contention (on this 2-core host fp32's CPU per image at batch 32 went from 95
+to 173 µs while the event loop and the load client shared its cores): read against
+the warm-up figures of a variant not in use, they made the idle variant look cheaper
+and flipped ``AUTO`` back and forth.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from costserve.server.domain import Precision
-from costserve.server.runtimes import SizeCost
+import numpy as np
 
+from costserve.server.domain import Precision
+from costserve.server.runtimes import Runtime, SizeCost
+
+#: Time spent timing a version's variants at load, every size of every variant together, per variant, in
+#: seconds (a large model may take longer: every size is timed at least :data:`MEASURE_ROUNDS_MIN` times).
+MEASURE_BUDGET_S = 0.3
+#: Fewest and most timed calls per variant and batch size at load.
+MEASURE_ROUNDS_MIN = 2
+MEASURE_ROUNDS_MAX = 7
 #: A batch size whose CPU per image is within this share of the cheapest counts as cheapest (the
 #: warm-up's figures vary by about 10% between starts on a busy host).
 FLAT_TOLERANCE = 0.20
@@ -163,3 +171,48 @@ def _as_accurate(better: Precision, worse: Precision, accuracy: Mapping[Precisio
     if b is None:
         return True  # unknown accuracy claims nothing over a variant that is cheaper and faster
     return a is not None and a >= b
+
+
+def measure(
+    runtimes: Mapping[Precision, Runtime], batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S
+) -> CostProfile:
+    """Warm every variant at every batch size, so nothing is built while serving, and time them side by side.
+
+    One untimed pass over every variant and size comes first, then rounds, each of which times
+    every variant at every size once, as many as fit in ``budget_s`` per variant (at least
+    :data:`MEASURE_ROUNDS_MIN`, at most :data:`MEASURE_ROUNDS_MAX`). So every figure is taken as
+    often, over the same span, under the same conditions; the fastest call of each counts (what
+    the others add is other work on the host). The images are random uint8 levels, the path a
+    batch of encoded or uint8 images takes. Run it off the event loop.
+    """
+    rng = np.random.default_rng(0)
+    shapes = {runtime.input_shape for runtime in runtimes.values()}
+    batches = {
+        (shape, size): list(rng.integers(0, 256, size=(size, *shape), dtype=np.uint8))
+        for shape in shapes
+        for size in batch_sizes
+    }
+    calls = [(precision, size) for precision in runtimes for size in batch_sizes]
+
+    def timed(precision: Precision, size: int) -> tuple[float, float]:
+        runtime = runtimes[precision]
+        return runtime.time_batch(batches[(runtime.input_shape, size)])
+
+    pass_s = sum(timed(precision, size)[1] for precision, size in calls)
+    budget = budget_s * len(runtimes)
+    rounds = min(MEASURE_ROUNDS_MAX, max(MEASURE_ROUNDS_MIN, int(budget / max(pass_s, 1e-9))))
+    best = {call: (float("inf"), float("inf")) for call in calls}
+    for _ in range(rounds):
+        for call in calls:
+            cpu, wall = timed(*call)
+            best[call] = (min(best[call][0], cpu), min(best[call][1], wall))
+    return CostProfile(
+        VariantProfile(
+            precision,
+            {
+                size: SizeCost(best[(precision, size)][0] / size, best[(precision, size)][1] / size)
+                for size in batch_sizes
+            },
+        )
+        for precision in runtimes
+    )

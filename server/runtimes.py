@@ -38,21 +38,13 @@ if TYPE_CHECKING:  # for annotations only: LiteRTRuntime imports LiteRT where it
     from ai_edge_litert.interpreter import Interpreter
 
 
-#: Time a warm-up spends timing one runtime, all batch sizes together, in seconds (a large model
-#: may take longer: every size is timed at least :data:`MEASURE_ROUNDS_MIN` times).
-MEASURE_BUDGET_S = 0.3
-#: Fewest and most timed calls per batch size in a warm-up.
-MEASURE_ROUNDS_MIN = 2
-MEASURE_ROUNDS_MAX = 7
-
-
 @dataclass(slots=True)
 class SizeCost:
     """What one image costs at one batch size: CPU-seconds and wall seconds."""
 
     cpu_s: float
     wall_s: float
-    #: Live batches the figures average (0: a warm-up's measurement).
+    #: Live batches the figures average (0: the measurement at load).
     batches: int = 0
 
 
@@ -108,35 +100,15 @@ class Runtime(abc.ABC):
     def close(self) -> None:  # noqa: B027 - optional: a runtime with nothing to release inherits the no-op
         """Release what the runtime holds beyond Python objects (a no-op unless it holds some)."""
 
-    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
-        """Run every batch size, so that nothing is built while serving, and time it: the cost of an image at each.
+    def time_batch(self, images: Sequence[np.ndarray]) -> tuple[float, float]:
+        """Run one batch of images as the batcher does; the CPU-seconds and wall seconds it took.
 
-        One untimed pass over the sizes comes first, then rounds over all of them, as many as fit
-        in ``budget_s`` (at least :data:`MEASURE_ROUNDS_MIN`, at most :data:`MEASURE_ROUNDS_MAX`), on
-        images of random uint8 levels: the path a batch of encoded or uint8 images takes. Every size
-        gets the same number of calls, spread over the same span, and its fastest call counts (what
-        the others add is other work on the host, not this model's cost). CPU is the calling
-        thread's when the runtime works on it alone, else the process's. Run it off the event loop.
+        CPU is the calling thread's when the runtime works on it alone, else the process's.
         """
-        rng = np.random.default_rng(0)
         cpu_clock = time.thread_time if self.runs_on_calling_thread else time.process_time
-        batches = {
-            size: list(rng.integers(0, 256, size=(size, *self.input_shape), dtype=np.uint8)) for size in batch_sizes
-        }
-        started = time.perf_counter()
-        for images in batches.values():
-            run_runtime(self, images)
-        pass_s = time.perf_counter() - started
-        rounds = min(MEASURE_ROUNDS_MAX, max(MEASURE_ROUNDS_MIN, int(budget_s / max(pass_s, 1e-9))))
-        best = {size: [float("inf"), float("inf")] for size in batches}  # [cpu, wall] of the fastest call
-        for _ in range(rounds):
-            for size, images in batches.items():
-                wall_started, cpu_started = time.perf_counter(), cpu_clock()
-                run_runtime(self, images)
-                cpu, wall = cpu_clock() - cpu_started, time.perf_counter() - wall_started
-                best[size][0] = min(best[size][0], cpu)
-                best[size][1] = min(best[size][1], wall)
-        return {size: SizeCost(cpu_s=cpu / size, wall_s=wall / size) for size, (cpu, wall) in best.items()}
+        wall_started, cpu_started = time.perf_counter(), cpu_clock()
+        run_runtime(self, images)
+        return cpu_clock() - cpu_started, time.perf_counter() - wall_started
 
     def _check_batch(self, batch: np.ndarray) -> None:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:

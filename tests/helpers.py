@@ -16,7 +16,7 @@ from PIL import Image
 
 from costserve.server.domain import Precision
 from costserve.server.profile import CostProfile, VariantProfile
-from costserve.server.runtimes import MEASURE_BUDGET_S, Runtime, SizeCost
+from costserve.server.runtimes import Runtime, SizeCost
 
 
 class SpyRuntime(Runtime):
@@ -37,8 +37,8 @@ class SpyRuntime(Runtime):
     def images_computed(self) -> int:
         return sum(self.batches)
 
-    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
-        return self.inner.warm_up(batch_sizes, budget_s)
+    def time_batch(self, images: Sequence[np.ndarray]) -> tuple[float, float]:
+        return self.inner.time_batch(images)  # measured at load without counting or holding
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         self.entered.set()
@@ -57,8 +57,8 @@ class CostedRuntime(SpyRuntime):
         super().__init__(inner)
         self.cpu_per_image = cpu_per_image
 
-    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = MEASURE_BUDGET_S) -> dict[int, SizeCost]:
-        return Runtime.warm_up(self, batch_sizes, budget_s)  # measured through predict, costs and all
+    def time_batch(self, images: Sequence[np.ndarray]) -> tuple[float, float]:
+        return Runtime.time_batch(self, images)  # measured through predict, costs and all
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         answer = super().predict(batch)

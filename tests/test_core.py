@@ -39,7 +39,7 @@ from costserve.server.errors import (
 )
 from costserve.server.metrics import ServiceMetrics
 from costserve.server.repository.store import LoadedModel, ModelMetadata, VariantInfo
-from costserve.server.runtimes import Runtime, SizeCost
+from costserve.server.runtimes import Runtime
 from costserve.server.settings import Settings
 
 T = TypeVar("T")
@@ -64,9 +64,10 @@ class NumpyRuntime(Runtime):
         #: CPU-seconds per image at each batch size, as the warm-up reports it (flat unless a test sets it).
         self.cost_per_image: Callable[[int], float] = lambda size: 1e-5
 
-    def warm_up(self, batch_sizes: Sequence[int], budget_s: float = 0.0) -> dict[int, SizeCost]:
-        """Nothing to warm: reports the cost per image the test set."""
-        return {size: SizeCost(self.cost_per_image(size), self.cost_per_image(size)) for size in batch_sizes}
+    def time_batch(self, images: Sequence[np.ndarray]) -> tuple[float, float]:
+        """Nothing run: the CPU and wall time the test set for a batch of this size."""
+        seconds = self.cost_per_image(len(images)) * len(images)
+        return seconds, seconds
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         assert self.gate.wait(timeout=30), "test never opened the gate"

@@ -14,7 +14,7 @@ from costserve.server.batcher import Batcher
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import ImageInput, Precision, PredictionRequest
 from costserve.server.policy import Load, Policy, PolicyConfig
-from costserve.server.profile import FLAT_TOLERANCE, CostProfile, VariantProfile
+from costserve.server.profile import FLAT_TOLERANCE, CostProfile, VariantProfile, measure
 from costserve.server.runtimes import SizeCost, allowed_batch_sizes
 from costserve.server.servicer import PRECISION_FROM_PROTO
 from costserve.v1 import classifier_pb2 as pb
@@ -93,12 +93,13 @@ def test_the_verdict_compares_the_variants_at_their_batch_limits() -> None:
     assert flat_profile({Precision.FP32: 1e-4}).verdict() == ""
 
 
-def test_warm_up_times_every_batch_size_of_a_real_runtime(loaded_model: Any) -> None:
+def test_measure_times_every_variant_at_every_batch_size_of_a_real_model(loaded_model: Any) -> None:
     sizes = allowed_batch_sizes(32)
-    for runtime in loaded_model.runtimes.values():
-        costs = runtime.warm_up(sizes)
-        assert sorted(costs) == sizes
-        for cost in costs.values():
+    profile = measure(loaded_model.runtimes, sizes)
+    assert set(profile.variants) == set(loaded_model.runtimes)
+    for variant in profile.variants.values():
+        assert sorted(variant.sizes) == sizes and not variant.live
+        for cost in variant.sizes.values():
             assert 0 < cost.cpu_s < 0.05 and 0 < cost.wall_s < 0.05
             assert cost.cpu_s <= cost.wall_s * 1.5  # one thread: CPU cannot run far ahead of the wall clock
 
@@ -173,9 +174,8 @@ def test_a_profile_where_batch_8_is_cheapest_caps_batches_at_8(loaded_model: Any
 
     async def scenario() -> list[int]:
         sizes = allowed_batch_sizes(32)
-        profile = VariantProfile(
-            Precision.INT8, await asyncio.get_running_loop().run_in_executor(None, spy.warm_up, sizes)
-        )
+        measured = await asyncio.get_running_loop().run_in_executor(None, measure, {Precision.INT8: spy}, sizes)
+        profile = measured.variants[Precision.INT8]
         assert profile.batch_limit == 8
         spy.batches.clear()
         batcher = Batcher(spy, max_batch_size=32, batch_timeout_s=0, max_queue=64, profile=profile)
