@@ -68,11 +68,11 @@ class ServedVersion:
     #: What one request may ask of the decoder; pixel caps sized from this model's input unless set.
     limits: ImageLimits
     series: dict[Precision, PrecisionSeries]
-    #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction
-    #: (from the measured profile until the first priced answer).
+    #: Recent USD charged per computed image, per variant (EWMA): the cost ceiling's prediction.
     cost_per_image: dict[Precision, float] = field(default_factory=dict)
-    #: Variants whose :attr:`cost_per_image` is still the profile's prediction (no priced answer yet).
-    predicted_only: set[Precision] = field(default_factory=set)
+    #: USD per image the measured profile predicts, per variant: the prediction until a variant's
+    #: first priced answer puts it in :attr:`cost_per_image`.
+    profile_cost_per_image: dict[Precision, float] = field(default_factory=dict)
     #: Requests admitted to this version and not answered yet.
     in_flight: int = 0
     #: Switched out and its batchers stopping or stopped: nothing more is computed or cached for it.
@@ -225,8 +225,8 @@ class InferenceCore:
 
         The measured :class:`~costserve.server.profile.CostProfile` becomes ``model.profile``: the
         batchers' batch limits and the policy's orderings come from it, and so does the predicted
-        cost of an image until the first priced answer. The newest version of a model answers requests naming
-        no version from now on.
+        cost of an image until the first priced answer. The newest version of a model answers
+        requests naming no version from now on.
         """
         sizes = allowed_batch_sizes(self.settings.max_batch_size)
         loop = asyncio.get_running_loop()
@@ -269,11 +269,10 @@ class InferenceCore:
                 self.settings.max_request_pixels,
             ),
             series={precision: PrecisionSeries(self.metrics, name, precision.value) for precision in model.runtimes},
-            # Until the first priced answer: an image alone (batch 1) at the measured CPU, priced now.
-            cost_per_image={
+            # An image alone (batch 1) at the measured CPU, priced now.
+            profile_cost_per_image={
                 precision: self.meter.predict(variant.at(1).cpu_s) for precision, variant in profile.variants.items()
             },
-            predicted_only=set(profile.variants),
         )
         log.info(
             "model %s version %s: %s; %s",
@@ -513,17 +512,16 @@ class InferenceCore:
         computed = len(result.predictions) - result.cache_hits
         if computed:
             per_image = served.cost_per_image
-            # The first priced answer replaces the profile's prediction rather than averaging with it.
-            previous = None if result.precision in served.predicted_only else per_image.get(result.precision)
-            served.predicted_only.discard(result.precision)
-            per_image[result.precision] = ewma(previous, cost.usd / computed)
+            per_image[result.precision] = ewma(per_image.get(result.precision), cost.usd / computed)
         return cost
 
     def load(self, budget: BudgetStatus = BudgetStatus.NONE, served: ServedVersion | None = None) -> Load:
         """The load signals the policy reads (:meth:`LoadMonitor.snapshot`) for ``served`` (default: the
         default model's latest version), plus ``budget``."""
         served = served or self.default
-        snapshot = self.monitor.snapshot(served.batchers, self.meter.utilization, served.cost_per_image)
+        snapshot = self.monitor.snapshot(
+            served.batchers, self.meter.utilization, served.cost_per_image, served.profile_cost_per_image
+        )
         return snapshot if budget is BudgetStatus.NONE else dataclasses.replace(snapshot, budget=budget)
 
     def _decide(

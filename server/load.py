@@ -51,9 +51,10 @@ IDLE_AFTER_S = 1.0
 EWMA_WEIGHT = 0.2
 
 
-def ewma(previous: float | None, sample: float) -> float:
-    """The recent average after ``sample``; the first sample (``previous`` None) stands alone."""
-    return sample if previous is None else previous + EWMA_WEIGHT * (sample - previous)
+def ewma(previous: float | None, sample: float, weight: float = EWMA_WEIGHT) -> float:
+    """The recent average after ``sample``, which weighs ``weight``; the first sample (``previous`` None) stands
+    alone."""
+    return sample if previous is None else previous + weight * (sample - previous)
 
 
 class LoopCpuClock:
@@ -270,8 +271,12 @@ class LoadMonitor:
         batchers: Mapping[Precision, Batcher],
         utilization: Callable[[], float],
         cost_per_image: Mapping[Precision, float],
+        fallback_cost_per_image: Mapping[Precision, float] | None = None,
     ) -> Load:
-        """The load now: queues and predicted waits of ``batchers``, demand, utilization, cost per image, loop lag."""
+        """The load now: queues and predicted waits of ``batchers``, demand, utilization, cost per image, loop lag.
+
+        ``fallback_cost_per_image`` predicts the cost of the variants ``cost_per_image`` has no figure for yet.
+        """
         now = self.now()
         if self._snapshot is None or now - self._measured_at >= LOAD_SAMPLE_S:
             self._snapshot = Load(
@@ -279,7 +284,7 @@ class LoadMonitor:
                 predicted_wait_s={precision: batcher.predicted_wait_s() for precision, batcher in batchers.items()},
                 demand_per_s=self.demand.per_s(),
                 utilization=utilization(),
-                predicted_cost_per_image_usd=dict(cost_per_image),
+                predicted_cost_per_image_usd={**(fallback_cost_per_image or {}), **cost_per_image},
                 loop_lag_s=self.loop_lag.seconds,
             )
             self._measured_at = now

@@ -35,11 +35,13 @@ and flipped ``AUTO`` back and forth.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from costserve.server.domain import Precision
-from costserve.server.runtimes import Runtime, SizeCost
+from costserve.server.load import ewma
+from costserve.server.runtimes import Runtime
 
 #: Time spent timing a version's variants at load, every size of every variant together, per variant, in
 #: seconds (a large model may take longer: every size is timed at least :data:`MEASURE_ROUNDS_MIN` times).
@@ -54,6 +56,16 @@ FLAT_TOLERANCE = 0.20
 MARGIN = 0.05
 #: Weight of a live batch in a batch size's recent average.
 LIVE_WEIGHT = 0.1
+
+
+@dataclass(slots=True)
+class SizeCost:
+    """What one image costs at one batch size: CPU-seconds and wall seconds."""
+
+    cpu_s: float
+    wall_s: float
+    #: Live batches the figures average (0: the measurement at load).
+    batches: int = 0
 
 
 class VariantProfile:
@@ -96,8 +108,8 @@ class VariantProfile:
             # A new dict rather than a new key: the metrics thread may be iterating the old one.
             self.live = {**self.live, batch_size: SizeCost(cpu_s, wall_s, batches=1)}
             return
-        live.cpu_s += LIVE_WEIGHT * (cpu_s - live.cpu_s)
-        live.wall_s += LIVE_WEIGHT * (wall_s - live.wall_s)
+        live.cpu_s = ewma(live.cpu_s, cpu_s, LIVE_WEIGHT)
+        live.wall_s = ewma(live.wall_s, wall_s, LIVE_WEIGHT)
         live.batches += 1
 
     def why(self) -> str:

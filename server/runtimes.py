@@ -25,7 +25,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,16 +35,6 @@ from costserve.server.preprocessing import LEVEL_FLOATS, Preprocessing
 
 if TYPE_CHECKING:  # for annotations only: LiteRTRuntime imports LiteRT where it is used
     from ai_edge_litert.interpreter import Interpreter
-
-
-@dataclass(slots=True)
-class SizeCost:
-    """What one image costs at one batch size: CPU-seconds and wall seconds."""
-
-    cpu_s: float
-    wall_s: float
-    #: Live batches the figures average (0: the measurement at load).
-    batches: int = 0
 
 
 def levels_to_floats(levels: np.ndarray) -> np.ndarray:

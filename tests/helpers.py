@@ -15,8 +15,8 @@ import numpy as np
 from PIL import Image
 
 from costserve.server.domain import Precision
-from costserve.server.profile import CostProfile, VariantProfile
-from costserve.server.runtimes import Runtime, SizeCost
+from costserve.server.profile import CostProfile, SizeCost, VariantProfile
+from costserve.server.runtimes import Runtime
 
 
 class SpyRuntime(Runtime):

@@ -14,8 +14,8 @@ from costserve.server.batcher import Batcher
 from costserve.server.budgets import BudgetStatus
 from costserve.server.domain import ImageInput, Precision, PredictionRequest
 from costserve.server.policy import Load, Policy, PolicyConfig
-from costserve.server.profile import FLAT_TOLERANCE, CostProfile, VariantProfile, measure
-from costserve.server.runtimes import SizeCost, allowed_batch_sizes
+from costserve.server.profile import FLAT_TOLERANCE, CostProfile, SizeCost, VariantProfile, measure
+from costserve.server.runtimes import allowed_batch_sizes
 from costserve.server.servicer import PRECISION_FROM_PROTO
 from costserve.v1 import classifier_pb2 as pb
 from costserve.v1 import classifier_pb2_grpc as pb_grpc
@@ -219,7 +219,8 @@ def test_a_served_version_reports_its_measured_profile_everywhere(
             )
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # One image computed alone: a live batch of 1 beside the warm-up figures.
-        predicted = server.core.default.cost_per_image[Precision.INT8]
+        assert Precision.INT8 not in server.core.default.cost_per_image
+        predicted = server.core.default.profile_cost_per_image[Precision.INT8]
         one = pb.PredictRequest(images=[pb.Image(encoded=DIGIT_PNG)], precision=pb.PRECISION_INT8)
         priced = stub.Predict(one, timeout=30).cost.usd
         # The first priced answer replaces the profile's prediction (it does not average with it).
